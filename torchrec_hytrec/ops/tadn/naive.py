@@ -1,0 +1,108 @@
+"""Step-by-step reference of the temporal-aware gated delta rule (the oracle).
+
+    S_i = alpha_i (I - beta_i k_i k_i^T) S_{i-1} + beta_i k_i v_i^T,    o_i = scale * S_i^T q_i
+
+evaluated one event at a time in fp32, separately for every user of a jagged batch.
+It is slow on purpose: it is what every fast path is tested against.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+
+
+def tadn_step(
+    *,
+    state: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_alpha: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One event of the recurrence for a batch of independent states (fp32).
+
+    This is both the oracle's inner step and the streaming update of a served user.
+
+    Args:
+        state: ``[N, H, K, V]`` states before the event.
+        q: ``[N, H, K]`` query of the event.
+        k: ``[N, H, K]`` key of the event.
+        v: ``[N, H, V]`` value of the event.
+        log_alpha: ``[N, H]`` log decay of the event.
+        beta: ``[N, H]`` write strength of the event.
+        scale: readout scale.
+
+    Returns:
+        ``(o, new_state)`` with ``o`` ``[N, H, V]`` fp32.
+    """
+    k = k.float()
+    alpha = log_alpha.float().exp()[..., None, None]
+    bk = beta.float()[..., None] * k
+    # (I - beta k k^T) S = S - beta k (k^T S)
+    kS = torch.einsum("nhk,nhkv->nhv", k, state)
+    state = alpha * (state - bk[..., :, None] * kS[..., None, :])
+    state = state + bk[..., :, None] * v.float()[..., None, :]
+    o = torch.einsum("nhkv,nhk->nhv", state, q.float()) * scale
+    return o, state
+
+
+def naive_recurrent_tadn(
+    *,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_alpha: torch.Tensor,
+    beta: torch.Tensor,
+    offsets: torch.Tensor,
+    initial_state: Optional[torch.Tensor] = None,
+    output_final_state: bool = False,
+    scale: Optional[float] = None,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Reference recurrence of TADN over a jagged batch.
+
+    Args:
+        q: queries ``[T, H, K]`` (``T`` = total events of the batch), L2-normalised per head.
+        k: keys ``[T, H, K]``, L2-normalised per head.
+        v: values ``[T, H, V]``.
+        log_alpha: log of the fused decay ``[T, H]``, ``<= 0``.
+        beta: write strength ``[T, H]`` in ``[0, 1]``.
+        offsets: ``[B + 1]`` start of every user's events; user ``b`` owns rows
+            ``offsets[b]:offsets[b + 1]``.
+        initial_state: optional ``[B, H, K, V]`` state each user starts from (zeros if absent).
+        output_final_state: also return every user's state after its last event.
+        scale: readout scale, ``K ** -0.5`` by default.
+
+    Returns:
+        ``(o, final_state)``: ``o`` is ``[T, H, V]`` in ``q``'s dtype; ``final_state`` is
+        ``[B, H, K, V]`` fp32, or ``None`` unless ``output_final_state``.
+    """
+    T, H, K = q.shape
+    V = v.shape[-1]
+    B = offsets.numel() - 1
+    scale = K**-0.5 if scale is None else scale
+    bounds = offsets.tolist()
+    outputs = []
+    finals = []
+    for b in range(B):
+        if initial_state is None:
+            state = q.new_zeros(H, K, V, dtype=torch.float32)
+        else:
+            state = initial_state[b].float()
+        state = state[None]
+        for i in range(bounds[b], bounds[b + 1]):
+            o_i, state = tadn_step(
+                state=state,
+                q=q[i : i + 1],
+                k=k[i : i + 1],
+                v=v[i : i + 1],
+                log_alpha=log_alpha[i : i + 1],
+                beta=beta[i : i + 1],
+                scale=scale,
+            )
+            outputs.append(o_i[0])
+        finals.append(state[0])
+    o = torch.stack(outputs) if outputs else q.new_zeros(0, H, V, dtype=torch.float32)
+    final_state = torch.stack(finals) if output_final_state else None
+    return o.to(q.dtype), final_state
