@@ -1,0 +1,23 @@
+import subprocess
+import sys
+
+import torchrec_hytrec
+
+
+def test_version_is_exposed_and_matches_distribution() -> None:
+    from importlib.metadata import version
+
+    assert torchrec_hytrec.__version__ == version("torchrec-hytrec")
+
+
+def test_import_prints_no_warnings_of_its_own() -> None:
+    # A fresh interpreter, so that the import really happens and anything it prints is seen.
+    proc = subprocess.run(
+        [sys.executable, "-W", "always", "-c", "import torchrec_hytrec"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert proc.stdout == ""
+    assert proc.stderr == ""
+
