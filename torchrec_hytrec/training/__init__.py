@@ -1,0 +1,26 @@
+"""Pieces of the training entry point: config, checkpoints, metrics logging."""
+
+from torchrec_hytrec.training.checkpoint import CheckpointManager, rng_state, set_rng_state
+from torchrec_hytrec.training.config import (
+    CheckpointConfig,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+    load_config,
+)
+from torchrec_hytrec.training.metrics_log import MetricsLogger, format_table
+
+__all__ = [
+    "CheckpointConfig",
+    "CheckpointManager",
+    "DataConfig",
+    "MetricsLogger",
+    "ModelConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "format_table",
+    "load_config",
+    "rng_state",
+    "set_rng_state",
+]
