@@ -1,0 +1,80 @@
+from pathlib import Path
+
+import pytest
+
+from torchrec_hytrec.training.config import TrainConfig, load_config
+from torchrec_hytrec.training.metrics_log import MetricsLogger, format_table
+
+DEFAULT_YAML = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+
+
+def test_defaults_file_and_overrides_compose(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("epochs: 7\nmodel:\n  preset: sasrec_like\noptim:\n  dense_lr: 1\n")
+    cfg = load_config(str(path), ["model.embedding_dim=32", "epochs=2", "eval_ks=[10, 50]"])
+    assert cfg.epochs == 2
+    assert cfg.model.preset == "sasrec_like"
+    assert cfg.model.embedding_dim == 32
+    assert cfg.optim.dense_lr == 1.0 and isinstance(cfg.optim.dense_lr, float)
+    assert cfg.eval_ks == [10, 50]
+    assert cfg.data == TrainConfig().data
+
+
+def test_free_form_sections_take_nested_overrides() -> None:
+    cfg = load_config(overrides=["data.synthetic.num_users=50", "model.encoder.short_window=8"])
+    assert cfg.data.synthetic == {"num_users": 50}
+    assert cfg.model.encoder == {"short_window": 8}
+
+
+def test_shipped_default_config_loads() -> None:
+    cfg = load_config(str(DEFAULT_YAML))
+    assert cfg.data.path is None
+    assert cfg.checkpoint.every_n_steps > 0
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.embeding_dim=3"], "model.embeding_dim"),
+        (["epochs=two"], "'epochs' must be int"),
+        (["epochs"], "section.key=value"),
+        (["epochs=3", "epochs.x=1"], "'epochs' is not a section"),
+        (["model=3"], "'model' must be a mapping"),
+    ],
+)
+def test_bad_overrides_name_the_key(overrides: list, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        load_config(overrides=overrides)
+
+
+def test_bad_file_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("checkpoint:\n  keep: 2\n")
+    with pytest.raises(ValueError, match=r"bad\.yaml.*checkpoint\.keep"):
+        load_config(str(path))
+
+
+def test_metrics_logger_writes_all_formats_and_drops_rows_of_a_redone_epoch(tmp_path: Path) -> None:
+    logger = MetricsLogger(tmp_path)
+    logger.log(0, {"train_loss": 2.0, "valid_hr@10": 0.1})
+    logger.log(1, {"train_loss": 1.5, "valid_hr@10": 0.2})
+    logger.close()
+    # A resumed attempt redoes epoch 1.
+    logger = MetricsLogger(tmp_path, start_epoch=1)
+    logger.log(1, {"train_loss": 1.25, "valid_hr@10": 0.3})
+    logger.close()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [l for l in lines] == [
+        '{"epoch": 0, "train_loss": 2.0, "valid_hr@10": 0.1}',
+        '{"epoch": 1, "train_loss": 1.25, "valid_hr@10": 0.3}',
+    ]
+    assert (tmp_path / "metrics.csv").read_text() == "epoch,train_loss,valid_hr@10\n0,2.0,0.1\n1,1.25,0.3\n"
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert format_table(logger.rows).splitlines()[-1].split() == ["1", "1.2500", "0.3000"]
+
+
+def test_metrics_logger_off_rank_writes_nothing(tmp_path: Path) -> None:
+    logger = MetricsLogger(tmp_path / "r1", enabled=False)
+    logger.log(0, {"train_loss": 1.0})
+    logger.close()
+    assert not (tmp_path / "r1").exists()
