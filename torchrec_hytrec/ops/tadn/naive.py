@@ -2,7 +2,8 @@
 
     S_i = alpha_i (I - beta_i k_i k_i^T) S_{i-1} + beta_i k_i v_i^T,    o_i = scale * S_i^T q_i
 
-evaluated one event at a time in fp32, separately for every user of a jagged batch.
+evaluated one event at a time in fp32 (fp64 for fp64 inputs, so tests can use it as a
+high-precision reference), separately for every user of a jagged batch.
 It is slow on purpose: it is what every fast path is tested against.
 """
 
@@ -21,7 +22,7 @@ def tadn_step(
     beta: torch.Tensor,
     scale: float,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """One event of the recurrence for a batch of independent states (fp32).
+    """One event of the recurrence for a batch of independent states (fp32, or fp64 for fp64 inputs).
 
     This is both the oracle's inner step and the streaming update of a served user.
 
@@ -35,16 +36,18 @@ def tadn_step(
         scale: readout scale.
 
     Returns:
-        ``(o, new_state)`` with ``o`` ``[N, H, V]`` fp32.
+        ``(o, new_state)`` with ``o`` ``[N, H, V]`` fp32 (fp64 for fp64 inputs).
     """
-    k = k.float()
-    alpha = log_alpha.float().exp()[..., None, None]
-    bk = beta.float()[..., None] * k
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    state = state.to(dtype)
+    k = k.to(dtype)
+    alpha = log_alpha.to(dtype).exp()[..., None, None]
+    bk = beta.to(dtype)[..., None] * k
     # (I - beta k k^T) S = S - beta k (k^T S)
     kS = torch.einsum("nhk,nhkv->nhv", k, state)
     state = alpha * (state - bk[..., :, None] * kS[..., None, :])
-    state = state + bk[..., :, None] * v.float()[..., None, :]
-    o = torch.einsum("nhkv,nhk->nhv", state, q.float()) * scale
+    state = state + bk[..., :, None] * v.to(dtype)[..., None, :]
+    o = torch.einsum("nhkv,nhk->nhv", state, q.to(dtype)) * scale
     return o, state
 
 
@@ -76,20 +79,21 @@ def naive_recurrent_tadn(
 
     Returns:
         ``(o, final_state)``: ``o`` is ``[T, H, V]`` in ``q``'s dtype; ``final_state`` is
-        ``[B, H, K, V]`` fp32, or ``None`` unless ``output_final_state``.
+        ``[B, H, K, V]`` fp32 (fp64 for fp64 inputs), or ``None`` unless ``output_final_state``.
     """
     T, H, K = q.shape
     V = v.shape[-1]
     B = offsets.numel() - 1
     scale = K**-0.5 if scale is None else scale
+    dtype = torch.promote_types(q.dtype, torch.float32)
     bounds = offsets.tolist()
     outputs = []
     finals = []
     for b in range(B):
         if initial_state is None:
-            state = q.new_zeros(H, K, V, dtype=torch.float32)
+            state = q.new_zeros(H, K, V, dtype=dtype)
         else:
-            state = initial_state[b].float()
+            state = initial_state[b].to(dtype)
         state = state[None]
         for i in range(bounds[b], bounds[b + 1]):
             o_i, state = tadn_step(
@@ -103,6 +107,6 @@ def naive_recurrent_tadn(
             )
             outputs.append(o_i[0])
         finals.append(state[0])
-    o = torch.stack(outputs) if outputs else q.new_zeros(0, H, V, dtype=torch.float32)
+    o = torch.stack(outputs) if outputs else q.new_zeros(0, H, V, dtype=dtype)
     final_state = torch.stack(finals) if output_final_state else None
     return o.to(q.dtype), final_state

@@ -1,0 +1,436 @@
+"""Chunkwise TADN over jagged batches, with a hand-written chunked backward.
+
+Every user's events are cut into chunks of ``C`` positions (the last one zero-padded; padding has
+``log_alpha = 0`` and ``beta = 0`` so it leaves the state untouched). Inside a chunk, with the
+in-chunk cumulative log-gate ``g_i = sum_{j <= i} log_alpha_j`` and
+``Gam_ij = exp(g_i - g_j)`` for ``i >= j`` (zero above the diagonal), the delta rule is exact in
+WY form (DESIGN.md §3):
+
+    A = strict_lower(diag(beta) K K^T * Gam),   [W | U] = (I + A)^{-1} [diag(beta e^g) K | diag(beta) V]
+    P = (Q K^T) * Gam,   Kd = diag(e^{g_C - g}) K
+    M = e^{g_C} I - Kd^T W,   R = Kd^T U,   Qeff = diag(e^g) Q - P W
+    S_out = M S_in + R,   O = scale * (Qeff S_in + P U)
+
+so the only sequential work is ``S <- M S + R``: one batched matmul per chunk index, over all users
+that still have a chunk there. Everything else is a batched product over every chunk of every user
+and head at once. The backward mirrors this: one reverse pass ``dS_in = M^T dS_out + Qeff^T dO_s``
+and batched per-chunk gradients, recomputing the cheap per-chunk quantities and keeping only
+``W``, ``U`` and the chunk-boundary states from the forward.
+
+Numerics: only ``exp`` of non-positive log-gate differences is ever formed (masked before the
+``exp``), so ``log_alpha`` down to ``-1e4`` underflows to exact zeros instead of overflowing. Work is
+done in fp32 (fp64 when the inputs are fp64).
+"""
+
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+
+@dataclass
+class _JaggedChunks:
+    """How a jagged batch maps onto chunks and onto the state pass.
+
+    Users are ranked by chunk count (descending), so the users that still have a chunk at chunk
+    index ``c`` are ranks ``0 .. steps[c] - 1``. Chunks are stored chunk-index-major: chunk ``c`` of
+    rank ``r`` is row ``chunk_start[c] + r``, so each step of the state pass reads contiguous rows.
+
+    State slots: ``B`` initial-state slots (one per rank), then one slot per chunk holding the state
+    after that chunk (chunk row ``j`` -> slot ``B + j``).
+    """
+
+    chunk_size: int
+    num_chunks: int
+    # Per step c (python ints, read by the sequential loop): users active, first chunk row,
+    # first slot of the states entering those chunks.
+    steps: List[int]
+    chunk_start: List[int]
+    enter_start: List[int]
+    # [num_chunks * C] row of the (zero-extended) token tensor feeding each padded position.
+    gather: torch.Tensor
+    # [T] padded position of every token.
+    token_slot: torch.Tensor
+    # [num_chunks] slot of the state entering each chunk row.
+    enter_slot: torch.Tensor
+    # [B] (user order) slot of the user's initial and final state.
+    init_slot: torch.Tensor
+    final_slot: torch.Tensor
+
+
+def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
+    return torch.cumsum(x, 0) - x
+
+
+def _plan_chunks(offsets: torch.Tensor, num_tokens: int, chunk_size: int) -> _JaggedChunks:
+    if offsets.dim() != 1 or offsets.numel() < 1:
+        raise ValueError(f"offsets must be a 1-D tensor [B + 1], got shape {tuple(offsets.shape)}")
+    off = offsets.detach().to("cpu", torch.int64)
+    lengths = off[1:] - off[:-1]
+    if int(off[0]) != 0 or int(off[-1]) != num_tokens:
+        raise ValueError(
+            f"offsets must start at 0 and end at the number of events {num_tokens}, "
+            f"got offsets[0]={int(off[0])}, offsets[-1]={int(off[-1])}"
+        )
+    if bool((lengths < 0).any()):
+        bad = int(torch.nonzero(lengths < 0)[0])
+        raise ValueError(f"offsets must be non-decreasing; user {bad} has length {int(lengths[bad])}")
+    device = offsets.device
+    C = chunk_size
+    B = lengths.numel()
+    counts = (lengths + C - 1) // C
+    order = torch.argsort(counts, descending=True, stable=True)  # rank -> user
+    counts_r = counts[order]
+    max_chunks = int(counts_r[0]) if B > 0 else 0
+    # steps[c] = number of ranks with more than c chunks.
+    hist = torch.bincount(counts_r, minlength=max_chunks + 1)
+    steps_t = B - torch.cumsum(hist, 0)[:max_chunks]
+    chunk_start_t = _exclusive_cumsum(steps_t)
+    num_chunks = int(steps_t.sum()) if max_chunks > 0 else 0
+
+    # Enumerate (rank, chunk index) pairs rank-major, then place them chunk-index-major.
+    rank_of = torch.repeat_interleave(torch.arange(B), counts_r)
+    cidx = torch.arange(num_chunks) - torch.repeat_interleave(_exclusive_cumsum(counts_r), counts_r)
+    row = chunk_start_t[cidx] + rank_of
+    first_token = off[:-1][order][rank_of] + cidx * C
+    valid = torch.clamp(lengths[order][rank_of] - cidx * C, max=C)
+    pos = torch.arange(C)
+    gather = torch.empty(num_chunks, C, dtype=torch.int64)
+    gather[row] = torch.where(pos < valid[:, None], first_token[:, None] + pos, num_tokens)
+    gather = gather.reshape(-1)
+    is_token = gather < num_tokens
+    token_slot = torch.empty(num_tokens, dtype=torch.int64)
+    token_slot[gather[is_token]] = torch.arange(num_chunks * C)[is_token]
+
+    # Slot of the state entering chunk (c, r): the initial slot r for c == 0, else the slot after
+    # chunk (c - 1, r), i.e. B + chunk_start[c - 1] + r.
+    enter_start_t = torch.cat([torch.zeros(1, dtype=torch.int64), B + chunk_start_t[:-1]])[
+        : max_chunks
+    ]
+    enter_slot = torch.empty(num_chunks, dtype=torch.int64)
+    enter_slot[row] = enter_start_t[cidx] + rank_of
+    ranks = torch.arange(B)
+    last_row = chunk_start_t[torch.clamp(counts_r - 1, min=0)] + ranks if max_chunks > 0 else ranks
+    final_r = torch.where(counts_r > 0, B + last_row, ranks)
+    init_slot = torch.empty(B, dtype=torch.int64)
+    init_slot[order] = ranks
+    final_slot = torch.empty(B, dtype=torch.int64)
+    final_slot[order] = final_r
+    return _JaggedChunks(
+        chunk_size=C,
+        num_chunks=num_chunks,
+        steps=steps_t.tolist(),
+        chunk_start=chunk_start_t.tolist(),
+        enter_start=enter_start_t.tolist(),
+        gather=gather.to(device),
+        token_slot=token_slot.to(device),
+        enter_slot=enter_slot.to(device),
+        init_slot=init_slot.to(device),
+        final_slot=final_slot.to(device),
+    )
+
+
+def _to_chunks(x: torch.Tensor, plan: _JaggedChunks) -> torch.Tensor:
+    """``[T, H, *D]`` -> ``[num_chunks * H, C, *D]`` with zero padding."""
+    T, H = x.shape[:2]
+    rest = x.shape[2:]
+    ext = torch.cat([x, x.new_zeros(1, *x.shape[1:])])
+    y = ext.index_select(0, plan.gather).view(plan.num_chunks, plan.chunk_size, H, *rest)
+    return y.transpose(1, 2).reshape(plan.num_chunks * H, plan.chunk_size, *rest)
+
+
+def _from_chunks(y: torch.Tensor, plan: _JaggedChunks, num_heads: int) -> torch.Tensor:
+    """Inverse of :func:`_to_chunks` (padding dropped): ``[num_chunks * H, C, *D]`` -> ``[T, H, *D]``."""
+    rest = y.shape[2:]
+    y = y.view(plan.num_chunks, num_heads, plan.chunk_size, *rest).transpose(1, 2)
+    y = y.reshape(plan.num_chunks * plan.chunk_size, num_heads, *rest)
+    return y.index_select(0, plan.token_slot)
+
+
+@dataclass
+class _Gates:
+    """Decay factors of a batch of chunks, all exponents ``<= 0``."""
+
+    decay: torch.Tensor  # Gam [N, C, C], exp(g_i - g_j) for i >= j else 0
+    from_start: torch.Tensor  # e^{g} [N, C]
+    to_end: torch.Tensor  # e^{g_C - g} [N, C]
+    total: torch.Tensor  # e^{g_C} [N]
+
+
+def _gates(log_alpha: torch.Tensor) -> _Gates:
+    g = log_alpha.cumsum(-1)
+    C = g.shape[-1]
+    causal = torch.ones(C, C, dtype=torch.bool, device=g.device).tril()
+    diff = (g[:, :, None] - g[:, None, :]).masked_fill(~causal, float("-inf"))
+    g_end = g[:, -1:]
+    return _Gates(
+        decay=diff.exp(), from_start=g.exp(), to_end=(g_end - g).exp(), total=g_end.exp()[:, 0]
+    )
+
+
+def _transition(kd: torch.Tensor, w: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """``M = e^{g_C} I - Kd^T W``: the chunk's state transition ``[N, K, K]``."""
+    return torch.baddbmm(torch.diag_embed(total[:, None].expand(-1, kd.shape[-1])), kd.mT, w, alpha=-1)
+
+
+def _state_pass(
+    plan: _JaggedChunks, m: torch.Tensor, states: torch.Tensor, num_heads: int, transpose: bool
+) -> None:
+    """The only sequential loop, in place on ``states`` ``[(B + num_chunks) * H, K, V]``.
+
+    Forward (``transpose=False``): slot after chunk row j += M_j @ slot entering it. Reverse:
+    slot entering chunk row j += M_j^T @ slot after it, for chunk indices in reverse order.
+    """
+    H = num_heads
+    B_H = states.shape[0] - plan.num_chunks * H
+    mt = m.mT if transpose else m
+    order = range(len(plan.steps) - 1, -1, -1) if transpose else range(len(plan.steps))
+    for c in order:
+        a = plan.chunk_start[c] * H
+        b = a + plan.steps[c] * H
+        e = plan.enter_start[c] * H
+        enter = states[e : e + b - a]
+        after = states[B_H + a : B_H + b]
+        if transpose:
+            enter.baddbmm_(mt[a:b], after)
+        else:
+            after.baddbmm_(mt[a:b], enter)
+
+
+def _forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_alpha: torch.Tensor,
+    beta: torch.Tensor,
+    initial_state: Optional[torch.Tensor],
+    plan: _JaggedChunks,
+    scale: float,
+    dtype: torch.dtype,
+) -> Tuple[torch.Tensor, ...]:
+    H, K = q.shape[1], q.shape[2]
+    V = v.shape[2]
+    B = plan.init_slot.numel()
+    qc, kc, vc = (_to_chunks(x.to(dtype), plan) for x in (q, k, v))
+    gc, bc = (_to_chunks(x.to(dtype), plan) for x in (log_alpha, beta))
+    gates = _gates(gc)
+    # The unit diagonal of (I + A) is implied by unitriangular=True, so A's diagonal and upper part
+    # are never read: no masking needed.
+    a = (bc[:, :, None] * torch.bmm(kc, kc.mT)) * gates.decay
+    rhs = torch.cat([(bc * gates.from_start)[:, :, None] * kc, bc[:, :, None] * vc], dim=-1)
+    wu = torch.linalg.solve_triangular(a, rhs, upper=False, unitriangular=True)
+    w, u = wu[..., :K], wu[..., K:]
+    kd = gates.to_end[:, :, None] * kc
+    m = _transition(kd, w, gates.total)
+
+    states = q.new_empty((B + plan.num_chunks) * H, K, V, dtype=dtype)
+    init = states[: B * H].view(B, H, K, V)
+    if initial_state is None:
+        init.zero_()
+    else:
+        init.index_copy_(0, plan.init_slot, initial_state.to(dtype))
+    torch.bmm(kd.mT, u, out=states[B * H :])
+    _state_pass(plan, m, states, H, transpose=False)
+
+    s_in = states.view(B + plan.num_chunks, H, K, V).index_select(0, plan.enter_slot).view(-1, K, V)
+    p = torch.bmm(qc, kc.mT) * gates.decay
+    qeff = torch.baddbmm(gates.from_start[:, :, None] * qc, p, w, alpha=-1)
+    o = torch.baddbmm(torch.bmm(p, u), qeff, s_in).mul_(scale)
+    return _from_chunks(o, plan, H), states, wu
+
+
+class _ChunkTADN(torch.autograd.Function):
+    @staticmethod
+    def forward(  # pyre-ignore[14]
+        ctx: FunctionCtx,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        log_alpha: torch.Tensor,
+        beta: torch.Tensor,
+        initial_state: Optional[torch.Tensor],
+        plan: _JaggedChunks,
+        scale: float,
+        output_final_state: bool,
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        dtype = torch.promote_types(q.dtype, torch.float32)
+        o, states, wu = _forward(q, k, v, log_alpha, beta, initial_state, plan, scale, dtype)
+        H, K, V = q.shape[1], q.shape[2], v.shape[2]
+        B = plan.init_slot.numel()
+        final = None
+        if output_final_state:
+            final = states.view(B + plan.num_chunks, H, K, V).index_select(0, plan.final_slot)
+        ctx.save_for_backward(q, k, v, log_alpha, beta, states, wu)
+        ctx.plan = plan
+        ctx.scale = scale
+        ctx.has_initial_state = initial_state is not None
+        ctx.initial_dtype = None if initial_state is None else initial_state.dtype
+        return o.to(q.dtype), final
+
+    @staticmethod
+    @once_differentiable
+    def backward(  # pyre-ignore[14]
+        ctx: FunctionCtx, do: torch.Tensor, dfinal: Optional[torch.Tensor]
+    ) -> Tuple[Optional[torch.Tensor], ...]:
+        q, k, v, log_alpha, beta, states, wu = ctx.saved_tensors
+        plan: _JaggedChunks = ctx.plan
+        H, K, V = q.shape[1], q.shape[2], v.shape[2]
+        B = plan.init_slot.numel()
+        dtype = states.dtype
+        w, u = wu[..., :K], wu[..., K:]
+        qc, kc, vc = (_to_chunks(x.to(dtype), plan) for x in (q, k, v))
+        gc, bc = (_to_chunks(x.to(dtype), plan) for x in (log_alpha, beta))
+        dos = _to_chunks(do.to(dtype), plan).mul_(ctx.scale)
+
+        # Recompute the cheap per-chunk quantities.
+        gates = _gates(gc)
+        kk = torch.bmm(kc, kc.mT)
+        qk = torch.bmm(qc, kc.mT)
+        p = qk * gates.decay
+        kd = gates.to_end[:, :, None] * kc
+        m = _transition(kd, w, gates.total)
+        qeff = torch.baddbmm(gates.from_start[:, :, None] * qc, p, w, alpha=-1)
+
+        # Reverse state pass: dS_in = M^T dS_out + Qeff^T dO_s.
+        dstates = torch.zeros_like(states)
+        dview = dstates.view(B + plan.num_chunks, H, K, V)
+        if dfinal is not None:
+            dview.index_copy_(0, plan.final_slot, dfinal.to(dtype))
+        dview.index_add_(0, plan.enter_slot, torch.bmm(qeff.mT, dos).view(-1, H, K, V))
+        _state_pass(plan, m, dstates, H, transpose=True)
+        d_out = dstates[B * H :]  # gradient of the state after every chunk
+        s_in = states.view(B + plan.num_chunks, H, K, V).index_select(0, plan.enter_slot).view(-1, K, V)
+
+        # O = Qeff S_in + P U;  S_out = M S_in + Kd^T U;  M = e^{g_C} I - Kd^T W;  Qeff = e^g Q - P W.
+        dqeff = torch.bmm(dos, s_in.mT)
+        dm = torch.bmm(d_out, s_in.mT)
+        dp = torch.baddbmm(torch.bmm(dos, u.mT), dqeff, w.mT, alpha=-1)
+        du = torch.baddbmm(torch.bmm(p.mT, dos), kd, d_out)
+        dw = torch.baddbmm(torch.bmm(p.mT, dqeff), kd, dm).neg_()
+        dkd = torch.baddbmm(torch.bmm(u, d_out.mT), w, dm.mT, alpha=-1)
+        d_total = dm.diagonal(dim1=-2, dim2=-1).sum(-1)
+        d_from_start = (dqeff * qc).sum(-1)
+        dq = gates.from_start[:, :, None] * dqeff
+
+        # [W | U] = (I + A)^{-1} RHS  =>  dRHS = (I + A)^{-T} [dW | dU],  dA = -dRHS [W | U]^T.
+        a = (bc[:, :, None] * kk) * gates.decay
+        drhs = torch.linalg.solve_triangular(
+            a.mT, torch.cat([dw, du], dim=-1), upper=True, unitriangular=True
+        )
+        dkbe, dvb = drhs[..., :K], drhs[..., K:]
+        da = torch.bmm(drhs, wu.mT).tril_(-1).neg_()
+
+        # A = beta_i (K K^T)_ij Gam_ij (strict);  P = (Q K^T)_ij Gam_ij (causal).
+        da_decay = da * gates.decay
+        dbeta = (da_decay * kk).sum(-1)
+        dkk = bc[:, :, None] * da_decay
+        dpd = dp * gates.decay
+        dq.baddbmm_(dpd, kc)
+        dk = torch.baddbmm(torch.bmm(dpd.mT, qc), dkk + dkk.mT, kc)
+        # Gradient w.r.t. the log-gate differences g_i - g_j.
+        e = (dp * qk + da * (bc[:, :, None] * kk)) * gates.decay
+        dg = e.sum(-1) - e.sum(-2)
+
+        # RHS = [beta e^g K | beta V];  Kd = e^{g_C - g} K.
+        bf = bc * gates.from_start
+        dk.addcmul_(bf[:, :, None], dkbe)
+        dkbe_k = (dkbe * kc).sum(-1)
+        dbeta += gates.from_start * dkbe_k + (dvb * vc).sum(-1)
+        d_from_start += bc * dkbe_k
+        dv = bc[:, :, None] * dvb
+        dk.addcmul_(gates.to_end[:, :, None], dkd)
+        t = (dkd * kc).sum(-1) * gates.to_end
+        dg += d_from_start * gates.from_start - t
+        dg[:, -1] += t.sum(-1) + d_total * gates.total
+        # g = cumsum(log_alpha)  =>  d log_alpha = reverse cumsum of dg.
+        dlog_alpha = dg.flip(-1).cumsum(-1).flip(-1)
+
+        dinit = None
+        if ctx.has_initial_state:
+            dinit = dstates.view(B + plan.num_chunks, H, K, V)[:B].index_select(0, plan.init_slot)
+            dinit = dinit.to(ctx.initial_dtype)
+        return (
+            _from_chunks(dq, plan, H).to(q.dtype),
+            _from_chunks(dk, plan, H).to(k.dtype),
+            _from_chunks(dv, plan, H).to(v.dtype),
+            _from_chunks(dlog_alpha, plan, H).to(log_alpha.dtype),
+            _from_chunks(dbeta, plan, H).to(beta.dtype),
+            dinit,
+            None,
+            None,
+            None,
+        )
+
+
+def chunk_tadn(
+    *,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_alpha: torch.Tensor,
+    beta: torch.Tensor,
+    offsets: torch.Tensor,
+    initial_state: Optional[torch.Tensor] = None,
+    output_final_state: bool = False,
+    scale: Optional[float] = None,
+    chunk_size: int = 64,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Chunkwise TADN over a jagged batch; same semantics as
+    :func:`~torchrec_hytrec.ops.tadn.naive.naive_recurrent_tadn`, differentiable in every tensor
+    input through a hand-written chunked backward.
+
+    Each user is padded only up to a multiple of ``chunk_size``, so the cost follows
+    ``sum_b ceil(n_b / C) * C`` events; no chunk spans two users and every user starts from its own
+    initial state (zeros if absent). Users with no events are allowed (their final state is their
+    initial state).
+
+    Args:
+        q: queries ``[T, H, K]``, L2-normalised per head by the caller.
+        k: keys ``[T, H, K]``, L2-normalised per head by the caller.
+        v: values ``[T, H, V]``.
+        log_alpha: log decay ``[T, H]``, ``<= 0`` (may be as low as ``-1e4``).
+        beta: write strength ``[T, H]`` in ``[0, 1]``.
+        offsets: ``[B + 1]`` int64 jagged offsets; user ``b`` owns rows ``offsets[b]:offsets[b+1]``.
+        initial_state: optional ``[B, H, K, V]`` starting state of every user.
+        output_final_state: also return every user's state after its last event.
+        scale: readout scale, ``K ** -0.5`` by default.
+        chunk_size: positions per chunk ``C``.
+
+    Returns:
+        ``(o, final_state)``: ``o`` ``[T, H, V]`` in ``q``'s dtype; ``final_state`` ``[B, H, K, V]``
+        in fp32 (fp64 for fp64 inputs), or ``None`` unless ``output_final_state``.
+
+    Example::
+
+        T, H, D = 10, 2, 16
+        q = torch.nn.functional.normalize(torch.randn(T, H, D), dim=-1)
+        k = torch.nn.functional.normalize(torch.randn(T, H, D), dim=-1)
+        v = torch.randn(T, H, D)
+        log_alpha = -torch.rand(T, H)
+        beta = torch.rand(T, H)
+        offsets = torch.tensor([0, 3, 10])
+        o, state = chunk_tadn(q=q, k=k, v=v, log_alpha=log_alpha, beta=beta,
+                              offsets=offsets, output_final_state=True, chunk_size=4)
+    """
+    if q.dim() != 3 or k.shape != q.shape:
+        raise ValueError(f"q and k must both be [T, H, K], got {tuple(q.shape)} and {tuple(k.shape)}")
+    T, H, K = q.shape
+    if v.dim() != 3 or v.shape[:2] != (T, H):
+        raise ValueError(f"v must be [T, H, V] = [{T}, {H}, V], got {tuple(v.shape)}")
+    for name, x in (("log_alpha", log_alpha), ("beta", beta)):
+        if x.shape != (T, H):
+            raise ValueError(f"{name} must be [T, H] = [{T}, {H}], got {tuple(x.shape)}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    plan = _plan_chunks(offsets, T, chunk_size)
+    B = offsets.numel() - 1
+    if initial_state is not None and initial_state.shape != (B, H, K, v.shape[2]):
+        raise ValueError(
+            f"initial_state must be [B, H, K, V] = [{B}, {H}, {K}, {v.shape[2]}], "
+            f"got {tuple(initial_state.shape)}"
+        )
+    scale = K**-0.5 if scale is None else scale
+    return _ChunkTADN.apply(
+        q, k, v, log_alpha, beta, initial_state, plan, scale, output_final_state
+    )
