@@ -1,0 +1,117 @@
+"""Building blocks shared by the HyTRec layers."""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from torchrec_hytrec.ops.jagged_attention import jagged_positions
+
+
+@dataclass
+class SequenceContext:
+    """Per-event facts every layer of one forward pass reads, computed once.
+
+    A streaming step is the special case of a batch with one event per user
+    (``offsets = arange(B + 1)``) whose ``positions`` count the user's earlier events.
+
+    Args:
+        offsets: ``[B + 1]`` int64 start of every user's rows.
+        positions: ``[T]`` int64 index of each event inside its user's history.
+        timestamps: ``[T]`` int64 event times in seconds.
+        gaps: ``[T]`` fp32 seconds since the user's previous event (``0`` for the first).
+        elapsed: optional ``[T]`` fp32 seconds from the user's last event to its request
+            time; TADN readouts decay over it (DESIGN §3.7). ``None`` reads at the last event.
+
+    Example::
+
+        ctx = SequenceContext.from_jagged(offsets, timestamps)
+    """
+
+    offsets: torch.Tensor
+    positions: torch.Tensor
+    timestamps: torch.Tensor
+    gaps: torch.Tensor
+    elapsed: Optional[torch.Tensor] = None
+
+    @classmethod
+    def from_jagged(cls, offsets: torch.Tensor, timestamps: torch.Tensor) -> "SequenceContext":
+        positions = jagged_positions(offsets)
+        previous = torch.cat([timestamps[:1], timestamps[:-1]])
+        gaps = torch.where(positions > 0, timestamps - previous, torch.zeros_like(timestamps))
+        return cls(offsets=offsets, positions=positions, timestamps=timestamps, gaps=gaps.float())
+
+
+def gap_buckets(gaps: torch.Tensor, num_buckets: int, scale: float) -> torch.Tensor:
+    """Bucket of a time gap: ``floor(scale * log1p(gap))``, clamped to ``num_buckets - 1``.
+
+    Args:
+        gaps: seconds, ``>= 0``, any shape.
+        num_buckets: number of buckets.
+        scale: buckets per unit of ``log1p(gap)``.
+
+    Returns:
+        int64 buckets of ``gaps``' shape.
+    """
+    return (torch.log1p(gaps.float().clamp(min=0)) * scale).long().clamp(max=num_buckets - 1)
+
+
+class SwiGLU(nn.Module):
+    """Pre-norm SwiGLU feed-forward block with a residual connection.
+
+    Args:
+        dim: input and output width.
+        hidden_dim: hidden width.
+        dropout: dropout on the block's output before the residual sum.
+
+    Example::
+
+        ffn = SwiGLU(64, 128)
+        y = ffn(torch.randn(10, 64))
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.norm = nn.RMSNorm(dim)
+        self.gate_up = nn.Linear(dim, 2 * hidden_dim, bias=False)
+        self.down = nn.Linear(hidden_dim, dim, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(self.norm(x)).chunk(2, dim=-1)
+        return x + self.dropout(self.down(F.silu(gate) * up))
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding of the event index inside each user's sequence.
+
+    Scores of rotated queries and keys depend only on ``i - j``, so a layer using it is
+    causal-consistent: event ``i``'s output never depends on the sequence length or on later
+    events, and the streamed form (positions counted from the first event) matches the full
+    forward.
+
+    Args:
+        head_dim: channels per head (even).
+        base: frequency base.
+
+    Example::
+
+        rope = RotaryEmbedding(32)
+        q = rope(torch.randn(10, 2, 32), torch.arange(10))
+    """
+
+    def __init__(self, head_dim: int, base: float = 10000.0) -> None:
+        super().__init__()
+        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotates ``x`` ``[T, H, D]`` by the angles of ``positions`` ``[T]``."""
+        angles = positions.float()[:, None] * self.inv_freq  # [T, D/2]
+        cos = angles.cos()[:, None, :]
+        sin = angles.sin()[:, None, :]
+        x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+        rotated = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+        return rotated.flatten(-2).to(x.dtype)

@@ -1,0 +1,332 @@
+"""HyTRecEncoder: short-term softmax window + hybrid long-term stack, fused per position."""
+
+from dataclasses import dataclass
+from typing import List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+from torch.profiler import record_function
+
+from torchrec_hytrec.modules.attention import KVCache, SoftmaxAttentionLayer
+from torchrec_hytrec.modules.blocks import SequenceContext, gap_buckets
+from torchrec_hytrec.modules.config import TADN, HyTRecConfig
+from torchrec_hytrec.modules.tadn import TADNLayer
+from torchrec_hytrec.ops.jagged_attention import causal_window_starts
+
+
+@dataclass
+class HyTRecStreamState:
+    """Everything a batch of streamed users needs to take one more event.
+
+    All users of a state advance together, one event per :meth:`HyTRecEncoder.stream_step`.
+
+    Args:
+        num_events: events every user has seen so far.
+        last_timestamps: ``[B]`` int64 time of each user's latest event.
+        long_states: per long-branch layer, the ``[B, H, d_k, d_v]`` TADN state or the
+            softmax layer's :class:`KVCache` (at most ``W`` events when windowed).
+        short_cache: the short branch's :class:`KVCache` of the last ``K`` events.
+        recent_long: ``[B, L, d]`` long-branch outputs of the last ``L <= K + 1`` events, the
+            candidates for the long summary ``l_{i-K}``.
+        recent_timestamps: ``[B, L]`` int64 times of those events.
+
+    Example::
+
+        state = encoder.init_stream(batch_size=4)
+        out, state = encoder.stream_step(state, values, timestamps)
+    """
+
+    num_events: int
+    last_timestamps: torch.Tensor
+    long_states: List[Union[torch.Tensor, KVCache]]
+    short_cache: Optional[KVCache]
+    recent_long: torch.Tensor
+    recent_timestamps: torch.Tensor
+
+
+class LongShortFusion(nn.Module):
+    """Per-channel gate between the short-term output and the long-term summary.
+
+    ``h_i = gamma * s_i + (1 - gamma) * l``, ``gamma = sigmoid(W [s_i; l; phi(t_i - t_l)])``,
+    where ``t_l`` is the time of the event the long summary was read at; ``phi`` has one extra
+    bucket for positions with no long history (``l`` is then a learned "empty" vector).
+
+    Args:
+        dim: width of ``s`` and ``l``.
+        num_gap_buckets: buckets of ``phi``, plus the "no long history" bucket.
+        gap_dim: width of ``phi``.
+
+    Example::
+
+        fusion = LongShortFusion(64, num_gap_buckets=40, gap_dim=16)
+        h = fusion(s, l, buckets)
+    """
+
+    def __init__(self, dim: int, num_gap_buckets: int, gap_dim: int) -> None:
+        super().__init__()
+        self.gap_embedding = nn.Embedding(num_gap_buckets + 1, gap_dim)
+        self.gate = nn.Linear(2 * dim + gap_dim, dim)
+
+    def forward(self, short: torch.Tensor, long: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor:
+        """Fuses ``short`` ``[N, d]`` with ``long`` ``[N, d]``; ``buckets`` ``[N]`` int64."""
+        gamma = torch.sigmoid(self.gate(torch.cat([short, long, self.gap_embedding(buckets)], dim=-1)))
+        return gamma * short + (1 - gamma) * long
+
+
+class HyTRecEncoder(nn.Module):
+    """HyTRec user-history encoder on jagged TorchRec-style input.
+
+    Training form (every position is a target): for event ``i`` of a user,
+
+    * short branch: one causal softmax block over the window ``(i - K, i]`` (optionally only
+      the events of the last ``short_window_seconds``). A single block on purpose: a stack
+      of windowed layers would widen the receptive field past ``K`` and blur the paper's
+      split between the last ``K`` events and the rest;
+    * long branch: the hybrid stack (``long_pattern``) causal over the whole sequence; the
+      long summary of ``i`` is the stack's output at the last event before ``i``'s short
+      window (``i - K``), a learned "empty" vector when there is none. It depends only on
+      events before the short window;
+    * fusion gate (:class:`LongShortFusion`), then a final RMSNorm.
+
+    At the last position this is exactly the paper's split (short = MHSA over the last ``K``
+    events, long = the hybrid stack over the first ``n - K``). Positions are the relative
+    rotary positions of the softmax layers plus gap-bucket embeddings ``phi(Delta)`` added to
+    the input (see :class:`SoftmaxAttentionLayer` for why not HSTU's end-relative positions).
+
+    Serving: :meth:`forward_last` optionally reads at a request time ``t*``: every TADN
+    readout is multiplied per head by ``exp(-(t* - t_last) / T_h)`` (``t_last`` = the user's
+    latest event), so stale long-term memory fades while softmax layers are unchanged;
+    ``t* = t_last`` is exactly the training form. :meth:`init_stream` / :meth:`stream_step`
+    take one new event per user at ``O(d^2 + softmax window)`` cost (full-causal softmax
+    layers keep their whole KV cache), with outputs equal to the full forward.
+
+    Args:
+        config: the encoder's :class:`HyTRecConfig`.
+
+    Example::
+
+        encoder = HyTRecEncoder(HyTRecConfig.hytrec(embedding_dim=64))
+        states = encoder(values, offsets, timestamps)          # [sum(n), 64]
+        users = encoder.forward_last(values, offsets, timestamps, request_time=t_star)  # [B, 64]
+    """
+
+    def __init__(self, config: HyTRecConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.embedding_dim
+        self.gap_embedding = nn.Embedding(config.num_gap_buckets, d)
+        self.input_dropout = nn.Dropout(config.dropout)
+        self.long_layers = nn.ModuleList(
+            TADNLayer(config) if kind == TADN else SoftmaxAttentionLayer(config, window=config.long_attention_window)
+            for kind in config.long_pattern
+        )
+        self.short_layer: Optional[SoftmaxAttentionLayer] = None
+        self.fusion: Optional[LongShortFusion] = None
+        if config.use_short_branch:
+            self.short_layer = SoftmaxAttentionLayer(
+                config, window=config.short_window, window_seconds=config.short_window_seconds
+            )
+            if config.long_pattern:
+                self.fusion = LongShortFusion(d, config.num_gap_buckets, config.gate_gap_dim)
+                self.empty_long = nn.Parameter(torch.randn(d) * d**-0.5)
+        self.final_norm = nn.RMSNorm(d)
+
+    def _buckets(self, gaps: torch.Tensor) -> torch.Tensor:
+        return gap_buckets(gaps, self.config.num_gap_buckets, self.config.gap_bucket_scale)
+
+    def _embed(self, values: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
+        return self.input_dropout(values + self.gap_embedding(self._buckets(ctx.gaps)))
+
+    def _fuse(
+        self, short: torch.Tensor, long: torch.Tensor, has_long: torch.Tensor, gaps: torch.Tensor
+    ) -> torch.Tensor:
+        """``long`` holds each row's long summary; rows without ``has_long`` get the empty one."""
+        assert self.fusion is not None
+        long = torch.where(has_long[:, None], long, self.empty_long.to(long.dtype))
+        buckets = torch.where(has_long, self._buckets(gaps), self.config.num_gap_buckets)
+        return self.fusion(short, long, buckets)
+
+    def _encode(self, values: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
+        x = self._embed(values, ctx)
+        long = x
+        with record_function("## hytrec_long_branch ##"):
+            for layer in self.long_layers:
+                long = layer(long, ctx)
+        if self.short_layer is None:
+            return self.final_norm(long)
+        with record_function("## hytrec_short_branch ##"):
+            short = self.short_layer(x, ctx)
+        if self.fusion is None:
+            return self.final_norm(short)
+        starts = causal_window_starts(
+            offsets=ctx.offsets,
+            timestamps=ctx.timestamps,
+            window=self.config.short_window,
+            window_seconds=self.config.short_window_seconds,
+        )
+        has_long = starts > 0
+        # Global row of the last event before each short window.
+        source = torch.where(has_long, torch.arange(starts.numel(), device=starts.device) - ctx.positions + starts - 1, 0)
+        fused = self._fuse(short, long[source], has_long, (ctx.timestamps - ctx.timestamps[source]).float())
+        return self.final_norm(fused)
+
+    def forward(self, values: torch.Tensor, offsets: torch.Tensor, timestamps: torch.Tensor) -> torch.Tensor:
+        """Per-position user states of a jagged batch.
+
+        Args:
+            values: ``[sum(n), d]`` event embeddings (item plus side features).
+            offsets: ``[B + 1]`` int64 start of every user's events.
+            timestamps: ``[sum(n)]`` int64 event times in seconds, non-decreasing per user.
+
+        Returns:
+            ``[sum(n), d]``: row ``j`` depends only on its user's events up to ``j``.
+        """
+        _check_inputs(values, offsets, timestamps)
+        return self._encode(values, SequenceContext.from_jagged(offsets, timestamps))
+
+    def forward_last(
+        self,
+        values: torch.Tensor,
+        offsets: torch.Tensor,
+        timestamps: torch.Tensor,
+        request_time: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """State of every user after its latest event, optionally read at a request time.
+
+        Args:
+            values: ``[sum(n), d]`` event embeddings.
+            offsets: ``[B + 1]`` int64 start of every user's events; every user needs one.
+            timestamps: ``[sum(n)]`` int64 event times in seconds.
+            request_time: optional ``[B]`` int64 time of the request, ``>=`` each user's last
+                event; TADN readouts decay by ``exp(-(t* - t_last) / T_h)``.
+
+        Returns:
+            ``[B, d]`` user states.
+        """
+        _check_inputs(values, offsets, timestamps)
+        last = offsets[1:] - 1
+        if not torch.compiler.is_compiling() and bool((offsets[1:] == offsets[:-1]).any()):
+            user = int((offsets[1:] == offsets[:-1]).nonzero()[0])
+            raise ValueError(f"forward_last: user {user} of the batch has no events")
+        ctx = SequenceContext.from_jagged(offsets, timestamps)
+        if request_time is not None:
+            elapsed = request_time - timestamps[last]
+            if not torch.compiler.is_compiling() and bool((elapsed < 0).any()):
+                user = int((elapsed < 0).nonzero()[0])
+                raise ValueError(
+                    f"forward_last: request_time of user {user} ({int(request_time[user])}) is before "
+                    f"its last event ({int(timestamps[last[user]])})"
+                )
+            lengths = offsets[1:] - offsets[:-1]
+            ctx.elapsed = torch.repeat_interleave(elapsed, lengths, output_size=values.shape[0]).float()
+        return self._encode(values, ctx)[last]
+
+    def init_stream(self, batch_size: int, device: Optional[torch.device] = None) -> HyTRecStreamState:
+        """Empty streaming state of ``batch_size`` users with no events yet."""
+        device = device if device is not None else self.final_norm.weight.device
+        d = self.config.embedding_dim
+        return HyTRecStreamState(
+            num_events=0,
+            last_timestamps=torch.zeros(batch_size, dtype=torch.long, device=device),
+            long_states=[
+                layer.init_state(batch_size, device) if isinstance(layer, TADNLayer) else layer.init_cache(batch_size, device)
+                for layer in self.long_layers
+            ],
+            short_cache=self.short_layer.init_cache(batch_size, device) if self.short_layer is not None else None,
+            recent_long=torch.zeros(batch_size, 0, d, device=device),
+            recent_timestamps=torch.zeros(batch_size, 0, dtype=torch.long, device=device),
+        )
+
+    def stream_step(
+        self, state: HyTRecStreamState, values: torch.Tensor, timestamps: torch.Tensor
+    ) -> Tuple[torch.Tensor, HyTRecStreamState]:
+        """Takes one new event per user; equals the full forward's output at that event.
+
+        Args:
+            state: the users' state (from :meth:`init_stream` or a previous step).
+            values: ``[B, d]`` embeddings of the new events.
+            timestamps: ``[B]`` int64 times of the new events, ``>=`` the previous ones.
+
+        Returns:
+            ``(out, new_state)``: ``[B, d]`` user states after the events, and the new state
+            (``state`` itself is not modified).
+        """
+        batch = values.shape[0]
+        if state.num_events > 0:
+            gaps = timestamps - state.last_timestamps
+            if bool((gaps < 0).any()):
+                user = int((gaps < 0).nonzero()[0])
+                raise ValueError(
+                    f"stream_step: user {user}'s new event ({int(timestamps[user])}) is earlier than its "
+                    f"previous one ({int(state.last_timestamps[user])})"
+                )
+        else:
+            gaps = torch.zeros_like(timestamps)
+        ctx = SequenceContext(
+            offsets=torch.arange(batch + 1, device=values.device),
+            positions=torch.full_like(timestamps, state.num_events),
+            timestamps=timestamps,
+            gaps=gaps.float(),
+        )
+        x = self._embed(values, ctx)
+        long = x
+        long_states = []
+        for layer, layer_state in zip(self.long_layers, state.long_states):
+            long, layer_state = layer.step(long, ctx, layer_state)
+            long_states.append(layer_state)
+        short_cache = None
+        recent_long, recent_timestamps = state.recent_long, state.recent_timestamps
+        if self.short_layer is None:
+            out = long
+        else:
+            short, short_cache = self.short_layer.step(x, ctx, state.short_cache)
+            if self.fusion is None:
+                out = short
+            else:
+                keep = self.config.short_window + 1
+                recent_long = torch.cat([recent_long, long[:, None]], dim=1)[:, -keep:]
+                recent_timestamps = torch.cat([recent_timestamps, timestamps[:, None]], dim=1)[:, -keep:]
+                window_size = short_cache.timestamps.shape[1]
+                if self.config.short_window_seconds is not None:
+                    in_window = short_cache.timestamps >= (timestamps - int(self.config.short_window_seconds))[:, None]
+                    window_size = in_window.sum(dim=1)
+                # Index in `recent_*` of the last event before the short window (-1: none).
+                source = recent_long.shape[1] - 1 - torch.as_tensor(window_size, device=values.device).expand(batch)
+                has_long = source >= 0
+                rows = torch.arange(batch, device=values.device)
+                source = source.clamp(min=0)
+                out = self._fuse(
+                    short, recent_long[rows, source], has_long, (timestamps - recent_timestamps[rows, source]).float()
+                )
+        new_state = HyTRecStreamState(
+            num_events=state.num_events + 1,
+            last_timestamps=timestamps,
+            long_states=long_states,
+            short_cache=short_cache,
+            recent_long=recent_long,
+            recent_timestamps=recent_timestamps,
+        )
+        return self.final_norm(out), new_state
+
+
+def _check_inputs(values: torch.Tensor, offsets: torch.Tensor, timestamps: torch.Tensor) -> None:
+    if values.dim() != 2 or timestamps.shape != values.shape[:1]:
+        raise ValueError(
+            f"values must be [sum(n), d] and timestamps [sum(n)], got {tuple(values.shape)} and {tuple(timestamps.shape)}"
+        )
+    if torch.compiler.is_compiling():
+        return
+    if int(offsets[0]) != 0 or int(offsets[-1]) != values.shape[0]:
+        raise ValueError(f"offsets must run from 0 to sum(n) = {values.shape[0]}, got {offsets[0]}..{offsets[-1]}")
+    backwards = (timestamps[1:] < timestamps[:-1]).nonzero().flatten() + 1
+    if backwards.numel():
+        # A decrease at a user's first row is only the boundary between two users.
+        firsts = torch.isin(backwards, offsets)
+        backwards = backwards[~firsts]
+    if backwards.numel():
+        row = int(backwards[0])
+        user = int(torch.searchsorted(offsets, torch.tensor(row), right=True)) - 1
+        raise ValueError(
+            f"timestamps must be non-decreasing within each user: user {user}, event {row - int(offsets[user])} "
+            f"(row {row}) at {int(timestamps[row])} follows {int(timestamps[row - 1])}"
+        )

@@ -1,0 +1,138 @@
+"""The TADN layer: temporal-aware gated delta-rule linear attention (DESIGN §3)."""
+
+import math
+from typing import Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.profiler import record_function
+
+from torchrec_hytrec.modules.blocks import SequenceContext, SwiGLU, gap_buckets
+from torchrec_hytrec.modules.config import HyTRecConfig
+from torchrec_hytrec.ops.tadn import naive_recurrent_tadn, tadn_step
+
+# Gates start near 1 so that, before training, forgetting is driven by the time gaps.
+_GATE_BIAS_INIT = 5.0
+
+
+class TADNLayer(nn.Module):
+    """Pre-norm TADN block: gated delta-rule attention with time-gap decay, then a SwiGLU FFN.
+
+    For event ``i`` with normalised input ``e_i`` and gap ``Delta_i`` to the previous event,
+    per head ``h``::
+
+        q, k, v   = W_q e, W_k e, W_v e             (q, k L2-normalised per head)
+        log tau   = -Delta_i / T_h,                 T_h = exp(theta_h)
+        g         = sigmoid(w_h^T [e_i; phi(Delta_i)] + b_h)
+        log alpha = log tau + logsigmoid(...)       (always in log space)
+        beta      = sigmoid(u_h^T [e_i; phi(Delta_i)] + c_h)
+        S_i       = alpha (I - beta k k^T) S_{i-1} + beta k v^T,   o_i = S_i^T q / sqrt(d_k)
+        y         = x + W_o(RMSNorm(o) * SiLU(W_z e))
+
+    With a request time ``t*`` (``ctx.elapsed = t* - t_last``) every readout is multiplied per
+    head by ``exp(-(t* - t_last) / T_h)``: the state read at ``t*`` has decayed for the
+    elapsed time (DESIGN §3.7); ``t* = t_last`` gives the training form exactly.
+
+    Args:
+        config: encoder configuration (width, heads, gap buckets, time-constant range).
+
+    Example::
+
+        layer = TADNLayer(HyTRecConfig(embedding_dim=32))
+        ctx = SequenceContext.from_jagged(offsets, timestamps)
+        y = layer(x, ctx)
+    """
+
+    def __init__(self, config: HyTRecConfig) -> None:
+        super().__init__()
+        d, heads = config.embedding_dim, config.num_heads
+        self.num_heads = heads
+        self.head_dim = config.head_dim
+        self.num_gap_buckets = config.num_gap_buckets
+        self.gap_bucket_scale = config.gap_bucket_scale
+        self.chunk_size = config.tadn_chunk_size
+        self.norm = nn.RMSNorm(d)
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.gap_embedding = nn.Embedding(config.num_gap_buckets, config.gate_gap_dim)
+        # One projection of [e; phi(gap)] gives the gate and write-strength logits of all heads.
+        self.gates = nn.Linear(d + config.gate_gap_dim, 2 * heads)
+        with torch.no_grad():
+            self.gates.bias[:heads].fill_(_GATE_BIAS_INIT)
+            self.gates.bias[heads:].zero_()
+        low, high = config.time_constant_range
+        self.log_time_constant = nn.Parameter(torch.linspace(math.log(low), math.log(high), heads))
+        self.output_gate = nn.Linear(d, d, bias=False)
+        self.head_norm = nn.RMSNorm(self.head_dim)
+        self.out = nn.Linear(d, d, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
+        self.ffn = SwiGLU(d, round(config.ffn_multiplier * d), config.dropout)
+
+    def temporal_gates(
+        self, e: torch.Tensor, ctx: SequenceContext
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Gates of every event and head.
+
+        Args:
+            e: ``[T, d]`` normalised layer inputs.
+            ctx: the batch's per-event facts (gaps).
+
+        Returns:
+            ``(log_g, log_alpha, beta)``, each ``[T, H]`` fp32: the log of the learned gate,
+            the fused log decay ``-Delta / T_h + log_g`` and the write strength.
+        """
+        phi = self.gap_embedding(gap_buckets(ctx.gaps, self.num_gap_buckets, self.gap_bucket_scale))
+        gate_logit, beta_logit = self.gates(torch.cat([e, phi.to(e.dtype)], dim=-1)).float().chunk(2, dim=-1)
+        log_g = F.logsigmoid(gate_logit)
+        log_tau = -ctx.gaps[:, None] / self.log_time_constant.exp()
+        return log_g, log_tau + log_g, torch.sigmoid(beta_logit)
+
+    def _project(
+        self, x: torch.Tensor, ctx: SequenceContext
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        e = self.norm(x)
+        q, k, v = self.qkv(e).unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(-3)
+        _, log_alpha, beta = self.temporal_gates(e, ctx)
+        return e, F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, log_alpha, beta
+
+    def _finish(self, x: torch.Tensor, e: torch.Tensor, o: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
+        if ctx.elapsed is not None:
+            o = o * torch.exp(-ctx.elapsed[:, None] / self.log_time_constant.exp())[..., None]
+        y = self.head_norm(o.to(x.dtype)).flatten(-2) * F.silu(self.output_gate(e))
+        return self.ffn(x + self.dropout(self.out(y)))
+
+    def forward(self, x: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
+        """Runs the layer over a jagged batch.
+
+        Args:
+            x: ``[T, d]`` inputs.
+            ctx: the batch's per-event facts.
+
+        Returns:
+            ``[T, d]`` outputs.
+        """
+        e, q, k, v, log_alpha, beta = self._project(x, ctx)
+        with record_function("## hytrec_tadn ##"):
+            o, _ = naive_recurrent_tadn(q=q, k=k, v=v, log_alpha=log_alpha, beta=beta, offsets=ctx.offsets)
+        return self._finish(x, e, o, ctx)
+
+    def init_state(self, batch_size: int, device: torch.device) -> torch.Tensor:
+        """Empty recurrent state ``[B, H, d_k, d_v]`` of ``batch_size`` streamed users."""
+        return torch.zeros(batch_size, self.num_heads, self.head_dim, self.head_dim, device=device)
+
+    def step(self, x: torch.Tensor, ctx: SequenceContext, state: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Advances every streamed user by one event.
+
+        Args:
+            x: ``[B, d]`` inputs of the new events.
+            ctx: facts of the new events (one per user).
+            state: ``[B, H, d_k, d_v]`` states before the events.
+
+        Returns:
+            ``(y, new_state)``: ``[B, d]`` outputs and the updated states.
+        """
+        e, q, k, v, log_alpha, beta = self._project(x, ctx)
+        o, state = tadn_step(
+            state=state, q=q, k=k, v=v, log_alpha=log_alpha, beta=beta, scale=self.head_dim**-0.5
+        )
+        return self._finish(x, e, o, ctx), state

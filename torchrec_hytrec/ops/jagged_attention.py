@@ -1,0 +1,206 @@
+"""Causal softmax attention over jagged (variable-length) sequences.
+
+Two paths, both exact:
+
+* full causal attention runs one ``scaled_dot_product_attention`` per user, so its cost
+  follows ``sum_b n_b^2`` rather than ``B * max(n)^2``;
+* windowed causal attention (query ``i`` sees keys ``(i - W, i]``) cuts every user into
+  blocks of ``block_size`` queries; each block attends to itself and to the
+  ``ceil(W / block_size)`` blocks before it under a band mask, and all blocks of all users
+  go through a single batched SDPA call. Blocks never straddle two users, so the cost
+  follows ``sum_b ceil(n_b / C) * C * (W + C)``.
+
+Tensors follow the jagged convention of the rest of the package: ``[T, H, D]`` rows
+grouped by user through ``offsets`` ``[B + 1]``.
+"""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def jagged_positions(offsets: torch.Tensor) -> torch.Tensor:
+    """Index of every event inside its own user's sequence.
+
+    Args:
+        offsets: ``[B + 1]`` int64 start of every user's rows.
+
+    Returns:
+        ``[T]`` int64, ``0`` at each user's first event.
+    """
+    lengths = offsets[1:] - offsets[:-1]
+    starts = torch.repeat_interleave(offsets[:-1], lengths, output_size=int(offsets[-1]))
+    return torch.arange(starts.numel(), device=offsets.device) - starts
+
+
+def causal_window_starts(
+    *,
+    offsets: torch.Tensor,
+    timestamps: torch.Tensor,
+    window: int,
+    window_seconds: Optional[float] = None,
+) -> torch.Tensor:
+    """Position of the first event each query may see under a causal window.
+
+    Event ``j`` of a user is in the window of event ``i`` when ``i - window < j <= i`` and,
+    if ``window_seconds`` is set, ``t_j >= t_i - window_seconds`` (the events of the last
+    ``window_seconds`` seconds, capped at ``window`` events).
+
+    Args:
+        offsets: ``[B + 1]`` int64 start of every user's rows.
+        timestamps: ``[T]`` int64 seconds, non-decreasing within each user.
+        window: most events a window holds.
+        window_seconds: optional time span of the window.
+
+    Returns:
+        ``[T]`` int64 local position (``0`` = the user's first event) of the first event in
+        each query's window.
+    """
+    positions = jagged_positions(offsets)
+    starts = (positions - window + 1).clamp(min=0)
+    if window_seconds is None:
+        return starts
+    lengths = offsets[1:] - offsets[:-1]
+    total = int(offsets[-1])
+    user = torch.repeat_interleave(torch.arange(lengths.numel(), device=offsets.device), lengths, output_size=total)
+    # One sorted key for all users: user index in the high part, time since the user's first
+    # event in the low part, so a single searchsorted never crosses into another user.
+    first_time = timestamps[offsets[:-1].clamp(max=max(total - 1, 0))]
+    relative = timestamps - first_time[user]
+    span = (int(relative.max()) if total else 0) + int(window_seconds) + 2
+    key = user * span + relative
+    # t_j >= t_i - s  <=>  t_j >= t_i - floor(s) for integer times.
+    first = torch.searchsorted(key, key - int(window_seconds), right=False)
+    time_starts = first - offsets[:-1][user]
+    return torch.maximum(starts, time_starts)
+
+
+def jagged_causal_attention(
+    *,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    offsets: torch.Tensor,
+    window: Optional[int] = None,
+    window_starts: Optional[torch.Tensor] = None,
+    block_size: int = 64,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Causal multi-head softmax attention of every user's events over its own past.
+
+    Args:
+        q: ``[T, H, D]`` queries.
+        k: ``[T, H, D]`` keys.
+        v: ``[T, H, D]`` values.
+        offsets: ``[B + 1]`` int64 start of every user's rows.
+        window: ``None`` for full causal attention; ``W`` to let query ``i`` see only keys
+            ``(i - W, i]`` of its user.
+        window_starts: optional ``[T]`` local position of the first key each query may see
+            (from :func:`causal_window_starts`); narrows ``window`` further. Needs ``window``.
+        block_size: queries per block of the windowed path.
+        scale: score scale, ``D ** -0.5`` by default.
+
+    Returns:
+        ``[T, H, D]`` attention outputs, in ``q``'s dtype.
+
+    Example::
+
+        out = jagged_causal_attention(q=q, k=k, v=v, offsets=offsets, window=64)
+    """
+    if window is None:
+        if window_starts is not None:
+            raise ValueError("window_starts needs a window: full causal attention has no start bound")
+        return _full_causal(q, k, v, offsets, scale)
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    return _windowed_causal(q, k, v, offsets, window, window_starts, min(block_size, window), scale)
+
+
+def _full_causal(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, scale: Optional[float]
+) -> torch.Tensor:
+    bounds = offsets.tolist()
+    outputs = []
+    for b in range(len(bounds) - 1):
+        lo, hi = bounds[b], bounds[b + 1]
+        if hi == lo:
+            continue
+        out = F.scaled_dot_product_attention(
+            q[lo:hi].transpose(0, 1),
+            k[lo:hi].transpose(0, 1),
+            v[lo:hi].transpose(0, 1),
+            is_causal=True,
+            scale=scale,
+        )
+        outputs.append(out.transpose(0, 1))
+    if not outputs:
+        return q.new_zeros(q.shape)
+    return torch.cat(outputs)
+
+
+def _windowed_causal(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    offsets: torch.Tensor,
+    window: int,
+    window_starts: Optional[torch.Tensor],
+    block: int,
+    scale: Optional[float],
+) -> torch.Tensor:
+    T, H, D = q.shape
+    if T == 0:
+        return q.new_zeros(q.shape)
+    device = q.device
+    before = -(-window // block)  # key blocks preceding each query block
+    lengths = offsets[1:] - offsets[:-1]
+    num_users = lengths.numel()
+    blocks = (lengths + block - 1) // block
+    user = torch.repeat_interleave(torch.arange(num_users, device=device), lengths, output_size=T)
+    positions = jagged_positions(offsets)
+
+    # Queries live in the real blocks only; keys also get `before` zero blocks ahead of each
+    # user, so every query block finds its key blocks at fixed relative slots.
+    query_block_base = torch.cumsum(blocks, 0) - blocks
+    key_slot_base = query_block_base + before * torch.arange(num_users, device=device)
+    num_query_blocks = int(blocks.sum())
+    num_key_slots = num_query_blocks + before * num_users
+    local_block = positions // block
+    row = positions % block
+    query_rows = (query_block_base[user] + local_block) * block + row
+    key_rows = (key_slot_base[user] + before + local_block) * block + row
+
+    def scatter(x: torch.Tensor, rows: torch.Tensor, slots: int) -> torch.Tensor:
+        return x.new_zeros(slots * block, H, D).index_copy(0, rows, x).view(slots, block, H, D)
+
+    qb = scatter(q, query_rows, num_query_blocks)
+    kb = scatter(k, key_rows, num_key_slots)
+    vb = scatter(v, key_rows, num_key_slots)
+
+    block_user = torch.repeat_interleave(torch.arange(num_users, device=device), blocks, output_size=num_query_blocks)
+    block_index = torch.arange(num_query_blocks, device=device) - query_block_base[block_user]
+    first_slot = key_slot_base[block_user] + block_index  # slot of the earliest key block
+    slots = first_slot[:, None] + torch.arange(before + 1, device=device)
+    kw = kb[slots].flatten(1, 2)  # [NB, (before + 1) * block, H, D]
+    vw = vb[slots].flatten(1, 2)
+
+    q_pos = block_index[:, None] * block + torch.arange(block, device=device)  # [NB, C]
+    k_pos = (block_index[:, None] - before) * block + torch.arange((before + 1) * block, device=device)
+    lower = (q_pos - window + 1).clamp(min=0)
+    if window_starts is not None:
+        start_rows = torch.zeros(num_query_blocks * block, dtype=torch.long, device=device)
+        start_rows = start_rows.index_copy(0, query_rows, window_starts).view(num_query_blocks, block)
+        lower = torch.maximum(lower, start_rows)
+    # The diagonal key is always allowed, so no row is fully masked (padded query rows
+    # included, whose outputs are dropped).
+    mask = (k_pos[:, None, :] <= q_pos[:, :, None]) & (k_pos[:, None, :] >= lower[:, :, None])
+
+    out = F.scaled_dot_product_attention(
+        qb.transpose(1, 2),
+        kw.transpose(1, 2),
+        vw.transpose(1, 2),
+        attn_mask=mask[:, None],
+        scale=scale,
+    )
+    return out.transpose(1, 2).reshape(num_query_blocks * block, H, D)[query_rows]
