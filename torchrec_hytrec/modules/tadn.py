@@ -10,7 +10,7 @@ from torch.profiler import record_function
 
 from torchrec_hytrec.modules.blocks import SequenceContext, SwiGLU, gap_buckets
 from torchrec_hytrec.modules.config import HyTRecConfig
-from torchrec_hytrec.ops.tadn import naive_recurrent_tadn, tadn_step
+from torchrec_hytrec.ops.tadn import chunk_tadn, tadn_step
 
 # Gates start near 1 so that, before training, forgetting is driven by the time gaps.
 _GATE_BIAS_INIT = 5.0
@@ -113,7 +113,9 @@ class TADNLayer(nn.Module):
         """
         e, q, k, v, log_alpha, beta = self._project(x, ctx)
         with record_function("## hytrec_tadn ##"):
-            o, _ = naive_recurrent_tadn(q=q, k=k, v=v, log_alpha=log_alpha, beta=beta, offsets=ctx.offsets)
+            o, _ = chunk_tadn(
+                q=q, k=k, v=v, log_alpha=log_alpha, beta=beta, offsets=ctx.offsets, chunk_size=self.chunk_size
+            )
         return self._finish(x, e, o, ctx)
 
     def init_state(self, batch_size: int, device: torch.device) -> torch.Tensor:
