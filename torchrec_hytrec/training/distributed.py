@@ -1,0 +1,69 @@
+"""Process-group set-up from torchrun's environment: the one place that picks device and backend."""
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job.
+
+    Args:
+        rank: global rank.
+        world_size: number of processes.
+        local_rank: rank on this node (selects the GPU).
+        device: ``cuda:<local_rank>`` when CUDA is available, else ``cpu``.
+        backend: ``nccl`` with CUDA, ``gloo`` on CPU.
+
+    Example::
+
+        env = init_distributed()
+        model = DistributedModelParallel(model, device=env.device)
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> DistEnv:
+    """Joins the job torchrun/TorchX started (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_*``).
+
+    Run without torchrun, the process forms a group of one with an in-memory store, so the
+    same sharded code path (DistributedModelParallel, collectives) runs unchanged.
+
+    Returns:
+        The process's :class:`DistEnv`; the default process group is initialised.
+    """
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs are visible; "
+                "launch at most one process per GPU (-j NxG with G <= GPUs per host)"
+            )
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if not dist.is_initialized():
+        if "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend, rank=rank, world_size=world_size)
+        elif world_size == 1:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        else:
+            raise RuntimeError(f"WORLD_SIZE={world_size} but MASTER_ADDR is not set; launch with torchrun")
+    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device, backend=backend)
