@@ -81,7 +81,7 @@ def _first_line(mask: np.ndarray, first_line: int) -> int:
 def _check_not_null(col: pa.ChunkedArray, name: str, source: str, first_line: int) -> None:
     if col.null_count:
         line = _first_line(col.is_null().to_numpy(zero_copy_only=False), first_line)
-        raise DataValidationError(f"{source}: line {line}: {name} is empty or null")
+        raise DataValidationError(f"{source}: line {line}: {name} is empty, null or NaN")
 
 
 def remap_ids(
