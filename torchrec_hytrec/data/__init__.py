@@ -1,4 +1,9 @@
-"""Parquet behaviour sequences: schema, converters, synthetic data, splits and the batch reader."""
+"""Parquet behaviour sequences: schema, splits and the batch reader.
+
+The converters (``torchrec_hytrec.data.convert``) and the synthetic generator
+(``torchrec_hytrec.data.synthetic``) are command-line modules, imported from their own paths so
+that ``python -m`` runs them cleanly.
+"""
 
 from torchrec_hytrec.data.batch import ITEM_KEY, SequenceBatch
 from torchrec_hytrec.data.reader import ReaderConfig, ReaderStats, SequenceReader
@@ -11,7 +16,6 @@ from torchrec_hytrec.data.schema import (
     write_sequences,
 )
 from torchrec_hytrec.data.splits import Split, split_positions
-from torchrec_hytrec.data.synthetic import SyntheticConfig, SyntheticData, generate
 
 __all__ = [
     "ITEM_KEY",
@@ -23,9 +27,6 @@ __all__ = [
     "SequenceReader",
     "Sequences",
     "Split",
-    "SyntheticConfig",
-    "SyntheticData",
-    "generate",
     "read_info",
     "read_sequences",
     "split_positions",
