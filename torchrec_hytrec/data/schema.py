@@ -152,8 +152,8 @@ class Sequences:
         )
 
 
-def _where(source: str, seqs_user_ids: np.ndarray, row: int, first_row: int) -> str:
-    return f"{source}: row {first_row + row} (user {int(seqs_user_ids[row])})"
+def _where(source: str, user_ids: np.ndarray, row: int, first_row: int) -> str:
+    return f"{source}: row {first_row + row} (user {int(user_ids[row])})"
 
 
 def check_sequences(
