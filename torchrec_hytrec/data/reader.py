@@ -28,10 +28,11 @@ skips exactly those batches (without building their tensors), including the shar
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
@@ -326,7 +327,7 @@ class SequenceReader(IterableDataset):
 
     def _blocks(self, groups: List[_RowGroup], stats: Optional[ReaderStats]) -> Iterator[_Block]:
         """Reads each row group into a :class:`_Block`; ``stats=None`` reads lengths only."""
-        files: Dict[int, Any] = {}
+        files: Dict[int, pq.ParquetFile] = {}
         for group in groups:
             path = self._files[group.file]
             pf = files.setdefault(group.file, open_parquet(path))
@@ -344,8 +345,7 @@ class SequenceReader(IterableDataset):
             has_target = target >= 0
             target_index = first + np.where(has_target, target, 0)
             stats.skipped_users += seqs.num_users - rows.size
-            cut = start > 0
-            stats.truncated_users += int(cut.sum())
+            stats.truncated_users += int((start > 0).sum())
             stats.truncated_events += int(start.sum())
             yield _Block(
                 lengths=kept,
