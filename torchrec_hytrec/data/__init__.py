@@ -1,34 +1,11 @@
-"""Parquet behaviour sequences: schema, splits and the batch reader.
+"""Parquet behaviour sequences, one module per concern (import from the module itself):
 
-The converters (``torchrec_hytrec.data.convert``) and the synthetic generator
-(``torchrec_hytrec.data.synthetic``) are command-line modules, imported from their own paths so
-that ``python -m`` runs them cleanly.
+* ``batch``: :class:`SequenceBatch`, the pipelineable batch every reader yields;
+* ``schema``: the Parquet layout, :class:`SequenceDatasetInfo`, validation, read / write;
+* ``convert``: ``python -m torchrec_hytrec.data.convert`` from interaction logs;
+* ``synthetic``: the seeded generator, ``python -m torchrec_hytrec.data.synthetic``;
+* ``splits``: leave-one-out train / valid / test positions;
+* ``reader``: :class:`SequenceReader`, Parquet row groups to token-bounded batches.
+
+Nothing is imported here, so the command-line modules start without loading torch / TorchRec.
 """
-
-from torchrec_hytrec.data.batch import ITEM_KEY, SequenceBatch
-from torchrec_hytrec.data.reader import ReaderConfig, ReaderStats, SequenceReader
-from torchrec_hytrec.data.schema import (
-    DataValidationError,
-    SequenceDatasetInfo,
-    Sequences,
-    read_info,
-    read_sequences,
-    write_sequences,
-)
-from torchrec_hytrec.data.splits import Split, split_positions
-
-__all__ = [
-    "ITEM_KEY",
-    "DataValidationError",
-    "ReaderConfig",
-    "ReaderStats",
-    "SequenceBatch",
-    "SequenceDatasetInfo",
-    "SequenceReader",
-    "Sequences",
-    "Split",
-    "read_info",
-    "read_sequences",
-    "split_positions",
-    "write_sequences",
-]
