@@ -126,3 +126,13 @@ def test_cli_help_and_module_entry_point(tmp_path: Path) -> None:
         capture_output=True, text=True, check=True, timeout=120,
     )
     assert "--format {interactions,s3rec,recbole,movielens}" in done.stdout
+
+
+def test_headerless_csv_with_named_columns(tmp_path: Path) -> None:
+    src = tmp_path / "plain.csv"
+    src.write_text("7,42,100\n7,41,90\n8,42,5\n")
+    out = tmp_path / "plain.parquet"
+    info = main(["--format", "interactions", str(src), str(out), "--columns", "user_id,item_id,timestamp"])
+    assert (info.num_users, info.num_items, info.num_events) == (2, 2, 3)
+    seqs, _ = read_sequences(out)
+    assert seqs.item_ids.tolist() == [1, 2, 2] and seqs.timestamps.tolist() == [90, 100, 5]

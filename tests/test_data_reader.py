@@ -5,7 +5,7 @@ import logging
 import os
 import socket
 from pathlib import Path
-from typing import List
+from typing import List, Tuple
 
 import numpy as np
 import pytest
@@ -22,7 +22,7 @@ from torchrec_hytrec.data.synthetic import SyntheticConfig, generate
 
 
 @pytest.fixture(scope="module")
-def synthetic(tmp_path_factory: pytest.TempPathFactory) -> "tuple[Path, Sequences]":
+def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Tuple[Path, Sequences]:
     config = SyntheticConfig(num_users=300, median_length=30, max_length=700, seed=3)
     data = generate(config)
     path = tmp_path_factory.mktemp("reader") / "syn.parquet"

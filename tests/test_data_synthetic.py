@@ -5,9 +5,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from torchrec_hytrec.data.schema import check_sequences
+from torchrec_hytrec.data.schema import check_sequences, read_sequences
 from torchrec_hytrec.data.splits import Split, split_positions
-from torchrec_hytrec.data.synthetic import DAY_S, SyntheticConfig, SyntheticData, generate
+from torchrec_hytrec.data.synthetic import DAY_S, SyntheticConfig, SyntheticData, generate, main
 
 HOUR_S = 3_600
 
@@ -133,3 +133,11 @@ def test_planted_intent_is_learnable(small: SyntheticData) -> None:
     assert hr_oracle > 0.5
     assert hr_oracle > 3 * hr_popular
     assert hr_last_cluster > 2 * hr_popular
+
+
+def test_cli_writes_a_readable_dataset(tmp_path, small: SyntheticData) -> None:
+    out = tmp_path / "small.parquet"
+    info = main(["small", str(out), "--row-group-size", "500"])
+    seqs, read = read_sequences(out)
+    assert read == info and info.num_events == small.sequences.num_events
+    np.testing.assert_array_equal(seqs.item_ids, small.sequences.item_ids)
