@@ -139,6 +139,8 @@ def test_resume_continues_where_it_left(synthetic) -> None:
     assert state == {"epoch": 3, "batches": 5}
     resumed = SequenceReader(config)
     resumed.load_state_dict(state)
+    peek = next(iter(resumed))  # a peek (e.g. for a shape probe) must not lose the position
+    assert peek.user_ids.tolist() == full[5].user_ids.tolist()
     rest = list(resumed)
     assert [b.user_ids.tolist() for b in rest] == [b.user_ids.tolist() for b in full[5:]]
     assert resumed.state_dict() == {"epoch": 3, "batches": len(full)}

@@ -293,7 +293,11 @@ class SequenceReader(IterableDataset):
         return {"epoch": self._epoch, "batches": self._consumed}
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
-        """Resumes: the next iteration continues after ``state["batches"]`` batches of the epoch."""
+        """Resumes after ``state["batches"]`` batches of ``state["epoch"]``.
+
+        Every iteration of that epoch (a peek at the first batch included) starts at this
+        position, until :meth:`set_epoch` moves to another epoch.
+        """
         self._epoch, self._consumed, self._skip = int(state["epoch"]), int(state["batches"]), int(state["batches"])
 
     def _shares(self) -> Tuple[List[List[_RowGroup]], int]:
@@ -388,7 +392,6 @@ class SequenceReader(IterableDataset):
         skip = self._consumed = self._skip
         if skip and len(shares) > 1:
             skip = _worker_skip(skip, [self._count_batches(s) for s in shares], wid)
-        self._skip = 0
         stats = self.stats = ReaderStats()
         blocks = self._blocks(shares[wid], stats)
         for n, parts in enumerate(_pack(blocks, self._config.max_tokens, self._config.max_batch_size)):
