@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.data import DataLoader
+from torchrec.streamable import Pipelineable
 
 from torchrec_hytrec.data.batch import ITEM_KEY, SequenceBatch
 from torchrec_hytrec.data.reader import ReaderConfig, SequenceReader, _worker_skip
@@ -206,6 +207,7 @@ def test_item_only_features_and_directory_paths(synthetic, tmp_path: Path) -> No
 def test_pipelineable_to(synthetic) -> None:
     path, _ = synthetic
     batch = next(iter(SequenceReader(_config(path))))
+    assert isinstance(batch, Pipelineable)
     moved = batch.to(torch.device("cpu"), non_blocking=True)
     assert torch.equal(moved.features.values(), batch.features.values())
     assert torch.equal(moved.offsets(), batch.offsets())
