@@ -1,0 +1,362 @@
+"""Full-catalogue evaluation of retrieval models (leave-one-out): HR@K, NDCG@K, MRR.
+
+A user's *rank* is the number of catalogue items (padding id 0, the target itself and, with
+``exclude_seen``, the items of the user's history excluded) that score strictly higher than the
+held-out target; from it HR@K = [rank < K], NDCG@K = [rank < K] / log2(rank + 2) and
+MRR = 1 / (rank + 1). Metrics are reported overall and by history-length bucket.
+
+With the item table row-wise (or table-wise) sharded by ``DistributedModelParallel``, no rank
+holds the catalogue: every rank gathers all ranks' queries, scores them against its own rows and
+counts the items above each target; the counts are summed across ranks, so the ranks (and every
+metric) equal those of the unsharded table. :func:`retrieve_topk` likewise merges each shard's
+top-K into the global top-K.
+
+Public API:
+
+- :class:`RetrievalMetrics`: the all-reducible accumulator.
+- :class:`RetrievalEvaluator` ``(model, exclude_seen=False)``: ``update(batch, aux)`` with the
+  ``aux`` of ``HyTRecRetrieval.forward`` on an evaluation batch, then ``compute()``.
+- :func:`evaluate` ``(model, batches, exclude_seen=False)``: the loop over an evaluation set.
+- :func:`item_table_shards`, :func:`catalogue_ranks`, :func:`retrieve_topk`.
+
+Under ``DistributedModelParallel`` every rank must call ``update`` (and ``compute``) the same
+number of times: they are collective.
+"""
+
+import math
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torchrec.distributed.model_parallel import DistributedModelParallel
+
+from torchrec_hytrec.data.batch import ITEM_KEY, SequenceBatch
+from torchrec_hytrec.models.embeddings import ITEM_TABLE
+
+HR_KS: Tuple[int, ...] = (1, 10, 50)
+NDCG_KS: Tuple[int, ...] = (10, 50)
+LENGTH_BOUNDS: Tuple[int, ...] = (100, 1000, 5000)
+
+
+def _short(n: int) -> str:
+    return f"{n // 1000}k" if n >= 1000 and n % 1000 == 0 else str(n)
+
+
+class RetrievalMetrics:
+    """Sums of per-user ranking metrics by history-length bucket.
+
+    The state is one float64 tensor of sums, so merging ranks is one ``all_reduce``.
+
+    Args:
+        hr_ks: cut-offs of HR@K.
+        ndcg_ks: cut-offs of NDCG@K.
+        length_bounds: history-length bucket bounds; ``(100, 1000, 5000)`` gives
+            ``<100``, ``100-1k``, ``1k-5k``, ``>=5k``.
+        device: where the sums live (the process group's device).
+
+    Example::
+
+        metrics = RetrievalMetrics()
+        metrics.update(ranks=torch.tensor([0, 12]), history_lengths=torch.tensor([30, 2000]))
+        metrics.compute()["hr@10"]  # 0.5
+    """
+
+    def __init__(
+        self,
+        hr_ks: Sequence[int] = HR_KS,
+        ndcg_ks: Sequence[int] = NDCG_KS,
+        length_bounds: Sequence[int] = LENGTH_BOUNDS,
+        device: Optional[torch.device] = None,
+    ) -> None:
+        self.hr_ks = tuple(hr_ks)
+        self.ndcg_ks = tuple(ndcg_ks)
+        self.length_bounds = torch.tensor(length_bounds, dtype=torch.long, device=device)
+        edges = [0, *length_bounds]
+        self.bucket_names = [
+            f"len{_short(lo)}-{_short(hi)}" if lo else f"len<{_short(hi)}" for lo, hi in zip(edges, edges[1:])
+        ] + [f"len>={_short(edges[-1])}"]
+        self.metric_names = [f"hr@{k}" for k in self.hr_ks] + [f"ndcg@{k}" for k in self.ndcg_ks] + ["mrr"]
+        # Column 0 counts users; the others sum the metrics.
+        self.sums = torch.zeros(len(self.bucket_names), 1 + len(self.metric_names), dtype=torch.float64, device=device)
+
+    def update(self, ranks: torch.Tensor, history_lengths: torch.Tensor) -> None:
+        """Adds users.
+
+        Args:
+            ranks: ``[B]`` 0-based rank of each user's target.
+            history_lengths: ``[B]`` events in each user's history.
+        """
+        ranks = ranks.to(self.sums.device, torch.float64)
+        columns = [torch.ones_like(ranks)]
+        columns += [(ranks < k).double() for k in self.hr_ks]
+        columns += [(ranks < k).double() / torch.log2(ranks + 2) for k in self.ndcg_ks]
+        columns.append(1.0 / (ranks + 1))
+        bucket = torch.bucketize(history_lengths.to(self.sums.device), self.length_bounds, right=True)
+        self.sums.index_add_(0, bucket, torch.stack(columns, dim=1))
+
+    def all_reduce(self, process_group: Optional[dist.ProcessGroup] = None) -> None:
+        """Sums the state over the ranks of ``process_group``, in place."""
+        dist.all_reduce(self.sums, group=process_group)
+
+    def reset(self) -> None:
+        self.sums.zero_()
+
+    def compute(self) -> Dict[str, float]:
+        """Means overall (``"hr@10"``) and per non-empty bucket (``"hr@10/len<100"``), and counts."""
+        out: Dict[str, float] = {}
+
+        def add(row: torch.Tensor, suffix: str) -> None:
+            count = float(row[0])
+            out["count" + suffix] = count
+            if count > 0:
+                for name, total in zip(self.metric_names, row[1:].tolist()):
+                    out[name + suffix] = total / count
+
+        add(self.sums.sum(0), "")
+        for name, row in zip(self.bucket_names, self.sums):
+            add(row, "/" + name)
+        return out
+
+
+def item_table_shards(embedding_collection: nn.Module) -> Tuple[List[Tuple[int, torch.Tensor]], bool]:
+    """The item-table rows this rank holds.
+
+    Args:
+        embedding_collection: an ``EmbeddingCollection`` or its sharded form, with table ``"item"``.
+
+    Returns:
+        ``([(first_row, rows [R, d]), ...], sharded)``: every local block of whole rows, and
+        whether the table is split over ranks (a ``ShardedTensor``) rather than held whole.
+    """
+    weight = embedding_collection.state_dict()[f"embeddings.{ITEM_TABLE}.weight"]
+    if not isinstance(weight, ShardedTensor):
+        return [(0, weight)], False
+    dim = weight.size(1)
+    shards = []
+    for shard in weight.local_shards():
+        row, col = shard.metadata.shard_offsets
+        if col != 0 or shard.tensor.size(1) != dim:
+            raise ValueError("evaluation needs whole item rows per shard: column-wise sharding is not supported")
+        shards.append((row, shard.tensor))
+    return shards, True
+
+
+def _all_gather_rows(t: torch.Tensor, group: dist.ProcessGroup) -> Tuple[torch.Tensor, List[int]]:
+    """Concatenates every rank's ``t`` along dim 0 (sizes may differ); returns it and the sizes."""
+    world = dist.get_world_size(group)
+    size = torch.tensor([t.shape[0]], dtype=torch.long, device=t.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size, group=group)
+    counts = [int(s) for s in sizes]
+    padded = t.new_zeros((max(counts), *t.shape[1:]))
+    padded[: t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([p[:c] for p, c in zip(parts, counts)]), counts
+
+
+def catalogue_ranks(
+    *,
+    query: torch.Tensor,
+    target_ids: torch.Tensor,
+    target_score: torch.Tensor,
+    shards: List[Tuple[int, torch.Tensor]],
+    seen_ids: Optional[torch.Tensor] = None,
+    seen_offsets: Optional[torch.Tensor] = None,
+    process_group: Optional[dist.ProcessGroup] = None,
+) -> torch.Tensor:
+    """0-based rank of each target among all catalogue items.
+
+    Args:
+        query: ``[B, d]`` user states of this rank.
+        target_ids: ``[B]`` held-out items.
+        target_score: ``[B]`` ``query . target``.
+        shards: this rank's item rows, from :func:`item_table_shards`.
+        seen_ids: ``[S]`` jagged history items to exclude (``None``: exclude nothing).
+        seen_offsets: ``[B + 1]`` offsets of ``seen_ids``.
+        process_group: the group the table is split over; ``None`` when ``shards`` is the
+            whole table. Collective when given.
+
+    Returns:
+        ``[B]`` int64 ranks of this rank's users.
+    """
+    batch = query.shape[0]
+    seen_lengths = (
+        seen_offsets[1:] - seen_offsets[:-1] if seen_offsets is not None else torch.zeros_like(target_ids)
+    )
+    # One float64 row per user: exact for fp32 states and for ids below 2**53.
+    rows = torch.cat(
+        [query.double(), target_score.double()[:, None], target_ids.double()[:, None], seen_lengths.double()[:, None]],
+        dim=1,
+    )
+    seen = seen_ids if seen_ids is not None else target_ids.new_zeros(0)
+    first = 0
+    if process_group is not None:
+        rows, counts = _all_gather_rows(rows, process_group)
+        seen, _ = _all_gather_rows(seen, process_group)
+        first = sum(counts[: dist.get_rank(process_group)])
+    queries = rows[:, :-3].to(query.dtype)
+    scores_at_target, targets = rows[:, -3].to(query.dtype), rows[:, -2].long()
+    seen_user = torch.repeat_interleave(torch.arange(rows.shape[0], device=rows.device), rows[:, -1].long())
+    keep = seen != targets[seen_user]
+    seen, seen_user = seen[keep], seen_user[keep]
+
+    above = torch.zeros(rows.shape[0], dtype=torch.long, device=rows.device)
+    for row0, weight in shards:
+        item = torch.arange(row0, row0 + weight.shape[0], device=rows.device)
+        greater = (queries @ weight.t().to(queries.dtype)) > scores_at_target[:, None]
+        greater &= (item[None, :] != targets[:, None]) & (item[None, :] != 0)
+        inside = (seen >= row0) & (seen < row0 + weight.shape[0])
+        greater[seen_user[inside], seen[inside] - row0] = False
+        above += greater.sum(1)
+    if process_group is not None:
+        dist.all_reduce(above, group=process_group)
+    return above[first : first + batch]
+
+
+def retrieve_topk(
+    query: torch.Tensor,
+    shards: List[Tuple[int, torch.Tensor]],
+    k: int,
+    process_group: Optional[dist.ProcessGroup] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` items of the catalogue for each query: per-shard top-``k``, then merged.
+
+    Args:
+        query: ``[B, d]`` user states of this rank.
+        shards: this rank's item rows, from :func:`item_table_shards`.
+        k: items to return.
+        process_group: the group the table is split over (collective), ``None`` for a whole table.
+
+    Returns:
+        ``(scores [B, k], item_ids [B, k])`` best first; padding id 0 is never returned.
+    """
+    first, batch = 0, query.shape[0]
+    if process_group is not None:
+        gathered, counts = _all_gather_rows(query, process_group)
+        first, query = sum(counts[: dist.get_rank(process_group)]), gathered
+    best_scores = query.new_full((query.shape[0], k), float("-inf"))
+    best_ids = torch.full((query.shape[0], k), -1, dtype=torch.long, device=query.device)
+    for row0, weight in shards:
+        scores = query @ weight.t().to(query.dtype)
+        if row0 == 0:
+            scores[:, 0] = float("-inf")
+        s, i = scores.topk(min(k, scores.shape[1]), dim=1)
+        best_scores, picked = torch.cat([best_scores, s], 1).topk(k, dim=1)
+        best_ids = torch.cat([best_ids, i + row0], 1).gather(1, picked)
+    if process_group is not None:
+        world = dist.get_world_size(process_group)
+        all_scores = [torch.empty_like(best_scores) for _ in range(world)]
+        all_ids = [torch.empty_like(best_ids) for _ in range(world)]
+        dist.all_gather(all_scores, best_scores, group=process_group)
+        dist.all_gather(all_ids, best_ids, group=process_group)
+        best_scores, picked = torch.cat(all_scores, 1).topk(k, dim=1)
+        best_ids = torch.cat(all_ids, 1).gather(1, picked)
+    return best_scores[first : first + batch], best_ids[first : first + batch]
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DistributedModelParallel) else model
+
+
+class RetrievalEvaluator:
+    """Ranks held-out targets against the full catalogue and accumulates :class:`RetrievalMetrics`.
+
+    Args:
+        model: ``HyTRecRetrieval``, or ``DistributedModelParallel`` wrapping it.
+        exclude_seen: do not rank items of the user's history (the target itself always counts).
+        metrics: the accumulator (default cut-offs and buckets when ``None``).
+        process_group: group of the data-parallel ranks; defaults to the world under
+            ``DistributedModelParallel`` and to none (single process) otherwise.
+
+    Example::
+
+        evaluator = RetrievalEvaluator(model, exclude_seen=True)
+        with torch.no_grad():
+            for batch in eval_batches:
+                _, aux = model(batch)
+                evaluator.update(batch, aux)
+        print(evaluator.compute()["ndcg@10"])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        exclude_seen: bool = False,
+        metrics: Optional[RetrievalMetrics] = None,
+        process_group: Optional[dist.ProcessGroup] = None,
+    ) -> None:
+        self._collection = _unwrap(model).embedding_collection
+        self._exclude_seen = exclude_seen
+        if process_group is None and isinstance(model, DistributedModelParallel):
+            process_group = dist.GroupMember.WORLD
+        self._group = process_group
+        self.metrics = metrics if metrics is not None else RetrievalMetrics()
+
+    def update(self, batch: SequenceBatch, aux: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """Ranks one evaluation batch; returns the ``[B]`` ranks of its users.
+
+        Args:
+            batch: the evaluation batch the model just ran on.
+            aux: the model's ``aux`` output on it (``"query"``, ``"target_score"``).
+        """
+        shards, sharded = item_table_shards(self._collection)
+        offsets = batch.offsets()
+        ranks = catalogue_ranks(
+            query=aux["query"],
+            target_ids=batch.targets,
+            target_score=aux["target_score"],
+            shards=shards,
+            seen_ids=batch.features[ITEM_KEY].values() if self._exclude_seen else None,
+            seen_offsets=offsets if self._exclude_seen else None,
+            process_group=self._group if sharded else None,
+        )
+        self.metrics.update(ranks, offsets[1:] - offsets[:-1])
+        return ranks
+
+    def compute(self) -> Dict[str, float]:
+        """Metrics over every rank's users so far (collective under a process group)."""
+        if self._group is None:
+            return self.metrics.compute()
+        total = RetrievalMetrics(
+            self.metrics.hr_ks, self.metrics.ndcg_ks, self.metrics.length_bounds.tolist(), self.metrics.sums.device
+        )
+        total.sums.copy_(self.metrics.sums)
+        total.all_reduce(self._group)
+        return total.compute()
+
+
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[SequenceBatch],
+    *,
+    exclude_seen: bool = False,
+    process_group: Optional[dist.ProcessGroup] = None,
+) -> Dict[str, float]:
+    """Full-catalogue metrics of ``model`` over evaluation ``batches`` (already on its device).
+
+    Args:
+        model: ``HyTRecRetrieval`` or ``DistributedModelParallel`` wrapping it.
+        batches: evaluation batches (``targets`` set); under DMP the same count on every rank.
+        exclude_seen: see :class:`RetrievalEvaluator`.
+        process_group: see :class:`RetrievalEvaluator`.
+
+    Returns:
+        The metric dict, plus ``"loss"``: the mean evaluation loss per batch.
+    """
+    evaluator = RetrievalEvaluator(model, exclude_seen=exclude_seen, process_group=process_group)
+    was_training = model.training
+    model.eval()
+    losses = []
+    with torch.no_grad():
+        for batch in batches:
+            loss, aux = model(batch)
+            evaluator.update(batch, aux)
+            losses.append(float(loss))
+    model.train(was_training)
+    out = evaluator.compute()
+    out["loss"] = sum(losses) / len(losses) if losses else math.nan
+    return out

@@ -1,0 +1,199 @@
+"""Device choice, sharding with ``DistributedModelParallel`` and the optimizers, in one place.
+
+The order a training script follows::
+
+    env = init_distributed()                         # torchrec_hytrec.training: picks the device
+    model = HyTRecRetrieval(config, encoder, device=torch.device("meta"))  # tables: no memory yet
+    apply_sparse_optimizer(model, opt_config)        # fused, in-backward table optimizer
+    model = shard_model(model, "row_wise", device=env.device)
+    optimizer = make_optimizer(model, opt_config)    # fused tables + AdamW dense, checkpointable
+
+``shard_model`` plans with TorchRec's ``EmbeddingShardingPlanner`` over a ``Topology`` of the
+process group. CPU facts it encodes (TorchRec 1.9, FBGEMM CPU): embedding kernels are FUSED only,
+and ``EmbeddingBagCollection`` tables cannot be row-wise sharded (gloo has no reduce-scatter), so
+under ``"row_wise"`` on CPU pooled tables are table-wise.
+
+Gradient scale: TorchRec sums a table's gradient over ranks while DDP averages dense gradients.
+Adagrad, row-wise Adagrad and Adam(W) updates are invariant to a constant gradient scale (up to
+``eps``), so a sharded step matches the single-process step on the whole batch.
+"""
+
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple, Type
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec import optim as trec_optim
+from torchrec.distributed.embedding import EmbeddingCollectionSharder
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.types import ModuleSharder, ShardingEnv, ShardingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+PLAN_KINDS = ("row_wise", "table_wise", "auto")
+
+_SPARSE_OPTIMIZERS: Dict[str, Type[torch.optim.Optimizer]] = {
+    "rowwise_adagrad": trec_optim.RowWiseAdagrad,
+    "adagrad": trec_optim.Adagrad,
+    "adam": trec_optim.Adam,
+}
+
+
+@dataclass
+class OptimizerConfig:
+    """Optimizers of a sharded model.
+
+    Args:
+        sparse_optimizer: ``"rowwise_adagrad"``, ``"adagrad"`` or ``"adam"``; FBGEMM applies it
+            inside the backward of every embedding table.
+        sparse_lr: its learning rate.
+        sparse_eps: its epsilon.
+        dense_lr: AdamW learning rate of every other parameter.
+        dense_weight_decay: AdamW weight decay.
+        betas: Adam/AdamW betas.
+
+    Example::
+
+        config = OptimizerConfig(sparse_optimizer="rowwise_adagrad", sparse_lr=0.05, dense_lr=1e-3)
+    """
+
+    sparse_optimizer: str = "rowwise_adagrad"
+    sparse_lr: float = 0.05
+    sparse_eps: float = 1e-8
+    dense_lr: float = 1e-3
+    dense_weight_decay: float = 0.01
+    betas: Tuple[float, float] = (0.9, 0.999)
+
+    def __post_init__(self) -> None:
+        if self.sparse_optimizer not in _SPARSE_OPTIMIZERS:
+            raise ValueError(
+                f"sparse_optimizer must be one of {sorted(_SPARSE_OPTIMIZERS)}, got {self.sparse_optimizer!r}"
+            )
+
+
+def _table_modules(model: nn.Module) -> List[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, (EmbeddingCollection, EmbeddingBagCollection))]
+
+
+def apply_sparse_optimizer(model: nn.Module, config: OptimizerConfig) -> None:
+    """Registers the fused table optimizer on every embedding table of ``model``.
+
+    Call it on the unsharded model, before :func:`shard_model`; the sharders then build FBGEMM
+    kernels that update the rows in the backward. On an unsharded model the same optimizer runs
+    in the backward hooks, which is the single-process reference of the fused update.
+
+    Args:
+        model: holds ``EmbeddingCollection`` / ``EmbeddingBagCollection`` modules.
+        config: ``sparse_*`` fields are used.
+    """
+    params = [p for m in _table_modules(model) for p in m.parameters()]
+    if not params:
+        raise ValueError("model has no EmbeddingCollection or EmbeddingBagCollection tables")
+    kwargs = {"lr": config.sparse_lr, "eps": config.sparse_eps}
+    if config.sparse_optimizer == "adam":
+        kwargs["betas"] = config.betas
+    apply_optimizer_in_backward(_SPARSE_OPTIMIZERS[config.sparse_optimizer], params, kwargs)
+
+
+def make_dense_optimizer(model: nn.Module, config: OptimizerConfig) -> KeyedOptimizerWrapper:
+    """AdamW over every parameter that has no in-backward optimizer."""
+    return KeyedOptimizerWrapper(
+        dict(in_backward_optimizer_filter(model.named_parameters())),
+        lambda params: torch.optim.AdamW(
+            params, lr=config.dense_lr, betas=config.betas, weight_decay=config.dense_weight_decay
+        ),
+    )
+
+
+def make_optimizer(model: DistributedModelParallel, config: OptimizerConfig) -> CombinedOptimizer:
+    """One optimizer object for a sharded model: the fused table optimizers plus AdamW.
+
+    ``step()`` steps the dense part (the tables were updated in the backward); ``state_dict()``
+    and ``load_state_dict()`` cover both, sharded table state included, so
+    ``torch.distributed.checkpoint`` saves and restores it.
+
+    Args:
+        model: returned by :func:`shard_model` after :func:`apply_sparse_optimizer`.
+        config: ``dense_*`` fields are used (the sparse ones were applied before sharding).
+    """
+    if not isinstance(model, DistributedModelParallel):
+        raise TypeError(
+            "make_optimizer needs the DistributedModelParallel from shard_model() (a world of 1 works); "
+            f"got {type(model).__name__}"
+        )
+    return CombinedOptimizer([model.fused_optimizer, make_dense_optimizer(model, config)])
+
+
+def sharders() -> List[ModuleSharder[nn.Module]]:
+    """The sharders of the models' table modules."""
+    return [EmbeddingCollectionSharder(), EmbeddingBagCollectionSharder()]
+
+
+def sharding_constraints(model: nn.Module, plan_kind: str, device: torch.device) -> Dict[str, ParameterConstraints]:
+    """Per-table planner constraints for ``plan_kind`` on ``device`` (see the module docstring).
+
+    Args:
+        model: the unsharded model.
+        plan_kind: ``"row_wise"``, ``"table_wise"`` or ``"auto"`` (the planner chooses).
+        device: the compute device.
+    """
+    if plan_kind not in PLAN_KINDS:
+        raise ValueError(f"plan_kind must be one of {PLAN_KINDS}, got {plan_kind!r}")
+    on_cpu = device.type == "cpu"
+    kernels = [EmbeddingComputeKernel.FUSED.value] if on_cpu else None
+    bag_types_cpu = [ShardingType.TABLE_WISE.value, ShardingType.COLUMN_WISE.value, ShardingType.DATA_PARALLEL.value]
+    wanted = {"row_wise": ShardingType.ROW_WISE.value, "table_wise": ShardingType.TABLE_WISE.value}.get(plan_kind)
+    constraints = {}
+    for module in _table_modules(model):
+        pooled = isinstance(module, EmbeddingBagCollection)
+        configs = module.embedding_bag_configs() if pooled else module.embedding_configs()
+        for table in configs:
+            if pooled and on_cpu and wanted != ShardingType.TABLE_WISE.value:
+                types: Optional[List[str]] = (
+                    [ShardingType.TABLE_WISE.value] if wanted == ShardingType.ROW_WISE.value else bag_types_cpu
+                )
+            else:
+                types = [wanted] if wanted else None
+            constraints[table.name] = ParameterConstraints(sharding_types=types, compute_kernels=kernels)
+    return constraints
+
+
+def shard_model(
+    model: nn.Module,
+    plan_kind: str = "auto",
+    *,
+    device: torch.device,
+    process_group: Optional[dist.ProcessGroup] = None,
+) -> DistributedModelParallel:
+    """Plans and shards ``model``'s tables over the process group with ``DistributedModelParallel``.
+
+    Args:
+        model: unsharded model (tables on ``meta`` or CPU), after :func:`apply_sparse_optimizer`.
+        plan_kind: ``"row_wise"``, ``"table_wise"`` or ``"auto"``.
+        device: compute device (chosen once, by ``torchrec_hytrec.training.init_distributed``).
+        process_group: the group to shard over; the default group when ``None``.
+
+    Returns:
+        The DMP-wrapped model: sharded tables, DDP-wrapped dense parameters.
+    """
+    group = process_group if process_group is not None else dist.GroupMember.WORLD
+    world_size = dist.get_world_size(group)
+    topology = Topology(
+        world_size=world_size,
+        compute_device=device.type,
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world_size)),
+    )
+    planner = EmbeddingShardingPlanner(
+        topology=topology, constraints=sharding_constraints(model, plan_kind, device)
+    )
+    plan = planner.collective_plan(model, sharders(), group)
+    return DistributedModelParallel(
+        module=model, device=device, plan=plan, sharders=sharders(), env=ShardingEnv.from_process_group(group)
+    )
