@@ -1,0 +1,167 @@
+"""Sharded (DistributedModelParallel, 2 gloo ranks) equals unsharded: loss, one step, evaluation."""
+
+import os
+import socket
+from typing import Callable, Dict, List, Tuple
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torchrec.distributed.model_parallel import DistributedModelParallel
+
+from test_models_retrieval import make_batch, make_retrieval
+from torchrec_hytrec.models.evaluation import RetrievalEvaluator, item_table_shards, retrieve_topk
+from torchrec_hytrec.models.sharding import (
+    OptimizerConfig,
+    apply_sparse_optimizer,
+    make_dense_optimizer,
+    make_optimizer,
+    shard_model,
+)
+
+WORLD = 2
+OPT = OptimizerConfig(sparse_optimizer="rowwise_adagrad", sparse_lr=0.1, dense_lr=0.01)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(worker: Callable[..., None], *args: object) -> None:
+    mp.spawn(worker, args=(_free_port(), *args), nprocs=WORLD, join=True)
+
+
+def _init(rank: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+
+
+def _copy_into(sharded: DistributedModelParallel, reference: Dict[str, torch.Tensor]) -> None:
+    """Writes the unsharded weights into the sharded model: each rank its own shards."""
+    with torch.no_grad():
+        for key, value in sharded.state_dict().items():
+            if isinstance(value, ShardedTensor):
+                for shard in value.local_shards():
+                    (row, col), (rows, cols) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+                    shard.tensor.copy_(reference[key][row : row + rows, col : col + cols])
+            else:
+                value.copy_(reference[key])
+
+
+def _assert_weights_equal(sharded: DistributedModelParallel, reference: Dict[str, torch.Tensor]) -> List[str]:
+    """Compares every local shard and every dense tensor; returns the keys of sharded tables."""
+    tables = []
+    for key, value in sharded.state_dict().items():
+        if isinstance(value, ShardedTensor):
+            tables.append(key)
+            for shard in value.local_shards():
+                (row, col), (rows, cols) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+                want = reference[key][row : row + rows, col : col + cols]
+                torch.testing.assert_close(shard.tensor, want, atol=1e-5, rtol=1e-4, msg=lambda m: f"{key}: {m}")
+        else:
+            torch.testing.assert_close(value, reference[key], atol=1e-5, rtol=1e-4, msg=lambda m: f"{key}: {m}")
+    return tables
+
+
+def _sharded_and_reference(
+    build: Callable[[], nn.Module], plan_kind: str
+) -> Tuple[DistributedModelParallel, nn.Module]:
+    reference = build()
+    apply_sparse_optimizer(reference, OPT)
+    model = build()
+    apply_sparse_optimizer(model, OPT)
+    sharded = shard_model(model, plan_kind, device=torch.device("cpu"))
+    _copy_into(sharded, reference.state_dict())
+    return sharded, reference
+
+
+def one_step_worker(rank: int, port: int, build: Callable[[], nn.Module], make_batches: Callable[[], list], plan_kind: str) -> None:
+    _init(rank, port)
+    sharded, reference = _sharded_and_reference(build, plan_kind)
+    optimizer = make_optimizer(sharded, OPT)
+    reference_dense = make_dense_optimizer(reference, OPT)
+    batches = make_batches()
+    initial = {k: v.clone() for k, v in reference.state_dict().items()}
+
+    torch.manual_seed(100 + rank)  # the sampled negatives of this rank
+    loss, _ = sharded(batches[rank])
+    loss.backward()
+    optimizer.step()
+
+    # The data-parallel loss is the mean of the ranks' losses (DDP averages dense gradients).
+    reference_losses = []
+    for r, batch in enumerate(batches):
+        torch.manual_seed(100 + r)
+        reference_losses.append(reference(batch)[0])
+    torch.stack(reference_losses).mean().backward()
+    reference_dense.step()
+
+    torch.testing.assert_close(loss.detach(), reference_losses[rank].detach())
+    after = reference.state_dict()
+    tables = _assert_weights_equal(sharded, after)
+    assert tables, "no table was sharded"
+    changed = {k for k in after if not torch.equal(after[k], initial[k])}
+    assert set(tables) <= changed and len(changed) > len(tables), "the step must move tables and dense weights"
+    dist.destroy_process_group()
+
+
+def _retrieval_full() -> nn.Module:
+    return make_retrieval("full", seed=0)
+
+
+def _retrieval_sampled() -> nn.Module:
+    return make_retrieval("sampled", seed=0, num_uniform_negatives=8, num_in_batch_negatives=16)
+
+
+def _retrieval_batches() -> list:
+    return [make_batch([6, 3, 9], seed=10), make_batch([4, 12], seed=11)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "plan_kind,build", [("row_wise", _retrieval_full), ("table_wise", _retrieval_sampled)], ids=["row_wise", "table_wise"]
+)
+def test_retrieval_sharded_step_equals_unsharded(plan_kind: str, build: Callable[[], nn.Module]) -> None:
+    _spawn(one_step_worker, build, _retrieval_batches, plan_kind)
+
+
+def eval_worker(rank: int, port: int) -> None:
+    _init(rank, port)
+    sharded, reference = _sharded_and_reference(_retrieval_full, "row_wise")
+    shards, is_sharded = item_table_shards(sharded.module.embedding_collection)
+    assert is_sharded and len(shards) == 1 and shards[0][1].shape[0] < 41  # this rank holds part of the rows
+    batches = [make_batch([5, 9, 2], seed=20, evaluation=True), make_batch([3, 30], seed=21, evaluation=True)]
+    sharded.eval()
+    reference.eval()
+    for exclude_seen in (False, True):
+        evaluator = RetrievalEvaluator(sharded, exclude_seen=exclude_seen)
+        reference_evaluator = RetrievalEvaluator(reference, exclude_seen=exclude_seen)
+        with torch.no_grad():
+            _, aux = sharded(batches[rank])
+            ranks = evaluator.update(batches[rank], aux)
+            reference_ranks = [reference_evaluator.update(b, reference(b)[1]) for b in batches]
+        assert torch.equal(ranks, reference_ranks[rank])
+        got, want = evaluator.compute(), reference_evaluator.compute()
+        assert got.keys() == want.keys() and got["count"] == 5
+        for key in want:
+            assert got[key] == pytest.approx(want[key], abs=1e-9), key
+
+    with torch.no_grad():
+        _, aux = sharded(batches[rank])
+        scores, ids = retrieve_topk(aux["query"], shards, k=7, process_group=dist.GroupMember.WORLD)
+        whole, _ = item_table_shards(reference.embedding_collection)
+        want_scores, want_ids = retrieve_topk(reference(batches[rank])[1]["query"], whole, k=7)
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(scores, want_scores)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_row_wise_sharded_evaluation_equals_unsharded() -> None:
+    _spawn(eval_worker)
