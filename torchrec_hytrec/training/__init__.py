@@ -5,7 +5,6 @@ from torchrec_hytrec.training.config import (
     CheckpointConfig,
     DataConfig,
     ModelConfig,
-    OptimConfig,
     TrainConfig,
     load_config,
 )
@@ -17,7 +16,6 @@ __all__ = [
     "DataConfig",
     "MetricsLogger",
     "ModelConfig",
-    "OptimConfig",
     "TrainConfig",
     "format_table",
     "load_config",

@@ -9,6 +9,8 @@ from typing import Any, Dict, List, Optional, Sequence, Type, TypeVar
 
 import yaml
 
+from torchrec_hytrec.models.sharding import OptimizerConfig
+
 T = TypeVar("T")
 
 
@@ -24,6 +26,8 @@ class DataConfig:
         max_seq_len: keep at most the last ``max_seq_len`` events of each training input.
         token_budget: events per training batch on each rank.
         eval_token_budget: events per evaluation batch on each rank.
+        row_group_size: users per row group of the generated synthetic file (row groups are
+            what ranks share out, so keep several per rank).
 
     Example::
 
@@ -36,6 +40,7 @@ class DataConfig:
     max_seq_len: int = 200
     token_budget: int = 4096
     eval_token_budget: int = 16384
+    row_group_size: int = 128
 
 
 @dataclass
@@ -46,7 +51,8 @@ class ModelConfig:
         preset: ``"hytrec"``, ``"sasrec_like"`` or ``"pure_linear"`` (the ``HyTRecConfig`` presets).
         embedding_dim: width of the item table and of the encoder.
         encoder: overrides of ``HyTRecConfig`` fields applied on top of the preset.
-        sharding: item-table sharding type for the planner (``"row_wise"``, ``"table_wise"``).
+        retrieval: overrides of ``RetrievalConfig`` fields (``loss``, ``temperature``, ...).
+        sharding: table sharding for the planner: ``"row_wise"``, ``"table_wise"`` or ``"auto"``.
 
     Example::
 
@@ -56,26 +62,9 @@ class ModelConfig:
     preset: str = "hytrec"
     embedding_dim: int = 64
     encoder: Dict[str, Any] = field(default_factory=dict)
+    # Small catalogues train best with the full softmax (DESIGN §5).
+    retrieval: Dict[str, Any] = field(default_factory=lambda: {"loss": "full"})
     sharding: str = "row_wise"
-
-
-@dataclass
-class OptimConfig:
-    """Fused row-wise optimizer for the tables, AdamW for dense parameters.
-
-    Args:
-        sparse_lr: learning rate of the fused table optimizer.
-        dense_lr: AdamW learning rate.
-        weight_decay: AdamW weight decay.
-
-    Example::
-
-        OptimConfig(sparse_lr=0.05, dense_lr=1e-3)
-    """
-
-    sparse_lr: float = 0.05
-    dense_lr: float = 1e-3
-    weight_decay: float = 0.0
 
 
 @dataclass
@@ -108,7 +97,8 @@ class TrainConfig:
             job's first attempt (``TORCHELASTIC_RESTART_COUNT`` 0). ``None`` disables it.
         data: see :class:`DataConfig`.
         model: see :class:`ModelConfig`.
-        optim: see :class:`OptimConfig`.
+        optim: the table and dense optimizers
+            (:class:`torchrec_hytrec.models.sharding.OptimizerConfig`).
         checkpoint: see :class:`CheckpointConfig`.
 
     Example::
@@ -123,7 +113,7 @@ class TrainConfig:
     fault_at_step: Optional[int] = None
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    optim: OptimizerConfig = field(default_factory=OptimizerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
@@ -147,6 +137,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ValueError(f"config key '{where}' must be a mapping, got {value!r}")
         return _from_dict(tp, value, where)
     origin = typing.get_origin(tp)
+    if origin is tuple:
+        item_tps = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(item_tps):
+            raise ValueError(f"config key '{where}' must be a list of {len(item_tps)}, got {value!r}")
+        return tuple(_coerce(v, t, f"{where}[{i}]") for i, (v, t) in enumerate(zip(value, item_tps)))
     if origin is list:
         if not isinstance(value, list):
             raise ValueError(f"config key '{where}' must be a list, got {value!r}")
