@@ -1,0 +1,102 @@
+"""HyTRecRanker: derived ranking rows, training with TorchRec's DLRM archs, AUC/NE, the example."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_models_retrieval import DIM, NUM_ITEMS, SIDE, make_batch, make_encoder
+from torchrec_hytrec.data.batch import ITEM_KEY
+from torchrec_hytrec.models.ranking import (
+    RECENT_ITEMS_KEY,
+    USER_BUCKET_KEY,
+    HyTRecRanker,
+    RankerConfig,
+    ranking_batch_from_sequences,
+    ranking_metric_module,
+)
+
+USER_BUCKETS = 7
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_ranker.py"
+
+
+def make_ranker(seed: int = 0) -> HyTRecRanker:
+    config = RankerConfig(
+        num_items=NUM_ITEMS,
+        embedding_dim=DIM,
+        dense_in_features=2,
+        sparse_features={USER_BUCKET_KEY: USER_BUCKETS, RECENT_ITEMS_KEY: NUM_ITEMS + 1},
+        side_features=SIDE,
+        over_arch_layer_sizes=[16, 1],
+    )
+    return HyTRecRanker(config, make_encoder(seed))
+
+
+def test_ranking_rows_from_training_sequences() -> None:
+    seq = make_batch([4, 2, 7], seed=1)
+    out = ranking_batch_from_sequences(
+        seq, num_items=NUM_ITEMS, num_negatives=3, user_buckets=USER_BUCKETS, num_recent=2,
+        generator=torch.Generator().manual_seed(0),
+    )
+    items, offsets = seq.features[ITEM_KEY].values(), seq.offsets()
+    assert out.batch_size == 12
+    assert out.labels.tolist() == [1, 0, 0, 0] * 3
+    for user in range(3):
+        rows = slice(4 * user, 4 * user + 4)
+        start, end = int(offsets[user]), int(offsets[user + 1])
+        assert int(out.candidates[4 * user]) == int(items[end - 1])  # the real next item
+        assert bool((out.candidates[rows][1:] != items[end - 1]).all())
+        for row in range(4 * user, 4 * user + 4):
+            assert out.sequence[ITEM_KEY].to_dense()[row].tolist() == items[start : end - 1].tolist()
+            assert out.sparse_features[RECENT_ITEMS_KEY].to_dense()[row].tolist() == items[max(start, end - 3) : end - 1].tolist()
+        assert bool((out.request_timestamps[rows] == seq.timestamps[end - 1]).all())
+        gap = float(seq.timestamps[end - 1] - seq.timestamps[end - 2])
+        assert float(out.dense_features[4 * user, 1]) == pytest.approx(torch.log1p(torch.tensor(gap)).item())
+    assert out.sequence.keys() == seq.features.keys()
+    assert out.sparse_features[USER_BUCKET_KEY].values().tolist() == (seq.user_ids % USER_BUCKETS).repeat_interleave(4).tolist()
+
+
+def test_ranking_rows_need_two_events_in_training_form() -> None:
+    with pytest.raises(ValueError, match=r"user_ids \[1001\]"):
+        ranking_batch_from_sequences(make_batch([3, 1], seed=1), num_items=NUM_ITEMS, num_negatives=1, user_buckets=3)
+
+
+def test_ranker_from_torchrec_archs_trains_and_reports_auc_ne() -> None:
+    """HyTRecEncoder as the sequence arch of a model of TorchRec's own modules with KJT input."""
+    model = make_ranker()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    generator = torch.Generator().manual_seed(0)
+    batches = [
+        ranking_batch_from_sequences(
+            make_batch([8, 5, 12, 6], seed=s), num_items=NUM_ITEMS, num_negatives=3, user_buckets=USER_BUCKETS,
+            generator=generator,
+        )
+        for s in range(4)
+    ]
+    losses = []
+    for _ in range(15):
+        for batch in batches:
+            loss, aux = model(batch)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss))
+    assert sum(losses[-4:]) < 0.5 * sum(losses[:4]), losses
+    metrics = ranking_metric_module(batch_size=16)
+    with torch.no_grad():
+        for batch in batches:
+            metrics.update(model(batch)[1])
+    result = {k: float(v) for k, v in metrics.compute().items()}
+    assert result["auc-ctr|window_auc"] > 0.9 and result["ne-ctr|window_ne"] < 0.8, result
+
+
+def test_example_trains_ranker_and_auc_improves(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("train_ranker", EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    history = example.main(
+        ["--users", "200", "--epochs", "2", "--embedding-dim", "16", "--max-seq-len", "64", "--workdir", str(tmp_path)]
+    )
+    assert len(history) == 3  # before training, then each epoch
+    assert history[-1]["auc"] > history[0]["auc"] + 0.05 and history[-1]["ne"] < history[0]["ne"], history

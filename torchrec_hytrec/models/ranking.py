@@ -1,0 +1,396 @@
+"""DLRM-style ranking with a HyTRec behaviour-sequence arch.
+
+Public API (stable):
+
+- :class:`RankingBatch`: the pipelineable batch (sequence KJT, pooled sparse KJT, dense
+  features, candidate item, request time, label).
+- :class:`RankerConfig` and :class:`HyTRecRanker` ``(config, encoder, device=None)``;
+  ``forward(batch) -> (loss, aux)`` with ``aux = {"prediction", "label", "weight", "logits"}``,
+  the keys :func:`ranking_metric_module` reads, so ``metrics.update(aux)`` follows a step.
+- :func:`ranking_metric_module`: AUC and NE through ``torchrec.metrics``.
+- :func:`ranking_batch_from_sequences`: ranking rows derived from a :class:`SequenceBatch`
+  (positive = the real next item, negatives = uniformly sampled items).
+
+The model composes TorchRec's own DLRM archs: ``SparseArch`` over an ``EmbeddingBagCollection``
+(pooled features, ``[B, F, d]``), ``DenseArch`` (``[B, d]``), and :class:`SequenceArch`, which
+embeds the history through the item ``EmbeddingCollection``, reads ``HyTRecEncoder`` at the request
+time, and looks the candidate up in the same item table (``[B, 2, d]``: user state, candidate).
+``InteractionArch`` takes pairwise dot products of all ``F + 3`` vectors (so the user-candidate
+affinity is one of its features) and ``OverArch`` maps them to a logit.
+"""
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec.metrics.auc import AUCMetric
+from torchrec.metrics.metric_module import RecMetricModule
+from torchrec.metrics.metrics_config import RecTaskInfo
+from torchrec.metrics.ne import NEMetric
+from torchrec.metrics.rec_metric import RecMetricList
+from torchrec.models.dlrm import DenseArch, InteractionArch, OverArch, SparseArch
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
+
+from torchrec_hytrec.data.batch import ITEM_KEY, SequenceBatch
+from torchrec_hytrec.models.embeddings import ItemSequenceArch, sequence_table_configs
+
+CANDIDATE_KEY = "candidate_item_id"
+TASK = RecTaskInfo(name="ctr", label_name="label", prediction_name="prediction", weight_name="weight")
+
+# Features made by ranking_batch_from_sequences.
+USER_BUCKET_KEY = "user_bucket"
+RECENT_ITEMS_KEY = "recent_items"
+NUM_DERIVED_DENSE = 2
+
+
+@dataclass
+class RankingBatch(Pipelineable):
+    """One row per (user, candidate) pair.
+
+    Args:
+        sequence: keys ``"item_id"`` then side features: each row's history, aligned per event.
+        timestamps: ``[sum(n)]`` int64 event times (seconds) of ``sequence``.
+        sparse_features: pooled features, one bag per row and key.
+        dense_features: ``[B, D]`` float.
+        candidates: ``[B]`` int64 candidate item of each row.
+        request_timestamps: ``[B]`` int64 time the candidate is shown (``>=`` the last event).
+        labels: ``[B]`` float 1 for an engaged candidate, 0 otherwise.
+
+    Example::
+
+        batch = ranking_batch_from_sequences(seq_batch, num_items=2000, num_negatives=4,
+                                             user_buckets=1000)
+        batch = batch.to(torch.device("cuda"), non_blocking=True)
+    """
+
+    sequence: KeyedJaggedTensor
+    timestamps: torch.Tensor
+    sparse_features: KeyedJaggedTensor
+    dense_features: torch.Tensor
+    candidates: torch.Tensor
+    request_timestamps: torch.Tensor
+    labels: torch.Tensor
+
+    def _tensors(self) -> Tuple[torch.Tensor, ...]:
+        return (self.timestamps, self.dense_features, self.candidates, self.request_timestamps, self.labels)
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "RankingBatch":
+        moved = [t.to(device=device, non_blocking=non_blocking) for t in self._tensors()]
+        return RankingBatch(
+            self.sequence.to(device=device, non_blocking=non_blocking),
+            moved[0],
+            self.sparse_features.to(device=device, non_blocking=non_blocking),
+            *moved[1:],
+        )
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        self.sequence.record_stream(stream)
+        self.sparse_features.record_stream(stream)
+        for t in self._tensors():
+            t.record_stream(stream)
+
+    def pin_memory(self) -> "RankingBatch":
+        pinned = [t.pin_memory() for t in self._tensors()]
+        return RankingBatch(
+            self.sequence.pin_memory(), pinned[0], self.sparse_features.pin_memory(), *pinned[1:]
+        )
+
+    @property
+    def batch_size(self) -> int:
+        return self.candidates.numel()
+
+
+@dataclass
+class RankerConfig:
+    """Settings of :class:`HyTRecRanker`.
+
+    Args:
+        num_items: item ids are ``1..num_items`` (0 is padding).
+        embedding_dim: width of every table, of the dense arch output and of the encoder.
+        dense_in_features: width of ``RankingBatch.dense_features``.
+        sparse_features: pooled feature key -> table rows (at least one).
+        side_features: sequence side-feature key -> table rows (added to item embeddings).
+        dense_arch_layer_sizes: MLP widths of the dense arch; the last must be ``embedding_dim``
+            (``None``: ``[2 * d, d]``).
+        over_arch_layer_sizes: MLP widths of the over arch; the last must be 1.
+        embedding_init_std: initial row standard deviation (``None``: ``embedding_dim ** -0.5``).
+
+    Example::
+
+        config = RankerConfig(num_items=2000, embedding_dim=32, dense_in_features=2,
+                              sparse_features={"user_bucket": 1000})
+    """
+
+    num_items: int
+    embedding_dim: int
+    dense_in_features: int
+    sparse_features: Dict[str, int]
+    side_features: Dict[str, int] = field(default_factory=dict)
+    dense_arch_layer_sizes: Optional[List[int]] = None
+    over_arch_layer_sizes: List[int] = field(default_factory=lambda: [64, 1])
+    embedding_init_std: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        if not self.sparse_features:
+            raise ValueError("RankerConfig.sparse_features needs at least one pooled feature")
+        if self.dense_arch_layer_sizes is None:
+            self.dense_arch_layer_sizes = [2 * self.embedding_dim, self.embedding_dim]
+        if self.dense_arch_layer_sizes[-1] != self.embedding_dim:
+            raise ValueError(
+                f"dense_arch_layer_sizes must end with embedding_dim {self.embedding_dim}, "
+                f"got {self.dense_arch_layer_sizes}"
+            )
+        if self.over_arch_layer_sizes[-1] != 1:
+            raise ValueError(f"over_arch_layer_sizes must end with 1, got {self.over_arch_layer_sizes}")
+
+    @property
+    def init_std(self) -> float:
+        return self.embedding_init_std or self.embedding_dim**-0.5
+
+
+class SequenceArch(nn.Module):
+    """Reads a behaviour sequence with an encoder against a candidate item.
+
+    Args:
+        item_arch: looks up events and candidates in one item table
+            (extra feature ``"candidate_item_id"``).
+        encoder: ``HyTRecEncoder`` (``forward_last(values, offsets, timestamps, request_time)``).
+
+    Example::
+
+        arch = SequenceArch(ItemSequenceArch(ec, num_items, {}, CANDIDATE_KEY), encoder)
+        user_and_candidate = arch(sequence, timestamps, candidates, request_time)  # [B, 2, d]
+    """
+
+    def __init__(self, item_arch: ItemSequenceArch, encoder: nn.Module) -> None:
+        super().__init__()
+        self.item_arch = item_arch
+        self.encoder = encoder
+
+    def forward(
+        self,
+        sequence: KeyedJaggedTensor,
+        timestamps: torch.Tensor,
+        candidates: torch.Tensor,
+        request_time: torch.Tensor,
+    ) -> torch.Tensor:
+        """
+        Args:
+            sequence: ``"item_id"`` then side features, one non-empty history per row.
+            timestamps: ``[sum(n)]`` event times.
+            candidates: ``[B]`` candidate items.
+            request_time: ``[B]`` time of the request.
+
+        Returns:
+            ``[B, 2, d]``: the encoder's user state at the request time, the candidate's row.
+        """
+        looked_up = self.item_arch(sequence, candidates, torch.ones_like(candidates))
+        offsets = sequence[ITEM_KEY].offsets()
+        user = self.encoder.forward_last(looked_up.events, offsets, timestamps, request_time=request_time)
+        return torch.stack([user, looked_up.extra], dim=1)
+
+
+class HyTRecRanker(nn.Module):
+    """DLRM-style CTR model whose behaviour-sequence arch is a HyTRec encoder.
+
+    Args:
+        config: tables and arch sizes.
+        encoder: ``HyTRecEncoder`` with ``config.embedding_dim``.
+        device: where tables and dense layers are built (``meta`` defers tables to sharding).
+
+    Example::
+
+        ranker = HyTRecRanker(
+            RankerConfig(num_items=2000, embedding_dim=32, dense_in_features=2,
+                         sparse_features={"user_bucket": 1000}),
+            HyTRecEncoder(HyTRecConfig.hytrec(embedding_dim=32)),
+        )
+        loss, aux = ranker(batch)
+    """
+
+    def __init__(self, config: RankerConfig, encoder: nn.Module, device: Optional[torch.device] = None) -> None:
+        super().__init__()
+        encoder_dim = getattr(getattr(encoder, "config", None), "embedding_dim", config.embedding_dim)
+        if encoder_dim != config.embedding_dim:
+            raise ValueError(f"encoder embedding_dim {encoder_dim} != RankerConfig.embedding_dim {config.embedding_dim}")
+        self.config = config
+        d = config.embedding_dim
+        bound = 3**0.5 * config.init_std
+        bags = [
+            EmbeddingBagConfig(
+                name=key, embedding_dim=d, num_embeddings=rows, feature_names=[key],
+                weight_init_min=-bound, weight_init_max=bound,
+            )
+            for key, rows in config.sparse_features.items()
+        ]
+        self.sparse_arch = SparseArch(EmbeddingBagCollection(tables=bags, device=device))
+        dense_device = None if device is None or device.type == "meta" else device
+        self.dense_arch = DenseArch(config.dense_in_features, config.dense_arch_layer_sizes, device=dense_device)
+        tables = sequence_table_configs(
+            num_items=config.num_items,
+            embedding_dim=d,
+            side_features=config.side_features,
+            extra_item_feature=CANDIDATE_KEY,
+            init_std=config.init_std,
+        )
+        item_arch = ItemSequenceArch(
+            EmbeddingCollection(tables=tables, device=device), config.num_items, config.side_features, CANDIDATE_KEY
+        )
+        self.sequence_arch = SequenceArch(item_arch, encoder)
+        num_vectors = len(bags) + 2  # pooled features, user state, candidate
+        self.inter_arch = InteractionArch(num_sparse_features=num_vectors)
+        over_in = d + (num_vectors + 1) * num_vectors // 2
+        self.over_arch = OverArch(over_in, config.over_arch_layer_sizes, device=dense_device)
+
+    def forward(self, batch: RankingBatch) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """
+        Args:
+            batch: the ranking rows.
+
+        Returns:
+            ``(loss, aux)``: mean BCE; ``aux`` holds ``prediction`` (probabilities), ``label``,
+            ``weight`` (ones) and ``logits``, all ``[B]`` and detached.
+        """
+        dense = self.dense_arch(batch.dense_features)
+        pooled = self.sparse_arch(batch.sparse_features)
+        sequence = self.sequence_arch(batch.sequence, batch.timestamps, batch.candidates, batch.request_timestamps)
+        interactions = self.inter_arch(dense, torch.cat([pooled, sequence], dim=1))
+        logits = self.over_arch(interactions).squeeze(-1)
+        loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
+        logits = logits.detach()
+        return loss, {
+            "prediction": torch.sigmoid(logits),
+            "label": batch.labels,
+            "weight": torch.ones_like(batch.labels),
+            "logits": logits,
+        }
+
+
+def ranking_metric_module(
+    *,
+    batch_size: int,
+    world_size: int = 1,
+    rank: int = 0,
+    window_size: int = 10_000_000,
+    process_group: Optional[torch.distributed.ProcessGroup] = None,
+) -> RecMetricModule:
+    """AUC and NE of the ``"ctr"`` task over a window of ``window_size`` examples (all ranks).
+
+    ``update(aux)`` takes :meth:`HyTRecRanker.forward`'s ``aux``; ``compute()`` returns
+    ``"auc-ctr|window_auc"``, ``"ne-ctr|window_ne"`` and ``"ne-ctr|lifetime_ne"``.
+
+    Args:
+        batch_size: rows per update.
+        world_size: ranks that update.
+        rank: this rank.
+        window_size: examples the window metrics cover.
+        process_group: group the metrics are reduced over.
+    """
+    common = dict(
+        world_size=world_size, my_rank=rank, batch_size=batch_size, tasks=[TASK], window_size=window_size,
+        process_group=process_group,
+    )
+    return RecMetricModule(
+        batch_size=batch_size,
+        world_size=world_size,
+        rec_tasks=[TASK],
+        rec_metrics=RecMetricList([AUCMetric(**common), NEMetric(**common)]),
+    )
+
+
+def _gather_jagged(values: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Concatenates ``values[starts[r] : starts[r] + lengths[r]]`` over rows ``r``."""
+    new_offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+    within = torch.arange(int(new_offsets[-1]), device=values.device) - torch.repeat_interleave(new_offsets[:-1], lengths)
+    return values[torch.repeat_interleave(starts, lengths) + within]
+
+
+def ranking_batch_from_sequences(
+    batch: SequenceBatch,
+    *,
+    num_items: int,
+    num_negatives: int,
+    user_buckets: int,
+    num_recent: int = 5,
+    generator: Optional[torch.Generator] = None,
+) -> RankingBatch:
+    """Ranking rows from behaviour sequences: each user's real next item and sampled negatives.
+
+    The positive is the held-out target of an evaluation batch, or the last event of each user
+    of a training batch (its history is then the events before it). Every user gives
+    ``1 + num_negatives`` rows sharing its history and request time (the positive's time);
+    negatives are uniform over the catalogue, resampled when they hit the positive.
+
+    Derived features: pooled ``"user_bucket"`` (``user_id % user_buckets``) and
+    ``"recent_items"`` (the last ``num_recent`` history items, a bag over ``num_items + 1``
+    rows); dense ``[log1p(history length), log1p(seconds since the last event)]``. Configure the
+    ranker with ``sparse_features={"user_bucket": user_buckets, "recent_items": num_items + 1}``
+    and ``dense_in_features=2``.
+
+    Args:
+        batch: the sequences (CPU).
+        num_items: catalogue size.
+        num_negatives: negatives per positive.
+        user_buckets: rows of the user-bucket table.
+        num_recent: items in the ``"recent_items"`` bag.
+        generator: RNG of the negatives.
+
+    Returns:
+        :class:`RankingBatch` with ``B * (1 + num_negatives)`` rows, a user's rows adjacent.
+    """
+    offsets = batch.offsets()
+    lengths = offsets[1:] - offsets[:-1]
+    items = batch.features[ITEM_KEY].values()
+    if bool((batch.targets >= 0).all()):
+        history, positives, request = lengths, batch.targets, batch.target_timestamps
+    else:
+        short = torch.nonzero(lengths < 2).flatten()
+        if short.numel():
+            raise ValueError(f"users need 2 or more events to derive a training row: user_ids {batch.user_ids[short].tolist()}")
+        last = offsets[1:] - 1
+        history, positives, request = lengths - 1, items[last], batch.timestamps[last]
+
+    per_user = 1 + num_negatives
+    rows = torch.repeat_interleave(torch.arange(batch.batch_size), per_user)
+    candidates = torch.randint(1, num_items + 1, (rows.numel(),), generator=generator)
+    labels = torch.zeros(rows.numel())
+    labels[::per_user] = 1.0
+    candidates[::per_user] = positives
+    hits = (labels == 0) & (candidates == positives[rows])
+    while bool(hits.any()):
+        candidates[hits] = torch.randint(1, num_items + 1, (int(hits.sum()),), generator=generator)
+        hits = (labels == 0) & (candidates == positives[rows])
+
+    keep, starts = history[rows], offsets[rows]
+    keys = batch.features.keys()
+    sequence = KeyedJaggedTensor(
+        keys=keys,
+        values=torch.cat([_gather_jagged(batch.features[k].values(), starts, keep) for k in keys]),
+        lengths=keep.repeat(len(keys)),
+    )
+    timestamps = _gather_jagged(batch.timestamps, starts, keep)
+    recent = torch.clamp(keep, max=num_recent)
+    recent_items = _gather_jagged(items, starts + keep - recent, recent)
+    sparse = KeyedJaggedTensor(
+        keys=[USER_BUCKET_KEY, RECENT_ITEMS_KEY],
+        values=torch.cat([batch.user_ids[rows] % user_buckets, recent_items]),
+        lengths=torch.cat([torch.ones_like(rows), recent]),
+    )
+    last_time = batch.timestamps[starts + keep - 1]
+    dense = torch.stack(
+        [torch.log1p(keep.float()), torch.log1p((request[rows] - last_time).clamp(min=0).float())], dim=1
+    )
+    return RankingBatch(
+        sequence=sequence,
+        timestamps=timestamps,
+        sparse_features=sparse,
+        dense_features=dense,
+        candidates=candidates,
+        request_timestamps=request[rows],
+        labels=labels,
+    )
