@@ -126,14 +126,15 @@ def _full_causal(
         lo, hi = bounds[b], bounds[b + 1]
         if hi == lo:
             continue
+        # 4-D inputs: SDPA sends 3-D ones to its quadratic-memory math path on CPU.
         out = F.scaled_dot_product_attention(
-            q[lo:hi].transpose(0, 1),
-            k[lo:hi].transpose(0, 1),
-            v[lo:hi].transpose(0, 1),
+            q[None, lo:hi].transpose(1, 2),
+            k[None, lo:hi].transpose(1, 2),
+            v[None, lo:hi].transpose(1, 2),
             is_causal=True,
             scale=scale,
         )
-        outputs.append(out.transpose(0, 1))
+        outputs.append(out[0].transpose(0, 1))
     if not outputs:
         return q.new_zeros(q.shape)
     return torch.cat(outputs)
