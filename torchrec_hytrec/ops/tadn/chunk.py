@@ -159,13 +159,16 @@ class _Gates:
 
 
 def _gates(log_alpha: torch.Tensor) -> _Gates:
-    g = log_alpha.cumsum(-1)
-    C = g.shape[-1]
-    causal = torch.ones(C, C, dtype=torch.bool, device=g.device).tril()
-    diff = (g[:, :, None] - g[:, None, :]).masked_fill(~causal, float("-inf"))
-    g_end = g[:, -1:]
+    C = log_alpha.shape[-1]
+    ones = torch.ones(C, C, dtype=torch.bool, device=log_alpha.device)
+    # Segment sums seg_ij = sum_{j < l <= i} log_alpha_l summed directly rather than as a
+    # difference of prefix sums: after a -1e4 gate the prefix sums are ~-1e4 and their fp32
+    # difference would lose the small gates that follow (ulp(1e4) ~ 1e-3).
+    seg = log_alpha[:, :, None].expand(-1, C, C).masked_fill(~ones.tril(-1), 0.0).cumsum(1)
+    decay = seg.masked_fill_(~ones.tril(), float("-inf")).exp_()
+    from_start = log_alpha.cumsum(-1).exp()
     return _Gates(
-        decay=diff.exp(), from_start=g.exp(), to_end=(g_end - g).exp(), total=g_end.exp()[:, 0]
+        decay=decay, from_start=from_start, to_end=decay[:, -1], total=from_start[:, -1]
     )
 
 
