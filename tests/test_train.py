@@ -1,0 +1,106 @@
+import json
+import os
+import socket
+from pathlib import Path
+from typing import List
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from torchrec_hytrec.data import convert
+from torchrec_hytrec.train import build_parser, config_from_args, lockstep, main, popularity_ranks
+
+TINY = [
+    "--set", "data.synthetic.num_users=80",
+    "--set", "data.synthetic.max_length=60",
+    "--set", "data.row_group_size=16",
+    "--set", "data.token_budget=512",
+    "--set", "data.max_seq_len=50",
+    "--set", "model.embedding_dim=16",
+    "--set", "model.encoder.short_window=8",
+    "--set", "model.encoder.dropout=0.1",
+    "--set", "checkpoint.every_n_steps=3",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_flags_win_over_overrides_and_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("epochs: 9\nseed: 4\n")
+    args = build_parser().parse_args(
+        ["--config", str(path), "--set", "epochs=8", "--epochs", "2", "--data", "/x/y.parquet",
+         "--out-dir", "o", "--fault-at-step", "5"]
+    )
+    cfg = config_from_args(args)
+    assert (cfg.epochs, cfg.seed, cfg.data.path, cfg.out_dir, cfg.fault_at_step) == (2, 4, "/x/y.parquet", "o", 5)
+
+
+def test_popularity_ranks_order_by_count_then_id() -> None:
+    counts = torch.tensor([0, 5, 9, 5, 1])
+    assert popularity_ranks(counts)[1:].tolist() == [1, 0, 2, 3]
+
+
+def _lockstep_worker(rank: int, port: int) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    mine = ["a", "b", "c"] if rank == 0 else ["x"]
+    steps = list(lockstep(mine, filler="FILL"))  # type: ignore[arg-type]
+    expected = [("a", True), ("b", True), ("c", True)] if rank == 0 else [("x", True), ("FILL", False), ("FILL", False)]
+    assert steps == expected, steps
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_lockstep_keeps_ranks_with_fewer_batches_stepping() -> None:
+    mp.spawn(_lockstep_worker, args=(_free_port(),), nprocs=2, join=True)
+
+
+def _metrics(out_dir: Path) -> List[dict]:
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        r.pop("epoch_s")
+    return rows
+
+
+def test_resume_after_an_epoch_equals_training_straight_through(tmp_path: Path) -> None:
+    common = [*TINY, "--set", f"data.cache_dir={tmp_path / 'data'}"]
+    straight = main([*common, "--epochs", "2", "--out-dir", str(tmp_path / "a")])
+    main([*common, "--epochs", "1", "--out-dir", str(tmp_path / "b")])
+    resumed = main([*common, "--epochs", "2", "--out-dir", str(tmp_path / "b"), "--resume"])
+    assert [r["epoch"] for r in resumed] == [0, 1]
+    assert _metrics(tmp_path / "b") == _metrics(tmp_path / "a")
+    assert len(straight) == 2
+    # Step checkpoints (every 3) and epoch ends, the last keep_last=3 complete ones kept.
+    names = sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir())
+    assert len(names) == 3 and all(n.startswith("step_") for n in names)
+
+
+def test_trains_on_a_converted_interactions_log(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    lines = ["user,item,ts"]
+    for u in range(40):
+        for e in range(int(rng.integers(4, 30))):
+            lines.append(f"u{u},item{int(rng.integers(0, 50))},{1_700_000_000 + 3600 * e + u}")
+    (tmp_path / "log.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "log.parquet"
+    convert.main(["--format", "interactions", str(tmp_path / "log.csv"), str(out), "--user-col", "user",
+                  "--item-col", "item", "--time-col", "ts", "--row-group-size", "8"])
+    rows = main([*TINY, "--data", str(out), "--epochs", "1", "--out-dir", str(tmp_path / "run")])
+    assert len(rows) == 1
+    assert 0.0 <= rows[0]["test_hr@10"] <= 1.0 and 0.0 <= rows[0]["test_pop_hr@10"] <= 1.0
+    assert not (tmp_path / "data").exists()
+
+
+def test_unknown_preset_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="model.preset must be one of"):
+        main([*TINY, "--set", "model.preset=hstu", "--set", f"data.cache_dir={tmp_path}",
+              "--out-dir", str(tmp_path / "o")])
