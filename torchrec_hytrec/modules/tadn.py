@@ -83,7 +83,8 @@ class TADNLayer(nn.Module):
         """
         phi = self.gap_embedding(gap_buckets(ctx.gaps, self.num_gap_buckets, self.gap_bucket_scale))
         gate_logit, beta_logit = self.gates(torch.cat([e, phi.to(e.dtype)], dim=-1)).float().chunk(2, dim=-1)
-        log_g = F.logsigmoid(gate_logit)
+        # -softplus(-x) is logsigmoid(x); F.logsigmoid's CPU kernel costs milliseconds on tiny streaming inputs.
+        log_g = -F.softplus(-gate_logit)
         log_tau = -ctx.gaps[:, None] / self.log_time_constant.exp()
         return log_g, log_tau + log_g, torch.sigmoid(beta_logit)
 

@@ -59,16 +59,16 @@ def causal_window_starts(
     """
     positions = jagged_positions(offsets)
     starts = (positions - window + 1).clamp(min=0)
-    if window_seconds is None:
+    total = starts.numel()
+    if window_seconds is None or total == 0:
         return starts
     lengths = offsets[1:] - offsets[:-1]
-    total = int(offsets[-1])
     user = torch.repeat_interleave(torch.arange(lengths.numel(), device=offsets.device), lengths, output_size=total)
     # One sorted key for all users: user index in the high part, time since the user's first
     # event in the low part, so a single searchsorted never crosses into another user.
-    first_time = timestamps[offsets[:-1].clamp(max=max(total - 1, 0))]
+    first_time = timestamps[offsets[:-1].clamp(max=total - 1)]
     relative = timestamps - first_time[user]
-    span = (int(relative.max()) if total else 0) + int(window_seconds) + 2
+    span = int(relative.max()) + int(window_seconds) + 2
     key = user * span + relative
     # t_j >= t_i - s  <=>  t_j >= t_i - floor(s) for integer times.
     first = torch.searchsorted(key, key - int(window_seconds), right=False)
