@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import logging
 import math
 import os
 import signal
@@ -48,7 +47,6 @@ from torchrec_hytrec.training.config import TrainConfig, config_to_dict, load_co
 from torchrec_hytrec.training.distributed import DistEnv, init_distributed
 from torchrec_hytrec.training.metrics_log import MetricsLogger
 
-logger = logging.getLogger(__name__)
 
 PRESETS = ("hytrec", "sasrec_like", "pure_linear")
 
