@@ -48,10 +48,8 @@ class _JaggedChunks:
     steps: List[int]
     chunk_start: List[int]
     enter_start: List[int]
-    # [num_chunks * C] row of the (zero-extended) token tensor feeding each padded position.
-    gather: torch.Tensor
-    # [T] padded position of every token.
-    token_slot: torch.Tensor
+    # [T * H] row of every (event, head) in the padded [num_chunks * H * C] layout.
+    dest: torch.Tensor
     # [num_chunks] slot of the state entering each chunk row.
     enter_slot: torch.Tensor
     # [B] (user order) slot of the user's initial and final state.
@@ -63,7 +61,9 @@ def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(x, 0) - x
 
 
-def _plan_chunks(offsets: torch.Tensor, num_tokens: int, chunk_size: int) -> _JaggedChunks:
+def _plan_chunks(
+    offsets: torch.Tensor, num_tokens: int, num_heads: int, chunk_size: int
+) -> _JaggedChunks:
     if offsets.dim() != 1 or offsets.numel() < 1:
         raise ValueError(f"offsets must be a 1-D tensor [B + 1], got shape {tuple(offsets.shape)}")
     off = offsets.detach().to("cpu", torch.int64)
@@ -76,76 +76,58 @@ def _plan_chunks(offsets: torch.Tensor, num_tokens: int, chunk_size: int) -> _Ja
     if bool((lengths < 0).any()):
         bad = int(torch.nonzero(lengths < 0)[0])
         raise ValueError(f"offsets must be non-decreasing; user {bad} has length {int(lengths[bad])}")
-    device = offsets.device
-    C = chunk_size
+    C, H = chunk_size, num_heads
     B = lengths.numel()
     counts = (lengths + C - 1) // C
     order = torch.argsort(counts, descending=True, stable=True)  # rank -> user
+    rank = torch.empty(B, dtype=torch.int64)
+    rank[order] = torch.arange(B)
     counts_r = counts[order]
     max_chunks = int(counts_r[0]) if B > 0 else 0
     # steps[c] = number of ranks with more than c chunks.
     hist = torch.bincount(counts_r, minlength=max_chunks + 1)
-    steps_t = B - torch.cumsum(hist, 0)[:max_chunks]
-    chunk_start_t = _exclusive_cumsum(steps_t)
-    num_chunks = int(steps_t.sum()) if max_chunks > 0 else 0
+    steps = B - torch.cumsum(hist, 0)[:max_chunks]
+    chunk_start = _exclusive_cumsum(steps)
+    num_chunks = int(steps.sum())
 
-    # Enumerate (rank, chunk index) pairs rank-major, then place them chunk-index-major.
-    rank_of = torch.repeat_interleave(torch.arange(B), counts_r)
-    cidx = torch.arange(num_chunks) - torch.repeat_interleave(_exclusive_cumsum(counts_r), counts_r)
-    row = chunk_start_t[cidx] + rank_of
-    first_token = off[:-1][order][rank_of] + cidx * C
-    valid = torch.clamp(lengths[order][rank_of] - cidx * C, max=C)
-    pos = torch.arange(C)
-    gather = torch.empty(num_chunks, C, dtype=torch.int64)
-    gather[row] = torch.where(pos < valid[:, None], first_token[:, None] + pos, num_tokens)
-    gather = gather.reshape(-1)
-    is_token = gather < num_tokens
-    token_slot = torch.empty(num_tokens, dtype=torch.int64)
-    token_slot[gather[is_token]] = torch.arange(num_chunks * C)[is_token]
+    user = torch.repeat_interleave(torch.arange(B), lengths)
+    pos = torch.arange(num_tokens) - off[:-1][user]
+    slot = (chunk_start[pos // C] + rank[user]) * C + pos % C
+    dest = ((slot // C * H)[:, None] + torch.arange(H)) * C + (slot % C)[:, None]
 
-    # Slot of the state entering chunk (c, r): the initial slot r for c == 0, else the slot after
-    # chunk (c - 1, r), i.e. B + chunk_start[c - 1] + r.
-    enter_start_t = torch.cat([torch.zeros(1, dtype=torch.int64), B + chunk_start_t[:-1]])[
-        : max_chunks
-    ]
-    enter_slot = torch.empty(num_chunks, dtype=torch.int64)
-    enter_slot[row] = enter_start_t[cidx] + rank_of
-    ranks = torch.arange(B)
-    last_row = chunk_start_t[torch.clamp(counts_r - 1, min=0)] + ranks if max_chunks > 0 else ranks
-    final_r = torch.where(counts_r > 0, B + last_row, ranks)
-    init_slot = torch.empty(B, dtype=torch.int64)
-    init_slot[order] = ranks
-    final_slot = torch.empty(B, dtype=torch.int64)
-    final_slot[order] = final_r
+    # The state entering chunk (c, r) is the initial slot r for c == 0, else the slot after chunk
+    # (c - 1, r), i.e. B + chunk_start[c - 1] + r.
+    enter_start = torch.cat([torch.zeros(1, dtype=torch.int64), B + chunk_start])[:max_chunks]
+    rank_of_row = torch.arange(num_chunks) - torch.repeat_interleave(chunk_start, steps)
+    enter_slot = torch.repeat_interleave(enter_start, steps) + rank_of_row
+    last_row = chunk_start[(counts - 1).clamp(min=0)] if max_chunks > 0 else counts
+    final_slot = torch.where(counts > 0, B + last_row + rank, rank)
+    device = offsets.device
     return _JaggedChunks(
         chunk_size=C,
         num_chunks=num_chunks,
-        steps=steps_t.tolist(),
-        chunk_start=chunk_start_t.tolist(),
-        enter_start=enter_start_t.tolist(),
-        gather=gather.to(device),
-        token_slot=token_slot.to(device),
+        steps=steps.tolist(),
+        chunk_start=chunk_start.tolist(),
+        enter_start=enter_start.tolist(),
+        dest=dest.reshape(-1).to(device),
         enter_slot=enter_slot.to(device),
-        init_slot=init_slot.to(device),
+        init_slot=rank.to(device),
         final_slot=final_slot.to(device),
     )
 
 
-def _to_chunks(x: torch.Tensor, plan: _JaggedChunks) -> torch.Tensor:
-    """``[T, H, *D]`` -> ``[num_chunks * H, C, *D]`` with zero padding."""
-    T, H = x.shape[:2]
-    rest = x.shape[2:]
-    ext = torch.cat([x, x.new_zeros(1, *x.shape[1:])])
-    y = ext.index_select(0, plan.gather).view(plan.num_chunks, plan.chunk_size, H, *rest)
-    return y.transpose(1, 2).reshape(plan.num_chunks * H, plan.chunk_size, *rest)
+def _to_chunks(x: torch.Tensor, plan: _JaggedChunks, dtype: torch.dtype) -> torch.Tensor:
+    """``[T, H, *D]`` -> zero-padded ``[num_chunks * H, C, *D]`` in ``dtype``."""
+    H, rest = x.shape[1], x.shape[2:]
+    y = x.new_zeros(plan.num_chunks * H * plan.chunk_size, *rest, dtype=dtype)
+    y.index_copy_(0, plan.dest, x.reshape(-1, *rest).to(dtype))
+    return y.view(plan.num_chunks * H, plan.chunk_size, *rest)
 
 
-def _from_chunks(y: torch.Tensor, plan: _JaggedChunks, num_heads: int) -> torch.Tensor:
-    """Inverse of :func:`_to_chunks` (padding dropped): ``[num_chunks * H, C, *D]`` -> ``[T, H, *D]``."""
+def _from_chunks(y: torch.Tensor, like: torch.Tensor, plan: _JaggedChunks) -> torch.Tensor:
+    """Inverse of :func:`_to_chunks` (padding dropped), shaped and typed like ``like``."""
     rest = y.shape[2:]
-    y = y.view(plan.num_chunks, num_heads, plan.chunk_size, *rest).transpose(1, 2)
-    y = y.reshape(plan.num_chunks * plan.chunk_size, num_heads, *rest)
-    return y.index_select(0, plan.token_slot)
+    return y.reshape(-1, *rest).index_select(0, plan.dest).view(like.shape).to(like.dtype)
 
 
 @dataclass
@@ -201,46 +183,15 @@ def _state_pass(
             after.baddbmm_(mt[a:b], enter)
 
 
-def _forward(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    log_alpha: torch.Tensor,
-    beta: torch.Tensor,
-    initial_state: Optional[torch.Tensor],
-    plan: _JaggedChunks,
-    scale: float,
-    dtype: torch.dtype,
-) -> Tuple[torch.Tensor, ...]:
-    H, K = q.shape[1], q.shape[2]
-    V = v.shape[2]
-    B = plan.init_slot.numel()
-    qc, kc, vc = (_to_chunks(x.to(dtype), plan) for x in (q, k, v))
-    gc, bc = (_to_chunks(x.to(dtype), plan) for x in (log_alpha, beta))
-    gates = _gates(gc)
-    # The unit diagonal of (I + A) is implied by unitriangular=True, so A's diagonal and upper part
-    # are never read: no masking needed.
-    a = (bc[:, :, None] * torch.bmm(kc, kc.mT)) * gates.decay
-    rhs = torch.cat([(bc * gates.from_start)[:, :, None] * kc, bc[:, :, None] * vc], dim=-1)
-    wu = torch.linalg.solve_triangular(a, rhs, upper=False, unitriangular=True)
-    w, u = wu[..., :K], wu[..., K:]
-    kd = gates.to_end[:, :, None] * kc
-    m = _transition(kd, w, gates.total)
-
-    states = q.new_empty((B + plan.num_chunks) * H, K, V, dtype=dtype)
-    init = states[: B * H].view(B, H, K, V)
-    if initial_state is None:
-        init.zero_()
-    else:
-        init.index_copy_(0, plan.init_slot, initial_state.to(dtype))
-    torch.bmm(kd.mT, u, out=states[B * H :])
-    _state_pass(plan, m, states, H, transpose=False)
-
-    s_in = states.view(B + plan.num_chunks, H, K, V).index_select(0, plan.enter_slot).view(-1, K, V)
-    p = torch.bmm(qc, kc.mT) * gates.decay
-    qeff = torch.baddbmm(gates.from_start[:, :, None] * qc, p, w, alpha=-1)
-    o = torch.baddbmm(torch.bmm(p, u), qeff, s_in).mul_(scale)
-    return _from_chunks(o, plan, H), states, wu
+def _chunk_matrices(
+    qc: torch.Tensor, kc: torch.Tensor, bc: torch.Tensor, gates: _Gates
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(beta K, A, P)``: ``A = (beta K K^T) * Gam`` (only its strict lower part is meaningful) and
+    ``P = (Q K^T) * Gam`` (causal), for every chunk at once."""
+    bk = bc[:, :, None] * kc
+    a = torch.bmm(bk, kc.mT).mul_(gates.decay)
+    p = torch.bmm(qc, kc.mT).mul_(gates.decay)
+    return bk, a, p
 
 
 class _ChunkTADN(torch.autograd.Function):
@@ -258,49 +209,63 @@ class _ChunkTADN(torch.autograd.Function):
         output_final_state: bool,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         dtype = torch.promote_types(q.dtype, torch.float32)
-        o, states, wu = _forward(q, k, v, log_alpha, beta, initial_state, plan, scale, dtype)
         H, K, V = q.shape[1], q.shape[2], v.shape[2]
         B = plan.init_slot.numel()
-        final = None
-        if output_final_state:
-            final = states.view(B + plan.num_chunks, H, K, V).index_select(0, plan.final_slot)
-        ctx.save_for_backward(q, k, v, log_alpha, beta, states, wu)
+        qc, kc, vc, gc, bc = (_to_chunks(x, plan, dtype) for x in (q, k, v, log_alpha, beta))
+        gates = _gates(gc)
+        bk, a, p = _chunk_matrices(qc, kc, bc, gates)
+        # unitriangular=True implies the unit diagonal of (I + A) and reads only A's strict lower
+        # part, so A needs no masking.
+        rhs = torch.cat([gates.from_start[:, :, None] * bk, bc[:, :, None] * vc], dim=-1)
+        wu = torch.linalg.solve_triangular(a, rhs, upper=False, unitriangular=True)
+        w, u = wu[..., :K], wu[..., K:]
+        kd = gates.to_end[:, :, None] * kc
+        m = _transition(kd, w, gates.total)
+
+        states = q.new_empty((B + plan.num_chunks) * H, K, V, dtype=dtype)
+        init = states[: B * H].view(B, H, K, V)
+        if initial_state is None:
+            init.zero_()
+        else:
+            init.index_copy_(0, plan.init_slot, initial_state.to(dtype))
+        torch.bmm(kd.mT, u, out=states[B * H :])
+        _state_pass(plan, m, states, H, transpose=False)
+
+        slots = states.view(B + plan.num_chunks, H, K, V)
+        s_in = slots.index_select(0, plan.enter_slot).view(-1, K, V)
+        qeff = torch.baddbmm(gates.from_start[:, :, None] * qc, p, w, alpha=-1)
+        o = torch.baddbmm(torch.bmm(p, u), qeff, s_in, beta=scale, alpha=scale)
+        final = slots.index_select(0, plan.final_slot) if output_final_state else None
+        ctx.save_for_backward(q, k, v, log_alpha, beta, states, wu, m)
         ctx.plan = plan
         ctx.scale = scale
-        ctx.has_initial_state = initial_state is not None
         ctx.initial_dtype = None if initial_state is None else initial_state.dtype
-        return o.to(q.dtype), final
+        return _from_chunks(o, q, plan), final
 
     @staticmethod
     @once_differentiable
     def backward(  # pyre-ignore[14]
         ctx: FunctionCtx, do: torch.Tensor, dfinal: Optional[torch.Tensor]
     ) -> Tuple[Optional[torch.Tensor], ...]:
-        q, k, v, log_alpha, beta, states, wu = ctx.saved_tensors
+        q, k, v, log_alpha, beta, states, wu, m = ctx.saved_tensors
         plan: _JaggedChunks = ctx.plan
         H, K, V = q.shape[1], q.shape[2], v.shape[2]
         B = plan.init_slot.numel()
         dtype = states.dtype
         w, u = wu[..., :K], wu[..., K:]
-        qc, kc, vc = (_to_chunks(x.to(dtype), plan) for x in (q, k, v))
-        gc, bc = (_to_chunks(x.to(dtype), plan) for x in (log_alpha, beta))
-        dos = _to_chunks(do.to(dtype), plan).mul_(ctx.scale)
-
-        # Recompute the cheap per-chunk quantities.
+        qc, kc, vc, gc, bc = (_to_chunks(x, plan, dtype) for x in (q, k, v, log_alpha, beta))
+        dos = _to_chunks(do, plan, dtype).mul_(ctx.scale)
         gates = _gates(gc)
-        kk = torch.bmm(kc, kc.mT)
-        qk = torch.bmm(qc, kc.mT)
-        p = qk * gates.decay
+        bk, a, p = _chunk_matrices(qc, kc, bc, gates)
         kd = gates.to_end[:, :, None] * kc
-        m = _transition(kd, w, gates.total)
         qeff = torch.baddbmm(gates.from_start[:, :, None] * qc, p, w, alpha=-1)
 
         # Reverse state pass: dS_in = M^T dS_out + Qeff^T dO_s.
         dstates = torch.zeros_like(states)
-        dview = dstates.view(B + plan.num_chunks, H, K, V)
+        dslots = dstates.view(B + plan.num_chunks, H, K, V)
         if dfinal is not None:
-            dview.index_copy_(0, plan.final_slot, dfinal.to(dtype))
-        dview.index_add_(0, plan.enter_slot, torch.bmm(qeff.mT, dos).view(-1, H, K, V))
+            dslots.index_copy_(0, plan.final_slot, dfinal.to(dtype))
+        dslots.index_add_(0, plan.enter_slot, torch.bmm(qeff.mT, dos).view(-1, H, K, V))
         _state_pass(plan, m, dstates, H, transpose=True)
         d_out = dstates[B * H :]  # gradient of the state after every chunk
         s_in = states.view(B + plan.num_chunks, H, K, V).index_select(0, plan.enter_slot).view(-1, K, V)
@@ -310,34 +275,33 @@ class _ChunkTADN(torch.autograd.Function):
         dm = torch.bmm(d_out, s_in.mT)
         dp = torch.baddbmm(torch.bmm(dos, u.mT), dqeff, w.mT, alpha=-1)
         du = torch.baddbmm(torch.bmm(p.mT, dos), kd, d_out)
-        dw = torch.baddbmm(torch.bmm(p.mT, dqeff), kd, dm).neg_()
+        dw = torch.baddbmm(torch.bmm(p.mT, dqeff), kd, dm, beta=-1, alpha=-1)
         dkd = torch.baddbmm(torch.bmm(u, d_out.mT), w, dm.mT, alpha=-1)
         d_total = dm.diagonal(dim1=-2, dim2=-1).sum(-1)
         d_from_start = (dqeff * qc).sum(-1)
         dq = gates.from_start[:, :, None] * dqeff
 
         # [W | U] = (I + A)^{-1} RHS  =>  dRHS = (I + A)^{-T} [dW | dU],  dA = -dRHS [W | U]^T.
-        a = (bc[:, :, None] * kk) * gates.decay
         drhs = torch.linalg.solve_triangular(
             a.mT, torch.cat([dw, du], dim=-1), upper=True, unitriangular=True
         )
         dkbe, dvb = drhs[..., :K], drhs[..., K:]
-        da = torch.bmm(drhs, wu.mT).tril_(-1).neg_()
+        neg_da = torch.bmm(drhs, wu.mT).tril_(-1)
 
-        # A = beta_i (K K^T)_ij Gam_ij (strict);  P = (Q K^T)_ij Gam_ij (causal).
-        da_decay = da * gates.decay
-        dbeta = (da_decay * kk).sum(-1)
-        dkk = bc[:, :, None] * da_decay
-        dpd = dp * gates.decay
-        dq.baddbmm_(dpd, kc)
-        dk = torch.baddbmm(torch.bmm(dpd.mT, qc), dkk + dkk.mT, kc)
-        # Gradient w.r.t. the log-gate differences g_i - g_j.
-        e = (dp * qk + da * (bc[:, :, None] * kk)) * gates.decay
+        # A = (beta K K^T) * Gam (strict) and P = (Q K^T) * Gam (causal); the gradient w.r.t. the
+        # segment sums log Gam_ij is dP * P + dA * A.
+        e = (dp * p).addcmul_(neg_da, a, value=-1)
         dg = e.sum(-1) - e.sum(-2)
+        dpd = dp.mul_(gates.decay)
+        neg_dad = neg_da.mul_(gates.decay)
+        dq.baddbmm_(dpd, kc)
+        dk = torch.baddbmm(torch.bmm(dpd.mT, qc), neg_dad.mT, bk, alpha=-1)
+        y = torch.bmm(neg_dad, kc)
+        dk.addcmul_(bc[:, :, None], y, value=-1)
+        dbeta = (y * kc).sum(-1).neg_()
 
         # RHS = [beta e^g K | beta V];  Kd = e^{g_C - g} K.
-        bf = bc * gates.from_start
-        dk.addcmul_(bf[:, :, None], dkbe)
+        dk.addcmul_((bc * gates.from_start)[:, :, None], dkbe)
         dkbe_k = (dkbe * kc).sum(-1)
         dbeta += gates.from_start * dkbe_k + (dvb * vc).sum(-1)
         d_from_start += bc * dkbe_k
@@ -346,19 +310,18 @@ class _ChunkTADN(torch.autograd.Function):
         t = (dkd * kc).sum(-1) * gates.to_end
         dg += d_from_start * gates.from_start - t
         dg[:, -1] += t.sum(-1) + d_total * gates.total
-        # g = cumsum(log_alpha)  =>  d log_alpha = reverse cumsum of dg.
+        # The gates are sums of log_alpha: d log_alpha_l = sum over i >= l of dg_i.
         dlog_alpha = dg.flip(-1).cumsum(-1).flip(-1)
 
         dinit = None
-        if ctx.has_initial_state:
-            dinit = dstates.view(B + plan.num_chunks, H, K, V)[:B].index_select(0, plan.init_slot)
-            dinit = dinit.to(ctx.initial_dtype)
+        if ctx.initial_dtype is not None:
+            dinit = dslots[:B].index_select(0, plan.init_slot).to(ctx.initial_dtype)
         return (
-            _from_chunks(dq, plan, H).to(q.dtype),
-            _from_chunks(dk, plan, H).to(k.dtype),
-            _from_chunks(dv, plan, H).to(v.dtype),
-            _from_chunks(dlog_alpha, plan, H).to(log_alpha.dtype),
-            _from_chunks(dbeta, plan, H).to(beta.dtype),
+            _from_chunks(dq, q, plan),
+            _from_chunks(dk, k, plan),
+            _from_chunks(dv, v, plan),
+            _from_chunks(dlog_alpha, log_alpha, plan),
+            _from_chunks(dbeta, beta, plan),
             dinit,
             None,
             None,
@@ -426,7 +389,7 @@ def chunk_tadn(
             raise ValueError(f"{name} must be [T, H] = [{T}, {H}], got {tuple(x.shape)}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    plan = _plan_chunks(offsets, T, chunk_size)
+    plan = _plan_chunks(offsets, T, H, chunk_size)
     B = offsets.numel() - 1
     if initial_state is not None and initial_state.shape != (B, H, K, v.shape[2]):
         raise ValueError(
