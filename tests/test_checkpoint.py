@@ -168,3 +168,14 @@ def _sharded_resume_worker(rank: int, world_size: int, port: int, root: str) -> 
 @pytest.mark.slow
 def test_sharded_model_and_fused_optimizer_resume_exactly_on_two_ranks(tmp_path: Path) -> None:
     mp.spawn(_sharded_resume_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+
+
+def test_clear_removes_complete_and_half_written_checkpoints_only(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path)
+    manager.save(1, _linear_state(1))
+    manager.save(2, _linear_state(2))
+    (tmp_path / ".tmp-step_000000003").mkdir()
+    (tmp_path / "notes.txt").write_text("kept")
+    assert manager.clear() == 2
+    assert manager.latest() is None
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]

@@ -242,8 +242,16 @@ def train(cfg: TrainConfig, env: DistEnv, resume: bool) -> List[Dict[str, Any]]:
         if env.is_main:
             print(f"resumed from {latest} at epoch {progress['epoch']}, global step {progress['global_step']}",
                   flush=True)
-    elif resume and env.is_main:
-        print(f"no complete checkpoint under {manager.root}; starting from scratch", flush=True)
+    elif resume:
+        if env.is_main:
+            print(f"no complete checkpoint under {manager.root}; starting from scratch", flush=True)
+    else:
+        # A fresh run replaces an earlier run's checkpoints, which a later --resume would pick up.
+        removed = manager.clear()
+        if removed and env.is_main:
+            print(f"fresh run: removed {removed} checkpoints of an earlier run in {manager.root}", flush=True)
+    # The step of the newest checkpoint: an epoch that ends on it needs no second copy.
+    saved_step = progress["global_step"] if latest is not None else -1
 
     metrics_log = MetricsLogger(out_dir, start_epoch=progress["epoch"], enabled=env.is_main)
     if env.is_main:
@@ -271,6 +279,7 @@ def train(cfg: TrainConfig, env: DistEnv, resume: bool) -> List[Dict[str, Any]]:
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
             if every and progress["global_step"] % every == 0:
                 manager.save(progress["global_step"], state())
+                saved_step = progress["global_step"]
         bar.close()
         totals = torch.tensor([local["loss_sum"], local["loss_count"]], dtype=torch.float64)
         dist.all_reduce(totals)
@@ -284,7 +293,9 @@ def train(cfg: TrainConfig, env: DistEnv, resume: bool) -> List[Dict[str, Any]]:
             print(metrics_log.table().splitlines()[-1] if epoch > 0 else metrics_log.table(), flush=True)
         progress["epoch"] = epoch + 1
         local.update(loss_sum=0.0, loss_count=0)
-        manager.save(progress["global_step"], state())
+        if saved_step != progress["global_step"]:
+            manager.save(progress["global_step"], state())
+            saved_step = progress["global_step"]
     if env.is_main:
         print(f"\nfinal metrics ({out_dir / 'metrics.jsonl'}):\n{metrics_log.table()}", flush=True)
     metrics_log.close()

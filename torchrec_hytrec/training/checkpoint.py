@@ -136,15 +136,26 @@ class CheckpointManager:
                 json.dump({"step": step}, f)
                 f.flush()
                 os.fsync(f.fileno())
-            if final.exists():
-                # Same step saved again (e.g. an epoch end that is also an every-N step).
-                shutil.rmtree(final)
             os.rename(tmp, final)
             _fsync_dir(self.root)
             for old in self.complete()[: -self.keep_last]:
                 shutil.rmtree(old)
         _barrier()
         return final
+
+    def clear(self) -> int:
+        """Deletes every checkpoint, complete or not (a fresh run reusing the directory); collective.
+
+        Returns:
+            How many complete checkpoints were deleted.
+        """
+        removed = len(self.complete())
+        if _rank() == 0 and self.root.is_dir():
+            for p in self.root.iterdir():
+                if p.is_dir() and _NAME.match(p.name.removeprefix(".tmp-")):
+                    shutil.rmtree(p)
+        _barrier()
+        return removed
 
     def load(self, path: "str | os.PathLike[str]", state: Dict[str, Any]) -> None:
         """Loads a complete checkpoint into ``state`` in place; collective over all ranks.
