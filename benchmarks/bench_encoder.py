@@ -1,0 +1,191 @@
+"""HyTRecEncoder against the all-softmax encoder of the same width and depth, on CPU.
+
+For every history length ``n`` and two batches (one user of ``n`` events; a mixed batch of that
+user plus users with log-uniform lengths in ``[5, n]``) it measures, for each encoder:
+
+* inference latency: ``forward_last`` under ``no_grad`` in eval mode;
+* training step time: per-position forward, mean-square loss, backward and an AdamW step;
+* peak memory of each: the rise of the process's peak resident set (``VmHWM``, reset through
+  ``/proc/self/clear_refs``) over its resident set before the call. glibc is made to return
+  large blocks to the OS (``MALLOC_MMAP_THRESHOLD_``), so each call starts from a clean slate.
+
+Then the streaming cost of one new event for a user with ``n_stream`` events (state built by
+streaming the history) against a full ``forward_last`` recompute of ``n_stream + 1`` events.
+The streaming step runs with one intra-op thread (a tiny latency-bound update, as a serving
+process would run it); the recompute runs with ``--threads``.
+
+All encoders are compared within one run; times are medians over ``--repeats`` runs after a
+warm-up; ratios are all-softmax time over the encoder's time (``> 1``: faster than all-softmax).
+
+    python benchmarks/bench_encoder.py            # full run (tens of minutes on 2 cores)
+    python benchmarks/bench_encoder.py --quick    # seconds
+"""
+
+import argparse
+import dataclasses
+import os
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Tuple
+
+# Must be set before the allocator starts: big tensors are then unmapped when freed, so the
+# peak-RSS reading of one call is not hidden by memory an earlier call left in the heap.
+if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    os.execv(sys.executable, [sys.executable] + sys.argv)
+
+import torch  # noqa: E402
+
+from torchrec_hytrec.modules import HyTRecConfig, HyTRecEncoder  # noqa: E402
+
+Batch = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def make_batch(lengths: List[int], dim: int, seed: int) -> Batch:
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.randn(sum(lengths), dim, generator=gen)
+    times = []
+    for n in lengths:
+        session = torch.randint(1, 600, (n,), generator=gen)
+        days = torch.randint(3600, 30 * 86400, (n,), generator=gen)
+        gaps = torch.where(torch.rand(n, generator=gen) < 0.1, days, session)
+        times.append(1_600_000_000 + torch.cumsum(gaps, 0))
+    offsets = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist())
+    return values, offsets, torch.cat(times)
+
+
+def mixed_lengths(n: int, users: int, seed: int) -> List[int]:
+    gen = torch.Generator().manual_seed(seed)
+    others = torch.exp(torch.empty(users - 1).uniform_(torch.log(torch.tensor(5.0)).item(), float(torch.log(torch.tensor(float(n)))), generator=gen))
+    return [n] + others.long().tolist()
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_memory_mib(fn: Callable[[], object]) -> float:
+    """Rise of peak RSS over current RSS while ``fn`` runs."""
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+    before = _rss_kib("VmRSS")
+    fn()
+    return (_rss_kib("VmHWM") - before) / 1024
+
+
+def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(encoder: HyTRecEncoder, batch: Batch, repeats: int) -> Dict[str, float]:
+    values, offsets, timestamps = batch
+    optimizer = torch.optim.AdamW(encoder.parameters(), lr=1e-4)
+
+    def infer() -> None:
+        encoder.eval()
+        with torch.no_grad():
+            encoder.forward_last(values, offsets, timestamps)
+
+    def train() -> None:
+        encoder.train()
+        optimizer.zero_grad(set_to_none=True)
+        encoder(values, offsets, timestamps).square().mean().backward()
+        optimizer.step()
+
+    return {
+        "infer_s": median_seconds(infer, repeats),
+        "train_s": median_seconds(train, repeats),
+        "infer_mib": peak_memory_mib(infer),
+        "train_mib": peak_memory_mib(train),
+    }
+
+
+def stream_vs_recompute(config: HyTRecConfig, n: int, threads: int, repeats: int) -> Tuple[float, float]:
+    encoder = HyTRecEncoder(config).eval()
+    values, offsets, timestamps = make_batch([n + repeats + 2], config.embedding_dim, seed=7)
+    torch.set_num_threads(1)
+    with torch.no_grad():
+        state = encoder.init_stream(1)
+        for i in range(n):
+            _, state = encoder.stream_step(state, values[i : i + 1], timestamps[i : i + 1])
+        steps = []
+        for i in range(n, n + repeats + 1):
+            start = time.perf_counter()
+            _, state = encoder.stream_step(state, values[i : i + 1], timestamps[i : i + 1])
+            steps.append(time.perf_counter() - start)
+        stream = statistics.median(steps[1:])
+    torch.set_num_threads(threads)
+    full = (values[: n + 1], torch.tensor([0, n + 1]), timestamps[: n + 1])
+    recompute = median_seconds(lambda: encoder.forward_last(*full), repeats)
+    return stream, recompute
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, a smoke run")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1_000, 4_000, 10_000, 16_000])
+    parser.add_argument("--mixed-users", type=int, default=16)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--heads", type=int, default=2)
+    parser.add_argument("--window", type=int, default=256, help="long-branch softmax window W of the windowed variant")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--stream-length", type=int, default=10_000)
+    args = parser.parse_args()
+    if args.quick:
+        args.lengths, args.mixed_users, args.repeats, args.stream_length = [300], 4, 2, 300
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    base = HyTRecConfig.hytrec(embedding_dim=args.dim, num_heads=args.heads)
+    configs = {
+        "hytrec_windowed": dataclasses.replace(base, long_attention_window=args.window),
+        "hytrec_full": base,
+        # Same width and depth (4 long layers + short branch + fusion), every long layer softmax.
+        "all_softmax": dataclasses.replace(base, long_pattern="A" * len(base.long_pattern)),
+    }
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, d={args.dim}, heads={args.heads}, "
+        f"K={base.short_window}, pattern {base.long_pattern}, W={args.window}, median of {args.repeats}"
+    )
+    header = f"{'n':>6} {'batch':>6} {'events':>7} {'encoder':>16} {'infer ms':>9} {'train ms':>9} {'inf MiB':>8} {'trn MiB':>8} {'infer x':>8} {'train x':>8}"
+    print(header)
+    for n in args.lengths:
+        for kind, lengths in (("single", [n]), ("mixed", mixed_lengths(n, args.mixed_users, seed=n))):
+            batch = make_batch(lengths, args.dim, seed=n)
+            results = {}
+            for name, config in configs.items():
+                torch.manual_seed(0)
+                results[name] = measure(HyTRecEncoder(config), batch, args.repeats)
+            reference = results["all_softmax"]
+            for name, r in results.items():
+                print(
+                    f"{n:>6} {kind:>6} {sum(lengths):>7} {name:>16} {r['infer_s'] * 1e3:>9.1f} {r['train_s'] * 1e3:>9.1f} "
+                    f"{r['infer_mib']:>8.1f} {r['train_mib']:>8.1f} {reference['infer_s'] / r['infer_s']:>8.2f} "
+                    f"{reference['train_s'] / r['train_s']:>8.2f}",
+                    flush=True,
+                )
+
+    print(f"\nstreaming one event after {args.stream_length} (1 thread) vs forward_last recompute ({args.threads} threads)")
+    for name in ("hytrec_windowed", "hytrec_full"):
+        stream, recompute = stream_vs_recompute(configs[name], args.stream_length, args.threads, max(args.repeats, 5))
+        print(
+            f"{name:>16}: stream {stream * 1e3:.2f} ms, recompute {recompute * 1e3:.1f} ms, "
+            f"stream/recompute = 1/{recompute / stream:.0f}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
