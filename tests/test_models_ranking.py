@@ -42,15 +42,17 @@ def test_ranking_rows_from_training_sequences() -> None:
     items, offsets = seq.features[ITEM_KEY].values(), seq.offsets()
     assert out.batch_size == 12
     assert out.labels.tolist() == [1, 0, 0, 0] * 3
+    assert out.row_sequence.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    histories = out.sequence[ITEM_KEY].to_dense()
     for user in range(3):
         rows = slice(4 * user, 4 * user + 4)
         start, end = int(offsets[user]), int(offsets[user + 1])
         assert int(out.candidates[4 * user]) == int(items[end - 1])  # the real next item
         assert bool((out.candidates[rows][1:] != items[end - 1]).all())
+        assert histories[user].tolist() == items[start : end - 1].tolist()
         for row in range(4 * user, 4 * user + 4):
-            assert out.sequence[ITEM_KEY].to_dense()[row].tolist() == items[start : end - 1].tolist()
             assert out.sparse_features[RECENT_ITEMS_KEY].to_dense()[row].tolist() == items[max(start, end - 3) : end - 1].tolist()
-        assert bool((out.request_timestamps[rows] == seq.timestamps[end - 1]).all())
+        assert int(out.request_timestamps[user]) == int(seq.timestamps[end - 1])
         gap = float(seq.timestamps[end - 1] - seq.timestamps[end - 2])
         assert float(out.dense_features[4 * user, 1]) == pytest.approx(torch.log1p(torch.tensor(gap)).item())
     assert out.sequence.keys() == seq.features.keys()

@@ -20,7 +20,7 @@ affinity is one of its features) and ``OverArch`` maps them to a logit.
 """
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -50,15 +50,17 @@ NUM_DERIVED_DENSE = 2
 
 @dataclass
 class RankingBatch(Pipelineable):
-    """One row per (user, candidate) pair.
+    """Candidate rows over request-level histories: a user's history is encoded once for all of
+    its candidates.
 
     Args:
-        sequence: keys ``"item_id"`` then side features: each row's history, aligned per event.
+        sequence: keys ``"item_id"`` then side features: ``U`` histories, aligned per event.
         timestamps: ``[sum(n)]`` int64 event times (seconds) of ``sequence``.
-        sparse_features: pooled features, one bag per row and key.
+        request_timestamps: ``[U]`` int64 time each history is read at (``>=`` its last event).
+        row_sequence: ``[B]`` int64 history (``0..U-1``) of each candidate row.
+        sparse_features: pooled features, one bag per row and key (stride ``B``).
         dense_features: ``[B, D]`` float.
         candidates: ``[B]`` int64 candidate item of each row.
-        request_timestamps: ``[B]`` int64 time the candidate is shown (``>=`` the last event).
         labels: ``[B]`` float 1 for an engaged candidate, 0 otherwise.
 
     Example::
@@ -70,35 +72,39 @@ class RankingBatch(Pipelineable):
 
     sequence: KeyedJaggedTensor
     timestamps: torch.Tensor
+    request_timestamps: torch.Tensor
+    row_sequence: torch.Tensor
     sparse_features: KeyedJaggedTensor
     dense_features: torch.Tensor
     candidates: torch.Tensor
-    request_timestamps: torch.Tensor
     labels: torch.Tensor
 
-    def _tensors(self) -> Tuple[torch.Tensor, ...]:
-        return (self.timestamps, self.dense_features, self.candidates, self.request_timestamps, self.labels)
+    def _map(self, kjt_fn: Callable[[KeyedJaggedTensor], KeyedJaggedTensor], fn: Callable[[torch.Tensor], torch.Tensor]) -> "RankingBatch":
+        return RankingBatch(
+            sequence=kjt_fn(self.sequence),
+            timestamps=fn(self.timestamps),
+            request_timestamps=fn(self.request_timestamps),
+            row_sequence=fn(self.row_sequence),
+            sparse_features=kjt_fn(self.sparse_features),
+            dense_features=fn(self.dense_features),
+            candidates=fn(self.candidates),
+            labels=fn(self.labels),
+        )
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "RankingBatch":
-        moved = [t.to(device=device, non_blocking=non_blocking) for t in self._tensors()]
-        return RankingBatch(
-            self.sequence.to(device=device, non_blocking=non_blocking),
-            moved[0],
-            self.sparse_features.to(device=device, non_blocking=non_blocking),
-            *moved[1:],
+        return self._map(
+            lambda k: k.to(device=device, non_blocking=non_blocking),
+            lambda t: t.to(device=device, non_blocking=non_blocking),
         )
+
+    def pin_memory(self) -> "RankingBatch":
+        return self._map(lambda k: k.pin_memory(), lambda t: t.pin_memory())
 
     def record_stream(self, stream: torch.Stream) -> None:
         self.sequence.record_stream(stream)
         self.sparse_features.record_stream(stream)
-        for t in self._tensors():
+        for t in (self.timestamps, self.request_timestamps, self.row_sequence, self.dense_features, self.candidates, self.labels):
             t.record_stream(stream)
-
-    def pin_memory(self) -> "RankingBatch":
-        pinned = [t.pin_memory() for t in self._tensors()]
-        return RankingBatch(
-            self.sequence.pin_memory(), pinned[0], self.sparse_features.pin_memory(), *pinned[1:]
-        )
 
     @property
     def batch_size(self) -> int:
@@ -164,7 +170,7 @@ class SequenceArch(nn.Module):
     Example::
 
         arch = SequenceArch(ItemSequenceArch(ec, num_items, {}, CANDIDATE_KEY), encoder)
-        user_and_candidate = arch(sequence, timestamps, candidates, request_time)  # [B, 2, d]
+        user_and_candidate = arch(sequence, timestamps, request_time, row_sequence, candidates)  # [B, 2, d]
     """
 
     def __init__(self, item_arch: ItemSequenceArch, encoder: nn.Module) -> None:
@@ -176,23 +182,30 @@ class SequenceArch(nn.Module):
         self,
         sequence: KeyedJaggedTensor,
         timestamps: torch.Tensor,
-        candidates: torch.Tensor,
         request_time: torch.Tensor,
+        row_sequence: torch.Tensor,
+        candidates: torch.Tensor,
     ) -> torch.Tensor:
         """
         Args:
-            sequence: ``"item_id"`` then side features, one non-empty history per row.
+            sequence: ``"item_id"`` then side features: ``U`` non-empty histories.
             timestamps: ``[sum(n)]`` event times.
+            request_time: ``[U]`` time each history is read at.
+            row_sequence: ``[B]`` history of each candidate row.
             candidates: ``[B]`` candidate items.
-            request_time: ``[B]`` time of the request.
 
         Returns:
-            ``[B, 2, d]``: the encoder's user state at the request time, the candidate's row.
+            ``[B, 2, d]``: the encoder's state of the row's history at its request time, and the
+            candidate's item row.
         """
-        looked_up = self.item_arch(sequence, candidates, torch.ones_like(candidates))
+        # The candidates ride in the item table's second feature; a KJT needs one length per
+        # history, so they all sit in the last history's slot.
+        extra_lengths = torch.zeros_like(request_time)
+        extra_lengths[-1] = candidates.numel()
+        looked_up = self.item_arch(sequence, candidates, extra_lengths)
         offsets = sequence[ITEM_KEY].offsets()
         user = self.encoder.forward_last(looked_up.events, offsets, timestamps, request_time=request_time)
-        return torch.stack([user, looked_up.extra], dim=1)
+        return torch.stack([user[row_sequence], looked_up.extra], dim=1)
 
 
 class HyTRecRanker(nn.Module):
@@ -258,7 +271,9 @@ class HyTRecRanker(nn.Module):
         """
         dense = self.dense_arch(batch.dense_features)
         pooled = self.sparse_arch(batch.sparse_features)
-        sequence = self.sequence_arch(batch.sequence, batch.timestamps, batch.candidates, batch.request_timestamps)
+        sequence = self.sequence_arch(
+            batch.sequence, batch.timestamps, batch.request_timestamps, batch.row_sequence, batch.candidates
+        )
         interactions = self.inter_arch(dense, torch.cat([pooled, sequence], dim=1))
         logits = self.over_arch(interactions).squeeze(-1)
         loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
@@ -323,7 +338,7 @@ def ranking_batch_from_sequences(
 
     The positive is the held-out target of an evaluation batch, or the last event of each user
     of a training batch (its history is then the events before it). Every user gives
-    ``1 + num_negatives`` rows sharing its history and request time (the positive's time);
+    ``1 + num_negatives`` rows sharing its history, encoded once, read at the positive's time;
     negatives are uniform over the catalogue, resampled when they hit the positive.
 
     Derived features: pooled ``"user_bucket"`` (``user_id % user_buckets``) and
@@ -341,7 +356,8 @@ def ranking_batch_from_sequences(
         generator: RNG of the negatives.
 
     Returns:
-        :class:`RankingBatch` with ``B * (1 + num_negatives)`` rows, a user's rows adjacent.
+        :class:`RankingBatch` with ``B`` histories and ``B * (1 + num_negatives)`` rows, a
+        user's rows adjacent, its positive first.
     """
     offsets = batch.offsets()
     lengths = offsets[1:] - offsets[:-1]
@@ -366,31 +382,29 @@ def ranking_batch_from_sequences(
         candidates[hits] = torch.randint(1, num_items + 1, (int(hits.sum()),), generator=generator)
         hits = (labels == 0) & (candidates == positives[rows])
 
-    keep, starts = history[rows], offsets[rows]
+    starts = offsets[:-1]
     keys = batch.features.keys()
     sequence = KeyedJaggedTensor(
         keys=keys,
-        values=torch.cat([_gather_jagged(batch.features[k].values(), starts, keep) for k in keys]),
-        lengths=keep.repeat(len(keys)),
+        values=torch.cat([_gather_jagged(batch.features[k].values(), starts, history) for k in keys]),
+        lengths=history.repeat(len(keys)),
     )
-    timestamps = _gather_jagged(batch.timestamps, starts, keep)
-    recent = torch.clamp(keep, max=num_recent)
-    recent_items = _gather_jagged(items, starts + keep - recent, recent)
+    recent = torch.clamp(history, max=num_recent)[rows]
+    recent_items = _gather_jagged(items, (starts + history)[rows] - recent, recent)
     sparse = KeyedJaggedTensor(
         keys=[USER_BUCKET_KEY, RECENT_ITEMS_KEY],
         values=torch.cat([batch.user_ids[rows] % user_buckets, recent_items]),
         lengths=torch.cat([torch.ones_like(rows), recent]),
     )
-    last_time = batch.timestamps[starts + keep - 1]
-    dense = torch.stack(
-        [torch.log1p(keep.float()), torch.log1p((request[rows] - last_time).clamp(min=0).float())], dim=1
-    )
+    since_last = (request - batch.timestamps[starts + history - 1]).clamp(min=0)
+    dense = torch.stack([torch.log1p(history.float()), torch.log1p(since_last.float())], dim=1)[rows]
     return RankingBatch(
         sequence=sequence,
-        timestamps=timestamps,
+        timestamps=_gather_jagged(batch.timestamps, starts, history),
+        request_timestamps=request,
+        row_sequence=rows,
         sparse_features=sparse,
         dense_features=dense,
         candidates=candidates,
-        request_timestamps=request[rows],
         labels=labels,
     )
