@@ -15,7 +15,8 @@ The streaming step runs with one intra-op thread (a tiny latency-bound update, a
 process would run it); the recompute runs with ``--threads``.
 
 All encoders are compared within one run; times are medians over ``--repeats`` runs after a
-warm-up; ratios are all-softmax time over the encoder's time (``> 1``: faster than all-softmax).
+warm-up, the encoders taking turns run by run; ratios are all-softmax time over the encoder's
+time (``> 1``: faster than all-softmax).
 
     python benchmarks/bench_encoder.py            # full run (tens of minutes on 2 cores)
     python benchmarks/bench_encoder.py --quick    # seconds
@@ -40,6 +41,8 @@ import torch  # noqa: E402
 from torchrec_hytrec.modules import HyTRecConfig, HyTRecEncoder  # noqa: E402
 
 Batch = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+# Timed streaming steps (the median is taken); each one is cheap.
+_STREAM_STEPS = 50
 
 
 def make_batch(lengths: List[int], dim: int, seed: int) -> Batch:
@@ -78,56 +81,70 @@ def peak_memory_mib(fn: Callable[[], object]) -> float:
     return (_rss_kib("VmHWM") - before) / 1024
 
 
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def median_seconds(fns: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, float]:
+    """Median time of each function; the functions take turns, so a busy spell of the shared
+    machine slows all of them alike instead of one."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: Dict[str, List[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
-def measure(encoder: HyTRecEncoder, batch: Batch, repeats: int) -> Dict[str, float]:
+def measure(configs: Dict[str, HyTRecConfig], batch: Batch, repeats: int) -> Dict[str, Dict[str, float]]:
     values, offsets, timestamps = batch
-    optimizer = torch.optim.AdamW(encoder.parameters(), lr=1e-4)
+    infer, train = {}, {}
+    for name, config in configs.items():
+        torch.manual_seed(0)
+        encoder = HyTRecEncoder(config)
+        optimizer = torch.optim.AdamW(encoder.parameters(), lr=1e-4)
 
-    def infer() -> None:
-        encoder.eval()
-        with torch.no_grad():
-            encoder.forward_last(values, offsets, timestamps)
+        def infer_fn(encoder: HyTRecEncoder = encoder) -> None:
+            encoder.eval()
+            with torch.no_grad():
+                encoder.forward_last(values, offsets, timestamps)
 
-    def train() -> None:
-        encoder.train()
-        optimizer.zero_grad(set_to_none=True)
-        encoder(values, offsets, timestamps).square().mean().backward()
-        optimizer.step()
+        def train_fn(encoder: HyTRecEncoder = encoder, optimizer: torch.optim.Optimizer = optimizer) -> None:
+            encoder.train()
+            optimizer.zero_grad(set_to_none=True)
+            encoder(values, offsets, timestamps).square().mean().backward()
+            optimizer.step()
 
+        infer[name], train[name] = infer_fn, train_fn
+    infer_s = median_seconds(infer, repeats)
+    train_s = median_seconds(train, repeats)
     return {
-        "infer_s": median_seconds(infer, repeats),
-        "train_s": median_seconds(train, repeats),
-        "infer_mib": peak_memory_mib(infer),
-        "train_mib": peak_memory_mib(train),
+        name: {
+            "infer_s": infer_s[name],
+            "train_s": train_s[name],
+            "infer_mib": peak_memory_mib(infer[name]),
+            "train_mib": peak_memory_mib(train[name]),
+        }
+        for name in configs
     }
 
 
 def stream_vs_recompute(config: HyTRecConfig, n: int, threads: int, repeats: int) -> Tuple[float, float]:
     encoder = HyTRecEncoder(config).eval()
-    values, offsets, timestamps = make_batch([n + repeats + 2], config.embedding_dim, seed=7)
+    values, offsets, timestamps = make_batch([n + _STREAM_STEPS + 1], config.embedding_dim, seed=7)
     torch.set_num_threads(1)
     with torch.no_grad():
         state = encoder.init_stream(1)
         for i in range(n):
             _, state = encoder.stream_step(state, values[i : i + 1], timestamps[i : i + 1])
         steps = []
-        for i in range(n, n + repeats + 1):
+        for i in range(n, n + _STREAM_STEPS + 1):
             start = time.perf_counter()
             _, state = encoder.stream_step(state, values[i : i + 1], timestamps[i : i + 1])
             steps.append(time.perf_counter() - start)
         stream = statistics.median(steps[1:])
     torch.set_num_threads(threads)
     full = (values[: n + 1], torch.tensor([0, n + 1]), timestamps[: n + 1])
-    recompute = median_seconds(lambda: encoder.forward_last(*full), repeats)
+    recompute = median_seconds({"recompute": lambda: encoder.forward_last(*full)}, repeats)["recompute"]
     return stream, recompute
 
 
@@ -135,11 +152,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, a smoke run")
     parser.add_argument("--lengths", type=int, nargs="+", default=[1_000, 4_000, 10_000, 16_000])
-    parser.add_argument("--mixed-users", type=int, default=16)
+    parser.add_argument("--mixed-users", type=int, default=8)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--heads", type=int, default=2)
     parser.add_argument("--window", type=int, default=256, help="long-branch softmax window W of the windowed variant")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--stream-length", type=int, default=10_000)
     args = parser.parse_args()
@@ -164,10 +181,7 @@ def main() -> None:
     for n in args.lengths:
         for kind, lengths in (("single", [n]), ("mixed", mixed_lengths(n, args.mixed_users, seed=n))):
             batch = make_batch(lengths, args.dim, seed=n)
-            results = {}
-            for name, config in configs.items():
-                torch.manual_seed(0)
-                results[name] = measure(HyTRecEncoder(config), batch, args.repeats)
+            results = measure(configs, batch, args.repeats)
             reference = results["all_softmax"]
             for name, r in results.items():
                 print(
@@ -179,7 +193,7 @@ def main() -> None:
 
     print(f"\nstreaming one event after {args.stream_length} (1 thread) vs forward_last recompute ({args.threads} threads)")
     for name in ("hytrec_windowed", "hytrec_full"):
-        stream, recompute = stream_vs_recompute(configs[name], args.stream_length, args.threads, max(args.repeats, 5))
+        stream, recompute = stream_vs_recompute(configs[name], args.stream_length, args.threads, args.repeats)
         print(
             f"{name:>16}: stream {stream * 1e3:.2f} ms, recompute {recompute * 1e3:.1f} ms, "
             f"stream/recompute = 1/{recompute / stream:.0f}",
