@@ -171,7 +171,7 @@ def test_streaming_state_is_bounded_by_the_windows() -> None:
     assert caches and all(c.keys.shape[1] == 12 for c in caches)
     assert state.short_cache.keys.shape[1] == K
     assert state.recent_long.shape[1] == K + 1
-    assert state.num_events == 40
+    assert state.num_events.tolist() == [40]
 
 
 def test_request_time_decay() -> None:

@@ -21,7 +21,8 @@ class HyTRecStreamState:
     All users of a state advance together, one event per :meth:`HyTRecEncoder.stream_step`.
 
     Args:
-        num_events: events every user has seen so far.
+        num_events: ``[B]`` int64 events each user has seen so far (a tensor, so that an
+            exported step serves every later step).
         last_timestamps: ``[B]`` int64 time of each user's latest event.
         long_states: per long-branch layer, the ``[B, H, d_k, d_v]`` TADN state or the
             softmax layer's :class:`KVCache` (at most ``W`` events when windowed).
@@ -36,12 +37,17 @@ class HyTRecStreamState:
         out, state = encoder.stream_step(state, values, timestamps)
     """
 
-    num_events: int
+    num_events: torch.Tensor
     last_timestamps: torch.Tensor
     long_states: List[Union[torch.Tensor, KVCache]]
     short_cache: Optional[KVCache]
     recent_long: torch.Tensor
     recent_timestamps: torch.Tensor
+
+
+# Stream states are pytrees, so an exported stream_step takes and returns them.
+torch.export.register_dataclass(KVCache)
+torch.export.register_dataclass(HyTRecStreamState)
 
 
 class LongShortFusion(nn.Module):
@@ -226,7 +232,7 @@ class HyTRecEncoder(nn.Module):
         device = device if device is not None else self.final_norm.weight.device
         d = self.config.embedding_dim
         return HyTRecStreamState(
-            num_events=0,
+            num_events=torch.zeros(batch_size, dtype=torch.long, device=device),
             last_timestamps=torch.zeros(batch_size, dtype=torch.long, device=device),
             long_states=[
                 layer.init_state(batch_size, device) if isinstance(layer, TADNLayer) else layer.init_cache(batch_size, device)
@@ -252,19 +258,16 @@ class HyTRecEncoder(nn.Module):
             (``state`` itself is not modified).
         """
         batch = values.shape[0]
-        if state.num_events > 0:
-            gaps = timestamps - state.last_timestamps
-            if bool((gaps < 0).any()):
-                user = int((gaps < 0).nonzero()[0])
-                raise ValueError(
-                    f"stream_step: user {user}'s new event ({int(timestamps[user])}) is earlier than its "
-                    f"previous one ({int(state.last_timestamps[user])})"
-                )
-        else:
-            gaps = torch.zeros_like(timestamps)
+        gaps = torch.where(state.num_events > 0, timestamps - state.last_timestamps, 0)
+        if not torch.compiler.is_compiling() and bool((gaps < 0).any()):
+            user = int((gaps < 0).nonzero()[0])
+            raise ValueError(
+                f"stream_step: user {user}'s new event ({int(timestamps[user])}) is earlier than its "
+                f"previous one ({int(state.last_timestamps[user])})"
+            )
         ctx = SequenceContext(
             offsets=torch.arange(batch + 1, device=values.device),
-            positions=torch.full_like(timestamps, state.num_events),
+            positions=state.num_events,
             timestamps=timestamps,
             gaps=gaps.float(),
         )
