@@ -42,6 +42,7 @@ def _torchrun(out_dir: Path, data_dir: Path, extra: List[str]) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LOGLEVEL": "WARNING"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     log = proc.stdout + proc.stderr
+    (out_dir.parent / f"{out_dir.name}.log").write_text(log)
     assert proc.returncode == 0, log[-5000:]
     return log
 

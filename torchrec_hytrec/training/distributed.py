@@ -60,7 +60,18 @@ def init_distributed() -> DistEnv:
         device = torch.device("cpu")
         backend = "gloo"
     if not dist.is_initialized():
-        if "MASTER_ADDR" in os.environ:
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True):
+            # torchelastic (torch 2.13) keeps one agent TCP store across worker restarts, so a
+            # restarted worker can read the address a killed worker published and fail to
+            # connect: namespace the group's keys by attempt.
+            store = dist.TCPStore(
+                os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False
+            )
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            dist.init_process_group(
+                backend, store=dist.PrefixStore(f"attempt_{attempt}", store), rank=rank, world_size=world_size
+            )
+        elif "MASTER_ADDR" in os.environ:
             dist.init_process_group(backend, rank=rank, world_size=world_size)
         elif world_size == 1:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
