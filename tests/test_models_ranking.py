@@ -93,12 +93,13 @@ def test_ranker_from_torchrec_archs_trains_and_reports_auc_ne() -> None:
     assert result["auc-ctr|window_auc"] > 0.9 and result["ne-ctr|window_ne"] < 0.8, result
 
 
+@pytest.mark.slow
 def test_example_trains_ranker_and_auc_improves(tmp_path: Path) -> None:
     spec = importlib.util.spec_from_file_location("train_ranker", EXAMPLE)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     history = example.main(
-        ["--users", "200", "--epochs", "2", "--embedding-dim", "16", "--max-seq-len", "64", "--workdir", str(tmp_path)]
+        ["--users", "200", "--epochs", "2", "--embedding-dim", "16", "--max-tokens", "1024", "--workdir", str(tmp_path)]
     )
     assert len(history) == 3  # before training, then each epoch
     assert history[-1]["auc"] > history[0]["auc"] + 0.05 and history[-1]["ne"] < history[0]["ne"], history
