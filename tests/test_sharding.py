@@ -12,7 +12,9 @@ from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed.model_parallel import DistributedModelParallel
 
-from test_models_retrieval import make_batch, make_retrieval
+from test_models_ranking import USER_BUCKETS, make_ranker
+from test_models_retrieval import NUM_ITEMS, make_batch, make_retrieval
+from torchrec_hytrec.models.ranking import ranking_batch_from_sequences
 from torchrec_hytrec.models.evaluation import RetrievalEvaluator, item_table_shards, retrieve_topk
 from torchrec_hytrec.models.sharding import (
     OptimizerConfig,
@@ -129,6 +131,76 @@ def _retrieval_batches() -> list:
 )
 def test_retrieval_sharded_step_equals_unsharded(plan_kind: str, build: Callable[[], nn.Module]) -> None:
     _spawn(one_step_worker, build, _retrieval_batches, plan_kind)
+
+
+def _ranker_batches() -> list:
+    generator = torch.Generator().manual_seed(0)
+    return [
+        ranking_batch_from_sequences(
+            make_batch(lengths, seed=seed), num_items=NUM_ITEMS, num_negatives=2, user_buckets=USER_BUCKETS,
+            generator=generator,
+        )
+        for lengths, seed in (([5, 8, 3], 30), ([9, 4], 31))
+    ]
+
+
+@pytest.mark.slow
+def test_ranker_sharded_step_equals_unsharded() -> None:
+    """Item EmbeddingCollection row-wise, pooled EmbeddingBagCollection table-wise (CPU)."""
+    _spawn(one_step_worker, make_ranker, _ranker_batches, "row_wise")
+
+
+def checkpoint_worker(rank: int, port: int) -> None:
+    _init(rank, port)
+    batches = _retrieval_batches()
+    models, optimizers = [], []
+    for _ in range(3):
+        model = _retrieval_full()
+        apply_sparse_optimizer(model, OPT)
+        models.append(shard_model(model, "row_wise", device=torch.device("cpu")))
+        optimizers.append(make_optimizer(models[-1], OPT))
+    trained, resumed, weights_only = models
+    loss, _ = trained(batches[rank])
+    loss.backward()
+    optimizers[0].step()
+
+    state = optimizers[0].state_dict()
+    keys = list(state["state"])
+    assert any("embeddings.item.weight" in k for k in keys) and any("encoder" in k for k in keys), keys
+    for model, optimizer in ((resumed, optimizers[1]), (weights_only, None)):
+        if optimizer is not None:
+            optimizer.init_state()  # AdamW state is lazy; loading fills existing tensors in place
+            optimizer.load_state_dict(state)
+        model.load_state_dict(trained.state_dict())
+
+    for model, optimizer in zip(models, optimizers):
+        optimizer.zero_grad()
+        loss, _ = model(batches[1 - rank])
+        loss.backward()
+        optimizer.step()
+    _assert_weights_equal(resumed, _global_state(trained))
+    with pytest.raises(AssertionError):  # without the optimizer state the step differs
+        _assert_weights_equal(weights_only, _global_state(trained))
+    dist.destroy_process_group()
+
+
+def _global_state(model: DistributedModelParallel) -> Dict[str, torch.Tensor]:
+    """Full tensors of every entry (tables gathered to every rank)."""
+    out = {}
+    for key, value in model.state_dict().items():
+        if isinstance(value, ShardedTensor):
+            full = torch.zeros(value.size()) if dist.get_rank() == 0 else None
+            value.gather(dst=0, out=full)
+            full = full if full is not None else torch.zeros(value.size())
+            dist.broadcast(full, src=0)
+            value = full
+        out[key] = value.clone()
+    return out
+
+
+@pytest.mark.slow
+def test_combined_optimizer_state_dict_round_trip() -> None:
+    _spawn(checkpoint_worker)
 
 
 def eval_worker(rank: int, port: int) -> None:
