@@ -182,26 +182,39 @@ def _windowed_causal(
     block_user = torch.repeat_interleave(torch.arange(num_users, device=device), blocks, output_size=num_query_blocks)
     block_index = torch.arange(num_query_blocks, device=device) - query_block_base[block_user]
     first_slot = key_slot_base[block_user] + block_index  # slot of the earliest key block
-    slots = first_slot[:, None] + torch.arange(before + 1, device=device)
-    kw = kb[slots].flatten(1, 2)  # [NB, (before + 1) * block, H, D]
-    vw = vb[slots].flatten(1, 2)
+    span = torch.arange((before + 1) * block, device=device)
 
-    q_pos = block_index[:, None] * block + torch.arange(block, device=device)  # [NB, C]
-    k_pos = (block_index[:, None] - before) * block + torch.arange((before + 1) * block, device=device)
-    lower = (q_pos - window + 1).clamp(min=0)
+    def attend(chosen: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        slots = first_slot[chosen, None] + torch.arange(before + 1, device=device)
+        keys = kb[slots].flatten(1, 2)  # [N, (before + 1) * block, H, D]
+        values = vb[slots].flatten(1, 2)
+        return F.scaled_dot_product_attention(
+            qb[chosen].transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask, scale=scale
+        )
+
+    def exact_mask(chosen: torch.Tensor) -> torch.Tensor:
+        q_pos = block_index[chosen, None] * block + torch.arange(block, device=device)  # [N, C]
+        k_pos = (block_index[chosen, None] - before) * block + span
+        lower = (q_pos - window + 1).clamp(min=0)
+        if window_starts is not None:
+            lower = torch.maximum(lower, start_rows[chosen])
+        # The diagonal key is always allowed, so no row is fully masked (padded query rows
+        # included, whose outputs are dropped).
+        return ((k_pos[:, None, :] <= q_pos[:, :, None]) & (k_pos[:, None, :] >= lower[:, :, None]))[:, None]
+
+    everything = torch.arange(num_query_blocks, device=device)
     if window_starts is not None:
         start_rows = torch.zeros(num_query_blocks * block, dtype=torch.long, device=device)
         start_rows = start_rows.index_copy(0, query_rows, window_starts).view(num_query_blocks, block)
-        lower = torch.maximum(lower, start_rows)
-    # The diagonal key is always allowed, so no row is fully masked (padded query rows
-    # included, whose outputs are dropped).
-    mask = (k_pos[:, None, :] <= q_pos[:, :, None]) & (k_pos[:, None, :] >= lower[:, :, None])
-
-    out = F.scaled_dot_product_attention(
-        qb.transpose(1, 2),
-        kw.transpose(1, 2),
-        vw.transpose(1, 2),
-        attn_mask=mask[:, None],
-        scale=scale,
-    )
+        out = attend(everything, exact_mask(everything))
+    else:
+        # Past a user's first `before` blocks no key slot is padding, so one band mask,
+        # shared by all those blocks, is exact; only the first blocks need their own.
+        row = torch.arange(block, device=device)[:, None]
+        relative = span[None, :] - before * block
+        band = (relative <= row) & (relative > row - window)
+        late = block_index >= before
+        early, late = everything[~late], everything[late]
+        out = qb.new_zeros(num_query_blocks, H, block, D)
+        out = out.index_copy(0, late, attend(late, band)).index_copy(0, early, attend(early, exact_mask(early)))
     return out.transpose(1, 2).reshape(num_query_blocks * block, H, D)[query_rows]
