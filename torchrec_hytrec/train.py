@@ -191,115 +191,163 @@ def _first_batch(reader: SequenceReader) -> SequenceBatch:
     return batch
 
 
-def _maybe_inject_fault(cfg: TrainConfig, env: DistEnv, global_step: int) -> None:
-    if (
-        cfg.fault_at_step == global_step
-        and env.rank == env.world_size - 1
-        and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0
-    ):
-        print(f"[fault injection] rank {env.rank} SIGKILLs itself before step {global_step}", flush=True)
-        os.kill(os.getpid(), signal.SIGKILL)
+class Trainer:
+    """Trains sharded HyTRec retrieval, evaluates every epoch and checkpoints with DCP.
 
+    Everything a resumed run needs to continue bit for bit is in :meth:`state_dict`: model and
+    optimizer (sharded), progress, and per rank the reader position, the epoch's running loss
+    and the RNG states (under a rank key: DCP keeps one copy of keys every rank shares).
 
-def train(cfg: TrainConfig, env: DistEnv, resume: bool) -> List[Dict[str, Any]]:
-    """Runs (or resumes) training; returns the per-epoch metric rows (on rank 0; empty elsewhere)."""
-    out_dir = Path(cfg.out_dir)
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    data_path = Path(cfg.data.path) if cfg.data.path else synthetic_dataset(cfg, env)
-    train_reader = make_reader(cfg, data_path, Split.TRAIN)
-    eval_readers = {s: make_reader(cfg, data_path, s) for s in (Split.VALID, Split.TEST)}
-    fillers = {s: _first_batch(r) for s, r in eval_readers.items()}
-    pop_ranks = popularity_ranks(item_popularity(make_reader(cfg, data_path, Split.TRAIN), train_reader.info.num_items))
-    train_filler = _first_batch(make_reader(cfg, data_path, Split.TRAIN))
+    Args:
+        cfg: the run's config.
+        env: this process's place in the job, from :func:`init_distributed`.
 
-    model = build_model(cfg, train_reader)
-    apply_sparse_optimizer(model, cfg.optim)
-    model = shard_model(model, cfg.model.sharding, device=env.device)
-    optimizer = make_optimizer(model, cfg.optim)
-    manager = CheckpointManager(out_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last)
-    rank_key = f"rank{env.rank}"
-    progress = {"epoch": 0, "global_step": 0}
-    # Per rank: the epoch's running loss must survive a restart for the epoch's mean to match.
-    local = {"loss_sum": 0.0, "loss_count": 0}
+    Example::
 
-    def state() -> Dict[str, Any]:
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "progress": progress,
-                rank_key: {"rng": rng_state(), "reader": train_reader.state_dict(), **local}}
+        env = init_distributed()
+        rows = Trainer(load_config(overrides=["epochs=1"]), env).fit(resume=False)
+    """
 
-    latest = manager.latest() if resume else None
-    if latest is not None:
+    def __init__(self, cfg: TrainConfig, env: DistEnv) -> None:
+        self.cfg = cfg
+        self.env = env
+        self.out_dir = Path(cfg.out_dir)
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        data_path = Path(cfg.data.path) if cfg.data.path else synthetic_dataset(cfg, env)
+        self.train_reader = make_reader(cfg, data_path, Split.TRAIN)
+        self.train_filler = _first_batch(make_reader(cfg, data_path, Split.TRAIN))
+        self.eval_readers = {s: make_reader(cfg, data_path, s) for s in (Split.VALID, Split.TEST)}
+        self.eval_fillers = {s: _first_batch(r) for s, r in self.eval_readers.items()}
+        counts = item_popularity(make_reader(cfg, data_path, Split.TRAIN), self.train_reader.info.num_items)
+        self.popularity_ranks = popularity_ranks(counts)
+
+        model = build_model(cfg, self.train_reader)
+        apply_sparse_optimizer(model, cfg.optim)
+        self.model = shard_model(model, cfg.model.sharding, device=env.device)
+        self.optimizer = make_optimizer(self.model, cfg.optim)
+        self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last)
+        self.progress = {"epoch": 0, "global_step": 0}
+        self.epoch_loss = {"loss_sum": 0.0, "loss_count": 0}
+        # Step of the newest checkpoint: an epoch that ends on it needs no second copy.
+        self._saved_step = -1
+
+    @property
+    def _rank_key(self) -> str:
+        return f"rank{self.env.rank}"
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The checkpointed state; tensors alias the live ones, so loading into it is in place."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "progress": dict(self.progress),
+            self._rank_key: {"rng": rng_state(), "reader": self.train_reader.state_dict(), **self.epoch_loss},
+        }
+
+    def save(self) -> None:
+        step = self.progress["global_step"]
+        if step != self._saved_step:
+            self.checkpoints.save(step, self.state_dict())
+            self._saved_step = step
+
+    def restore(self, resume: bool) -> None:
+        """Loads the newest complete checkpoint when ``resume``; otherwise clears earlier ones."""
+        latest = self.checkpoints.latest() if resume else None
+        if latest is None:
+            if resume:
+                self._print(f"no complete checkpoint under {self.checkpoints.root}; starting from scratch")
+            else:
+                # A later --resume must not pick up an earlier run's checkpoints.
+                removed = self.checkpoints.clear()
+                if removed:
+                    self._print(f"fresh run: removed {removed} checkpoints of an earlier run")
+            return
         # AdamW creates its state lazily; loading in place needs it to exist.
-        optimizer.init_state()
-        restored = state()
-        manager.load(latest, restored)
-        optimizer.load_state_dict(restored["optimizer"])
-        progress.update(restored["progress"])
-        mine = restored[rank_key]
-        train_reader.load_state_dict(mine["reader"])
-        local.update(loss_sum=mine["loss_sum"], loss_count=mine["loss_count"])
+        self.optimizer.init_state()
+        state = self.state_dict()
+        self.checkpoints.load(latest, state)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.progress.update(state["progress"])
+        mine = state[self._rank_key]
+        self.train_reader.load_state_dict(mine["reader"])
+        self.epoch_loss.update(loss_sum=mine["loss_sum"], loss_count=mine["loss_count"])
         set_rng_state(mine["rng"])
-        if env.is_main:
-            print(f"resumed from {latest} at epoch {progress['epoch']}, global step {progress['global_step']}",
-                  flush=True)
-    elif resume:
-        if env.is_main:
-            print(f"no complete checkpoint under {manager.root}; starting from scratch", flush=True)
-    else:
-        # A fresh run replaces an earlier run's checkpoints, which a later --resume would pick up.
-        removed = manager.clear()
-        if removed and env.is_main:
-            print(f"fresh run: removed {removed} checkpoints of an earlier run in {manager.root}", flush=True)
-    # The step of the newest checkpoint: an epoch that ends on it needs no second copy.
-    saved_step = progress["global_step"] if latest is not None else -1
+        self._saved_step = self.progress["global_step"]
+        self._print(f"resumed from {latest} at epoch {self.progress['epoch']}, "
+                    f"global step {self.progress['global_step']}")
 
-    metrics_log = MetricsLogger(out_dir, start_epoch=progress["epoch"], enabled=env.is_main)
-    if env.is_main:
-        (out_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
-    every = cfg.checkpoint.every_n_steps
-    model.train()
-    for epoch in range(progress["epoch"], cfg.epochs):
-        started = time.perf_counter()
-        train_reader.set_epoch(epoch)
+    def train_epoch(self, epoch: int) -> float:
+        """One pass over this rank's training share (continuing a restored position); the mean loss."""
+        every = self.cfg.checkpoint.every_n_steps
+        self.train_reader.set_epoch(epoch)
+        self.model.train()
         # Under TorchX/torchrun stderr is a log file: refresh it rarely.
-        bar = tqdm(desc=f"epoch {epoch}", unit="batch", disable=not env.is_main, dynamic_ncols=True,
+        bar = tqdm(desc=f"epoch {epoch}", unit="batch", disable=not self.env.is_main, dynamic_ncols=True,
                    mininterval=0.5 if sys.stderr.isatty() else 15.0)
-        for batch, real in lockstep(train_reader, train_filler):
-            _maybe_inject_fault(cfg, env, progress["global_step"])
-            loss, _ = model(batch.to(env.device))
+        for batch, real in lockstep(self.train_reader, self.train_filler):
+            self._maybe_inject_fault()
+            loss, _ = self.model(batch.to(self.env.device))
             # A filler step still runs every collective but must not move any weight.
             (loss if real else loss * 0.0).backward()
-            optimizer.step()
-            optimizer.zero_grad()
+            self.optimizer.step()
+            self.optimizer.zero_grad()
             if real:
-                local["loss_sum"] += loss.item()
-                local["loss_count"] += 1
-            progress["global_step"] += 1
+                self.epoch_loss["loss_sum"] += loss.item()
+                self.epoch_loss["loss_count"] += 1
+            self.progress["global_step"] += 1
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-            if every and progress["global_step"] % every == 0:
-                manager.save(progress["global_step"], state())
-                saved_step = progress["global_step"]
+            if every and self.progress["global_step"] % every == 0:
+                self.save()
         bar.close()
-        totals = torch.tensor([local["loss_sum"], local["loss_count"]], dtype=torch.float64)
+        totals = torch.tensor([self.epoch_loss["loss_sum"], self.epoch_loss["loss_count"]], dtype=torch.float64)
         dist.all_reduce(totals)
-        row: Dict[str, float] = {"train_loss": float(totals[0] / totals[1])}
-        for split, reader in eval_readers.items():
-            metrics = evaluate_split(model, reader, fillers[split], pop_ranks, cfg.eval_ks, env.device)
+        return float(totals[0] / totals[1])
+
+    def evaluate(self) -> Dict[str, float]:
+        """Model and popularity metrics on the valid and test splits, prefixed by split."""
+        row: Dict[str, float] = {}
+        for split, reader in self.eval_readers.items():
+            metrics = evaluate_split(self.model, reader, self.eval_fillers[split], self.popularity_ranks,
+                                     self.cfg.eval_ks, self.env.device)
             row.update({f"{split.value}_{k}": v for k, v in metrics.items()})
-        row["epoch_s"] = time.perf_counter() - started
-        metrics_log.log(epoch, row)
-        if env.is_main:
-            print(metrics_log.table().splitlines()[-1] if epoch > 0 else metrics_log.table(), flush=True)
-        progress["epoch"] = epoch + 1
-        local.update(loss_sum=0.0, loss_count=0)
-        if saved_step != progress["global_step"]:
-            manager.save(progress["global_step"], state())
-            saved_step = progress["global_step"]
-    if env.is_main:
-        print(f"\nfinal metrics ({out_dir / 'metrics.jsonl'}):\n{metrics_log.table()}", flush=True)
-    metrics_log.close()
-    return metrics_log.rows
+        return row
+
+    def fit(self, resume: bool) -> List[Dict[str, Any]]:
+        """Runs (or resumes) every epoch; returns the metric rows (on rank 0; empty elsewhere)."""
+        self.restore(resume)
+        metrics_log = MetricsLogger(self.out_dir, start_epoch=self.progress["epoch"], enabled=self.env.is_main)
+        if self.env.is_main:
+            (self.out_dir / "config.json").write_text(json.dumps(config_to_dict(self.cfg), indent=2))
+        for epoch in range(self.progress["epoch"], self.cfg.epochs):
+            started = time.perf_counter()
+            row = {"train_loss": self.train_epoch(epoch), **self.evaluate()}
+            row["epoch_s"] = time.perf_counter() - started
+            metrics_log.log(epoch, row)
+            if self.env.is_main:
+                table = metrics_log.table()
+                print(table if epoch == 0 else table.splitlines()[-1], flush=True)
+            self.progress["epoch"] = epoch + 1
+            self.epoch_loss.update(loss_sum=0.0, loss_count=0)
+            self.save()
+        self._print(f"\nfinal metrics ({self.out_dir / 'metrics.jsonl'}):\n{metrics_log.table()}")
+        metrics_log.close()
+        return metrics_log.rows
+
+    def _print(self, text: str) -> None:
+        if self.env.is_main:
+            print(text, flush=True)
+
+    def _maybe_inject_fault(self) -> None:
+        step = self.progress["global_step"]
+        if (
+            self.cfg.fault_at_step == step
+            and self.env.rank == self.env.world_size - 1
+            and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0
+        ):
+            print(f"[fault injection] rank {self.env.rank} SIGKILLs itself before step {step}", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
@@ -309,7 +357,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     try:
-        return train(cfg, env, resume=args.resume or restarted)
+        return Trainer(cfg, env).fit(resume=args.resume or restarted)
     finally:
         dist.destroy_process_group()
 
