@@ -14,6 +14,7 @@ total number of events.
 """
 
 import argparse
+import os
 import statistics
 import time
 from typing import Callable, Dict, List, Optional, Sequence
@@ -136,7 +137,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     H, D, C = args.heads, args.dim, args.chunk_size
-    print(f"device={device} threads={torch.get_num_threads()} heads={H} dim={D} chunk={C} torch={torch.__version__}")
+    print(
+        f"device={device} threads={torch.get_num_threads()} heads={H} dim={D} chunk={C} "
+        f"torch={torch.__version__} load average={os.getloadavg()[0]:.1f}"
+    )
 
     a = torch.randn(2048, 2048, device=device)
     mm_ms = median_ms(lambda: a @ a, args.repeats, device)
@@ -182,6 +186,9 @@ def main(argv: Optional[List[str]] = None) -> None:
             f"jagged 1x{long_len} + {shorts}x{short_len} vs one sequence of {total}, {name}: "
             f"{jag:.2f} ms vs {one:.2f} ms, ratio {jag / one:.2f}"
         )
+
+    # The machine may be shared: the load says how much to trust the absolute numbers.
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

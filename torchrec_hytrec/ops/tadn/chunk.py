@@ -29,6 +29,7 @@ from typing import List, Optional, Tuple
 
 import torch
 from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.profiler import record_function
 
 
 @dataclass
@@ -196,16 +197,17 @@ def _state_pass(
     B_H = states.shape[0] - plan.num_chunks * H
     mt = m.mT if transpose else m
     order = range(len(plan.steps) - 1, -1, -1) if transpose else range(len(plan.steps))
-    for c in order:
-        a = plan.chunk_start[c] * H
-        b = a + plan.steps[c] * H
-        e = plan.enter_start[c] * H
-        enter = states[e : e + b - a]
-        after = states[B_H + a : B_H + b]
-        if transpose:
-            enter.baddbmm_(mt[a:b], after)
-        else:
-            after.baddbmm_(mt[a:b], enter)
+    with record_function("tadn_state_pass"):
+        for c in order:
+            a = plan.chunk_start[c] * H
+            b = a + plan.steps[c] * H
+            e = plan.enter_start[c] * H
+            enter = states[e : e + b - a]
+            after = states[B_H + a : B_H + b]
+            if transpose:
+                enter.baddbmm_(mt[a:b], after)
+            else:
+                after.baddbmm_(mt[a:b], enter)
 
 
 def _chunk_matrices(
