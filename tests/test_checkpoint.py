@@ -10,7 +10,7 @@ import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 from torch.distributed.checkpoint import FileSystemWriter
 
-from torchrec_hytrec.training.checkpoint import COMPLETE_MARKER, CheckpointManager, rng_state, set_rng_state
+from torchrec_hytrec.training.checkpoint import CheckpointManager, rng_state, set_rng_state
 
 
 def _free_port() -> int:
@@ -31,7 +31,7 @@ def test_save_then_load_restores_tensors_objects_and_rng(tmp_path: Path) -> None
     saved["rank_0"] = {"rng": rng_state(), "data": {"row_group": 3, "offset": 17}}
     expected_draw = torch.rand(5)
     path = manager.save(12, saved)
-    assert path.name == "step_000000012" and (path / COMPLETE_MARKER).is_file()
+    assert path.name == "step_000000012" and manager.info(path) == {"step": 12, "world_size": 1}
 
     torch.rand(100)
     target = _linear_state(2)

@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 
 from torchrec_hytrec.data import convert
 from torchrec_hytrec.train import build_parser, config_from_args, lockstep, main, popularity_ranks
+from torchrec_hytrec.training.checkpoint import COMPLETE_MARKER, CheckpointManager
 
 TINY = [
     "--set", "data.synthetic.num_users=80",
@@ -82,6 +83,17 @@ def test_resume_after_an_epoch_equals_training_straight_through(tmp_path: Path) 
     # Step checkpoints (every 3) and epoch ends, the last keep_last=3 complete ones kept.
     names = sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir())
     assert len(names) == 3 and all(n.startswith("step_") for n in names)
+
+
+def test_resume_with_another_number_of_processes_is_refused(tmp_path: Path) -> None:
+    common = [*TINY, "--set", f"data.cache_dir={tmp_path / 'data'}", "--out-dir", str(tmp_path / "o")]
+    main([*common, "--epochs", "1"])
+    manager = CheckpointManager(tmp_path / "o" / "checkpoints")
+    marker = manager.latest() / COMPLETE_MARKER
+    # As if two processes had written it.
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "world_size": 2}))
+    with pytest.raises(ValueError, match="written by 2 processes, this job has 1"):
+        main([*common, "--epochs", "2", "--resume"])
 
 
 def test_trains_on_a_converted_interactions_log(tmp_path: Path) -> None:

@@ -263,6 +263,12 @@ class Trainer:
                 if removed:
                     self._print(f"fresh run: removed {removed} checkpoints of an earlier run")
             return
+        saved_world = self.checkpoints.info(latest)["world_size"]
+        if saved_world != self.env.world_size:
+            raise ValueError(
+                f"{latest} was written by {saved_world} processes, this job has {self.env.world_size}: "
+                "resume with the same number (reader positions and RNG streams are per rank)"
+            )
         # AdamW creates its state lazily; loading in place needs it to exist.
         self.optimizer.init_state()
         state = self.state_dict()

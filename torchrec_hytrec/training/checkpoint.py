@@ -133,7 +133,7 @@ class CheckpointManager:
             dcp.save(state, checkpoint_id=tmp)
         if _rank() == 0:
             with open(tmp / COMPLETE_MARKER, "w") as f:
-                json.dump({"step": step}, f)
+                json.dump({"step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1}, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.rename(tmp, final)
@@ -142,6 +142,11 @@ class CheckpointManager:
                 shutil.rmtree(old)
         _barrier()
         return final
+
+    @staticmethod
+    def info(path: "str | os.PathLike[str]") -> Dict[str, int]:
+        """What the completion marker of a checkpoint records: ``step`` and ``world_size``."""
+        return json.loads((Path(path) / COMPLETE_MARKER).read_text())
 
     def clear(self) -> int:
         """Deletes every checkpoint, complete or not (a fresh run reusing the directory); collective.
