@@ -134,8 +134,10 @@ def test_jagged_batch_equals_each_user_alone(name: str) -> None:
             lo, hi = int(offsets[b]), int(offsets[b + 1])
             alone = encoder(values[lo:hi], torch.tensor([0, n]), timestamps[lo:hi])
             torch.testing.assert_close(batched[lo:hi], alone, rtol=1e-4, atol=2e-5, msg=f"user {b}")
-        last = encoder.forward_last(values[:1], offsets[:2], timestamps[:1])
-        torch.testing.assert_close(last, batched[:1], rtol=1e-4, atol=2e-5)
+        nonempty = [b for b, n in enumerate(lengths) if n]
+        keep = torch.tensor([0] + torch.tensor([lengths[b] for b in nonempty]).cumsum(0).tolist())
+        last = encoder.forward_last(values, keep, timestamps)
+        torch.testing.assert_close(last, batched[offsets[1:][nonempty] - 1], rtol=1e-4, atol=2e-5)
 
 
 def _assert_stream_equals_forward(encoder: HyTRecEncoder, n: int, users: int = 2) -> None:

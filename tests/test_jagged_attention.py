@@ -4,7 +4,12 @@ from typing import List, Optional
 import pytest
 import torch
 
-from torchrec_hytrec.ops.jagged_attention import causal_window_starts, jagged_causal_attention, jagged_positions
+from torchrec_hytrec.ops.jagged_attention import (
+    causal_attention_at,
+    causal_window_starts,
+    jagged_causal_attention,
+    jagged_positions,
+)
 
 LENGTHS = [5, 0, 130, 64, 1, 200]
 
@@ -50,6 +55,27 @@ def test_matches_dense_reference_values_and_gradients(window, block_size, second
         starts = causal_window_starts(offsets=offsets, timestamps=timestamps, window=window, window_seconds=seconds)
     out = jagged_causal_attention(q=q, k=k, v=v, offsets=offsets, window=window, window_starts=starts, block_size=block_size)
     ref = _dense_reference(q, k, v, offsets, window, starts)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(ref, (q, k, v), grad)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("window,seconds", [(None, None), (64, None), (7, None), (64, 150.0)])
+def test_attention_at_chosen_rows_matches_dense_reference(window, seconds) -> None:
+    offsets, (q, k, v), timestamps = _batch(LENGTHS, seed=5)
+    starts = None
+    if seconds is not None:
+        starts = causal_window_starts(offsets=offsets, timestamps=timestamps, window=window, window_seconds=seconds)
+    nonempty = offsets[1:] > offsets[:-1]
+    rows = torch.cat([offsets[1:][nonempty] - 1, torch.tensor([0, 3, 140, 200])])
+    out = causal_attention_at(
+        q=q[rows], k=k, v=v, offsets=offsets, rows=rows, window=window,
+        window_starts=starts[rows] if starts is not None else None,
+    )
+    ref = _dense_reference(q, k, v, offsets, window, starts)[rows]
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
     grad = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, v), grad)

@@ -10,7 +10,7 @@ from torch.profiler import record_function
 
 from torchrec_hytrec.modules.blocks import RotaryEmbedding, SequenceContext, SwiGLU
 from torchrec_hytrec.modules.config import HyTRecConfig
-from torchrec_hytrec.ops.jagged_attention import causal_window_starts, jagged_causal_attention
+from torchrec_hytrec.ops.jagged_attention import causal_attention_at, causal_window_starts, jagged_causal_attention
 
 
 @dataclass
@@ -80,15 +80,17 @@ class SoftmaxAttentionLayer(nn.Module):
     def _finish(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         return self.ffn(x + self.dropout(self.out(o.flatten(-2))))
 
-    def forward(self, x: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: SequenceContext, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Runs the layer over a jagged batch.
 
         Args:
             x: ``[T, d]`` inputs.
             ctx: the batch's per-event facts.
+            rows: optional ``[R]`` rows to compute the output at (e.g. each user's last event);
+                all rows if ``None``.
 
         Returns:
-            ``[T, d]`` outputs.
+            ``[T, d]`` outputs, or ``[R, d]`` with ``rows``.
         """
         q, k, v = self._project(x, ctx)
         starts = None
@@ -97,9 +99,21 @@ class SoftmaxAttentionLayer(nn.Module):
                 offsets=ctx.offsets, timestamps=ctx.timestamps, window=self.window, window_seconds=self.window_seconds
             )
         with record_function("## hytrec_softmax_attention ##"):
-            o = jagged_causal_attention(
-                q=q, k=k, v=v, offsets=ctx.offsets, window=self.window, window_starts=starts, block_size=self.block_size
-            )
+            if rows is None:
+                o = jagged_causal_attention(
+                    q=q, k=k, v=v, offsets=ctx.offsets, window=self.window, window_starts=starts, block_size=self.block_size
+                )
+            else:
+                o = causal_attention_at(
+                    q=q[rows],
+                    k=k,
+                    v=v,
+                    offsets=ctx.offsets,
+                    rows=rows,
+                    window=self.window,
+                    window_starts=starts[rows] if starts is not None else None,
+                )
+                x = x[rows]
         return self._finish(x, o)
 
     def init_cache(self, batch_size: int, device: torch.device) -> KVCache:

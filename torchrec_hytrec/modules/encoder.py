@@ -152,29 +152,39 @@ class HyTRecEncoder(nn.Module):
         buckets = torch.where(has_long, self._buckets(gaps), self.config.num_gap_buckets)
         return self.fusion(short, long, buckets)
 
-    def _encode(self, values: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
+    def _encode(self, values: torch.Tensor, ctx: SequenceContext, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Outputs at ``rows`` (all rows if ``None``). With ``rows``, the last long layer and the
+        short branch only compute the events the outputs read, which is what serving needs."""
         x = self._embed(values, ctx)
+        out_rows = rows if rows is not None else torch.arange(x.shape[0], device=x.device)
+        long_rows = out_rows
+        if self.fusion is not None:
+            starts = causal_window_starts(
+                offsets=ctx.offsets,
+                timestamps=ctx.timestamps,
+                window=self.config.short_window,
+                window_seconds=self.config.short_window_seconds,
+            )[out_rows]
+            has_long = starts > 0
+            # Row of the last event before each short window.
+            long_rows = torch.where(has_long, out_rows - ctx.positions[out_rows] + starts - 1, out_rows)
         long = x
         with record_function("## hytrec_long_branch ##"):
-            for layer in self.long_layers:
-                long = layer(long, ctx)
+            for index, layer in enumerate(self.long_layers):
+                if index < len(self.long_layers) - 1:
+                    long = layer(long, ctx)
+                elif rows is None:
+                    long = layer(long, ctx)[long_rows]
+                else:
+                    long = layer(long, ctx, rows=long_rows)
         if self.short_layer is None:
             return self.final_norm(long)
         with record_function("## hytrec_short_branch ##"):
-            short = self.short_layer(x, ctx)
+            short = self.short_layer(x, ctx, rows=rows)
         if self.fusion is None:
             return self.final_norm(short)
-        starts = causal_window_starts(
-            offsets=ctx.offsets,
-            timestamps=ctx.timestamps,
-            window=self.config.short_window,
-            window_seconds=self.config.short_window_seconds,
-        )
-        has_long = starts > 0
-        # Global row of the last event before each short window.
-        source = torch.where(has_long, torch.arange(starts.numel(), device=starts.device) - ctx.positions + starts - 1, 0)
-        fused = self._fuse(short, long[source], has_long, (ctx.timestamps - ctx.timestamps[source]).float())
-        return self.final_norm(fused)
+        gaps = (ctx.timestamps[out_rows] - ctx.timestamps[long_rows]).float()
+        return self.final_norm(self._fuse(short, long, has_long, gaps))
 
     def forward(self, values: torch.Tensor, offsets: torch.Tensor, timestamps: torch.Tensor) -> torch.Tensor:
         """Per-position user states of a jagged batch.
@@ -225,7 +235,7 @@ class HyTRecEncoder(nn.Module):
                 )
             lengths = offsets[1:] - offsets[:-1]
             ctx.elapsed = torch.repeat_interleave(elapsed, lengths, output_size=values.shape[0]).float()
-        return self._encode(values, ctx)[last]
+        return self._encode(values, ctx, rows=last)
 
     def init_stream(self, batch_size: int, device: Optional[torch.device] = None) -> HyTRecStreamState:
         """Empty streaming state of ``batch_size`` users with no events yet."""

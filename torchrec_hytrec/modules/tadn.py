@@ -1,7 +1,7 @@
 """The TADN layer: temporal-aware gated delta-rule linear attention (DESIGN §3)."""
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -96,28 +96,36 @@ class TADNLayer(nn.Module):
         _, log_alpha, beta = self.temporal_gates(e, ctx)
         return e, F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, log_alpha, beta
 
-    def _finish(self, x: torch.Tensor, e: torch.Tensor, o: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
-        if ctx.elapsed is not None:
-            o = o * torch.exp(-ctx.elapsed[:, None] / self.log_time_constant.exp())[..., None]
+    def _finish(
+        self, x: torch.Tensor, e: torch.Tensor, o: torch.Tensor, elapsed: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        if elapsed is not None:
+            o = o * torch.exp(-elapsed[:, None] / self.log_time_constant.exp())[..., None]
         y = self.head_norm(o.to(x.dtype)).flatten(-2) * F.silu(self.output_gate(e))
         return self.ffn(x + self.dropout(self.out(y)))
 
-    def forward(self, x: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: SequenceContext, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Runs the layer over a jagged batch.
 
         Args:
             x: ``[T, d]`` inputs.
             ctx: the batch's per-event facts.
+            rows: optional ``[R]`` rows to compute the output at; all rows if ``None`` (the
+                recurrence still runs over every event).
 
         Returns:
-            ``[T, d]`` outputs.
+            ``[T, d]`` outputs, or ``[R, d]`` with ``rows``.
         """
         e, q, k, v, log_alpha, beta = self._project(x, ctx)
         with record_function("## hytrec_tadn ##"):
             o, _ = chunk_tadn(
                 q=q, k=k, v=v, log_alpha=log_alpha, beta=beta, offsets=ctx.offsets, chunk_size=self.chunk_size
             )
-        return self._finish(x, e, o, ctx)
+        elapsed = ctx.elapsed
+        if rows is not None:
+            x, e, o = x[rows], e[rows], o[rows]
+            elapsed = elapsed[rows] if elapsed is not None else None
+        return self._finish(x, e, o, elapsed)
 
     def init_state(self, batch_size: int, device: torch.device) -> torch.Tensor:
         """Empty recurrent state ``[B, H, d_k, d_v]`` of ``batch_size`` streamed users."""
@@ -138,4 +146,4 @@ class TADNLayer(nn.Module):
         o, state = tadn_step(
             state=state, q=q, k=k, v=v, log_alpha=log_alpha, beta=beta, scale=self.head_dim**-0.5
         )
-        return self._finish(x, e, o, ctx), state
+        return self._finish(x, e, o, ctx.elapsed), state

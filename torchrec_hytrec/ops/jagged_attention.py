@@ -117,6 +117,56 @@ def jagged_causal_attention(
     return _windowed_causal(q, k, v, offsets, window, window_starts, min(block_size, window), scale)
 
 
+def causal_attention_at(
+    *,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    offsets: torch.Tensor,
+    rows: torch.Tensor,
+    window: Optional[int] = None,
+    window_starts: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Causal attention of a few chosen events (e.g. every user's last one) over their pasts.
+
+    Same result as :func:`jagged_causal_attention` at ``rows``, at a cost of
+    ``len(rows) * L`` (``L`` the longest window among them) instead of all queries.
+
+    Args:
+        q: ``[R, H, D]`` queries of the chosen events.
+        k: ``[T, H, D]`` keys of every event.
+        v: ``[T, H, D]`` values of every event.
+        offsets: ``[B + 1]`` int64 start of every user's rows.
+        rows: ``[R]`` int64 rows of the chosen events.
+        window: ``None`` for full causal attention, ``W`` for keys ``(i - W, i]``.
+        window_starts: optional ``[R]`` local position of the first key each chosen event may
+            see (from :func:`causal_window_starts`).
+        scale: score scale, ``D ** -0.5`` by default.
+
+    Returns:
+        ``[R, H, D]`` attention outputs.
+
+    Example::
+
+        last = offsets[1:] - 1
+        out = causal_attention_at(q=q[last], k=k, v=v, offsets=offsets, rows=last, window=64)
+    """
+    user = torch.searchsorted(offsets, rows, right=True) - 1
+    position = rows - offsets[user]
+    first = (position - window + 1).clamp(min=0) if window is not None else torch.zeros_like(position)
+    if window_starts is not None:
+        first = torch.maximum(first, window_starts)
+    count = position - first + 1
+    span = torch.arange(int(count.max()) if rows.numel() else 0, device=rows.device)
+    valid = span < count[:, None]
+    keys_at = torch.where(valid, rows[:, None] - count[:, None] + 1 + span, rows[:, None])
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.einsum("rhd,rlhd->rhl", q, k[keys_at]) * scale
+    probs = scores.masked_fill(~valid[:, None, :], float("-inf")).softmax(dim=-1)
+    return torch.einsum("rhl,rlhd->rhd", probs, v[keys_at])
+
+
 def _full_causal(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, scale: Optional[float]
 ) -> torch.Tensor:
