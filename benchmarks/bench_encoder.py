@@ -24,6 +24,7 @@ time (``> 1``: faster than all-softmax).
 
 import argparse
 import dataclasses
+import math
 import os
 import statistics
 import sys
@@ -59,9 +60,10 @@ def make_batch(lengths: List[int], dim: int, seed: int) -> Batch:
 
 
 def mixed_lengths(n: int, users: int, seed: int) -> List[int]:
+    """One user of ``n`` events and ``users - 1`` with log-uniform lengths in ``[5, n]``."""
     gen = torch.Generator().manual_seed(seed)
-    others = torch.exp(torch.empty(users - 1).uniform_(torch.log(torch.tensor(5.0)).item(), float(torch.log(torch.tensor(float(n)))), generator=gen))
-    return [n] + others.long().tolist()
+    log_lengths = torch.empty(users - 1).uniform_(math.log(5), math.log(n), generator=gen)
+    return [n] + log_lengths.exp().long().tolist()
 
 
 def _rss_kib(field: str) -> int:

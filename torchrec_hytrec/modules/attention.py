@@ -5,7 +5,6 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.profiler import record_function
 
 from torchrec_hytrec.modules.blocks import RotaryEmbedding, SequenceContext, SwiGLU
