@@ -106,6 +106,13 @@ class HyTRecEncoder(nn.Module):
     take one new event per user at ``O(d^2 + softmax window)`` cost (full-causal softmax
     layers keep their whole KV cache), with outputs equal to the full forward.
 
+    Export: :meth:`stream_step` exports with ``torch.export`` (once the windows are full the
+    state's shapes stop changing, so one program serves every later step; full-causal softmax
+    layers grow their caches). :meth:`forward` and :meth:`forward_last` do not: the jagged
+    layout drives host-side control flow (the per-user SDPA loop over ``offsets.tolist()``,
+    block and chunk plans sized by ``int()`` of offset-derived tensors in the windowed kernel and
+    in ``chunk_tadn``), which export rejects as data-dependent guards.
+
     Args:
         config: the encoder's :class:`HyTRecConfig`.
 
