@@ -76,13 +76,13 @@ def make_retrieval(loss: str = "full", seed: int = 0, **overrides: object) -> Hy
     return HyTRecRetrieval(config, encoder)
 
 
-@pytest.mark.parametrize("loss", ["full", "sampled"])
-def test_training_reduces_loss(loss: str) -> None:
-    model = make_retrieval(loss, num_uniform_negatives=16, num_in_batch_negatives=32)
+def test_sampled_softmax_training_reduces_loss() -> None:
+    """(The full softmax is trained in ``test_learns_successor_structure``.)"""
+    model = make_retrieval("sampled", num_uniform_negatives=16, num_in_batch_negatives=32)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     batch = make_batch([12, 7, 1, 20], seed=1)
     losses: List[float] = []
-    for _ in range(30):
+    for _ in range(20):
         torch.manual_seed(0)  # the same negatives every step: the loss is comparable
         loss_value, aux = model(batch)
         optimizer.zero_grad()
