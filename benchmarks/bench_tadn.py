@@ -25,19 +25,29 @@ import torch.nn.functional as F
 from torchrec_hytrec.ops.tadn import chunk_tadn, naive_recurrent_tadn
 
 
-def median_ms(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
-    """Median wall time of ``fn`` in ms, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
+def median_ms(
+    fns: Dict[str, Callable[[], object]], repeats: Dict[str, int], device: torch.device
+) -> Dict[str, float]:
+    """Median wall time in ms of each function, after one warm-up call each.
+
+    The functions are timed in turns (one call of each per round) so that a change in the load of
+    a shared machine hits all of them alike and their ratios stay meaningful.
+    """
+    times: Dict[str, List[float]] = {name: [] for name in fns}
+    for fn in fns.values():
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    for round_ in range(max(repeats.values())):
+        for name, fn in fns.items():
+            if round_ >= repeats[name]:
+                continue
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def chunk_tadn_flops(
@@ -143,7 +153,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     )
 
     a = torch.randn(2048, 2048, device=device)
-    mm_ms = median_ms(lambda: a @ a, args.repeats, device)
+    mm_ms = median_ms({"mm": lambda: a @ a}, {"mm": args.repeats}, device)["mm"]
     mm_gflops = 2 * 2048**3 / mm_ms / 1e6
     print(f"2048x2048 matmul: {mm_ms:.2f} ms = {mm_gflops:.0f} GFLOP/s")
 
@@ -157,12 +167,17 @@ def main(argv: Optional[List[str]] = None) -> None:
         inputs = tadn_inputs([n], H, D, device)
         for backward in (False, True):
             name = "fwd+bwd" if backward else "fwd"
-            ms = median_ms(tadn_step_fn(chunk_tadn, inputs, backward, chunk_size=C), args.repeats, device)
-            chunk_ms[(n, backward)] = ms
-            sdpa = median_ms(sdpa_step_fn(n, H, D, device, backward), args.repeats, device)
-            ref = float("nan")
+            fns = {
+                "chunk": tadn_step_fn(chunk_tadn, inputs, backward, chunk_size=C),
+                "sdpa": sdpa_step_fn(n, H, D, device, backward),
+            }
+            repeats = {"chunk": args.repeats, "sdpa": args.repeats}
             if n <= args.max_ref_len:
-                ref = median_ms(tadn_step_fn(naive_recurrent_tadn, inputs, backward), args.ref_repeats, device)
+                fns["ref"] = tadn_step_fn(naive_recurrent_tadn, inputs, backward)
+                repeats["ref"] = args.ref_repeats
+            times = median_ms(fns, repeats, device)
+            ms, sdpa, ref = times["chunk"], times["sdpa"], times.get("ref", float("nan"))
+            chunk_ms[(n, backward)] = ms
             gflops = chunk_tadn_flops([n], H, D, D, C, backward) / ms / 1e6
             print(
                 f"{n:>6} {name:>8} {ms:>9.2f} {ref:>9.1f} {sdpa:>9.2f} {ref / ms:>9.1f} "
@@ -180,8 +195,15 @@ def main(argv: Optional[List[str]] = None) -> None:
     total = sum(jagged)
     for backward in (False, True):
         name = "fwd+bwd" if backward else "fwd"
-        jag = median_ms(tadn_step_fn(chunk_tadn, tadn_inputs(jagged, H, D, device), backward, chunk_size=C), args.repeats, device)
-        one = median_ms(tadn_step_fn(chunk_tadn, tadn_inputs([total], H, D, device), backward, chunk_size=C), args.repeats, device)
+        times = median_ms(
+            {
+                "jagged": tadn_step_fn(chunk_tadn, tadn_inputs(jagged, H, D, device), backward, chunk_size=C),
+                "one": tadn_step_fn(chunk_tadn, tadn_inputs([total], H, D, device), backward, chunk_size=C),
+            },
+            {"jagged": args.repeats, "one": args.repeats},
+            device,
+        )
+        jag, one = times["jagged"], times["one"]
         print(
             f"jagged 1x{long_len} + {shorts}x{short_len} vs one sequence of {total}, {name}: "
             f"{jag:.2f} ms vs {one:.2f} ms, ratio {jag / one:.2f}"
