@@ -14,13 +14,13 @@ WY form (DESIGN.md §3):
 so the only sequential work is ``S <- M S + R``: one batched matmul per chunk index, over all users
 that still have a chunk there. Everything else is a batched product over every chunk of every user
 and head at once. The backward mirrors this: one reverse pass ``dS_in = M^T dS_out + Qeff^T dO_s``
-and batched per-chunk gradients, recomputing the cheap per-chunk quantities and keeping only
-``W``, ``U`` and the chunk-boundary states from the forward.
+and batched per-chunk gradients, recomputing the per-chunk ``C x C`` matrices (``Gam``, ``A``, ``P``)
+and keeping only ``[W | U]``, the transitions ``M`` and the chunk-boundary states from the forward.
 
 Numerics: only ``exp`` of non-positive sums of log-gates is ever formed, each sum taken directly
-over its own segment (never as a difference of prefix sums), so ``log_alpha`` down to ``-1e4``
-(finite) gives exact zeros instead of overflow or cancellation. Work is
-done in fp32 (fp64 when the inputs are fp64).
+over its own segment (never as a difference of prefix sums), so a finite ``log_alpha`` down to
+``-1e4`` gives exact zeros instead of overflow or cancellation. Work is done in fp32 (fp64 when the
+inputs are fp64).
 """
 
 import math
