@@ -35,7 +35,12 @@ from torchrec_hytrec.models.ranking import (
     ranking_batch_from_sequences,
     ranking_metric_module,
 )
-from torchrec_hytrec.models.sharding import OptimizerConfig, apply_sparse_optimizer, make_optimizer, shard_model
+from torchrec_hytrec.models.sharding import (
+    OptimizerConfig,
+    apply_sparse_optimizer,
+    make_optimizer,
+    shard_model,
+)
 from torchrec_hytrec.modules import HyTRecConfig, HyTRecEncoder
 from torchrec_hytrec.training.distributed import init_distributed
 
@@ -52,7 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sparse-lr", type=float, default=0.1)
     p.add_argument("--dense-lr", type=float, default=0.01)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workdir", type=Path, default=None, help="where the Parquet file goes (a temp dir if unset)")
+    p.add_argument(
+        "--workdir", type=Path, default=None, help="where the Parquet file goes (a temp dir if unset)"
+    )
     return p
 
 
@@ -62,13 +69,18 @@ def _ranking_batches(
     generator = torch.Generator().manual_seed(seed)
     for batch in reader:
         rows = ranking_batch_from_sequences(
-            batch, num_items=num_items, num_negatives=args.negatives, user_buckets=args.user_buckets,
+            batch,
+            num_items=num_items,
+            num_negatives=args.negatives,
+            user_buckets=args.user_buckets,
             generator=generator,
         )
         yield rows.to(device)
 
 
-def _evaluate(model: torch.nn.Module, batches: Iterable[RankingBatch], world_size: int, rank: int) -> Dict[str, float]:
+def _evaluate(
+    model: torch.nn.Module, batches: Iterable[RankingBatch], world_size: int, rank: int
+) -> Dict[str, float]:
     metrics = None
     model.eval()
     with torch.no_grad():
@@ -91,7 +103,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, float]]:
         workdir = args.workdir or Path(tmp)
         path = workdir / f"synthetic_rank{env.rank}.parquet"
         data = generate(SyntheticConfig(num_users=args.users, seed=args.seed))
-        info = write_sequences(path, data.sequences, data.info, row_group_size=max(1, args.users // (4 * env.world_size)))
+        info = write_sequences(
+            path, data.sequences, data.info, row_group_size=max(1, args.users // (4 * env.world_size))
+        )
         read = dict(paths=[path], max_tokens=args.max_tokens, max_seq_len=args.max_seq_len)
         train_reader = SequenceReader(ReaderConfig(split=Split.TRAIN, shuffle=True, seed=args.seed, **read))
         valid_reader = SequenceReader(ReaderConfig(split=Split.VALID, **read))
@@ -104,7 +118,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, float]]:
             sparse_features={USER_BUCKET_KEY: args.user_buckets, RECENT_ITEMS_KEY: info.num_items + 1},
             side_features={name: card + 1 for name, card in info.feature_cardinalities.items()},
         )
-        encoder = HyTRecEncoder(HyTRecConfig.hytrec(embedding_dim=d, num_heads=2, short_window=16, long_pattern="TTA"))
+        encoder = HyTRecEncoder(
+            HyTRecConfig.hytrec(embedding_dim=d, num_heads=2, short_window=16, long_pattern="TTA")
+        )
         model = HyTRecRanker(config, encoder, device=torch.device("meta"))
         optimizer_config = OptimizerConfig(sparse_lr=args.sparse_lr, dense_lr=args.dense_lr)
         apply_sparse_optimizer(model, optimizer_config)
@@ -113,7 +129,12 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, float]]:
 
         def valid() -> Dict[str, float]:
             # The same negatives at every evaluation: the figures are comparable.
-            return _evaluate(model, _ranking_batches(valid_reader, args, info.num_items, 1, env.device), env.world_size, env.rank)
+            return _evaluate(
+                model,
+                _ranking_batches(valid_reader, args, info.num_items, 1, env.device),
+                env.world_size,
+                env.rank,
+            )
 
         history = [valid()]
         if env.is_main:

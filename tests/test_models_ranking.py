@@ -36,7 +36,11 @@ def make_ranker(seed: int = 0) -> HyTRecRanker:
 def test_ranking_rows_from_training_sequences() -> None:
     seq = make_batch([4, 2, 7], seed=1)
     out = ranking_batch_from_sequences(
-        seq, num_items=NUM_ITEMS, num_negatives=3, user_buckets=USER_BUCKETS, num_recent=2,
+        seq,
+        num_items=NUM_ITEMS,
+        num_negatives=3,
+        user_buckets=USER_BUCKETS,
+        num_recent=2,
         generator=torch.Generator().manual_seed(0),
     )
     items, offsets = seq.features[ITEM_KEY].values(), seq.offsets()
@@ -51,17 +55,25 @@ def test_ranking_rows_from_training_sequences() -> None:
         assert bool((out.candidates[rows][1:] != items[end - 1]).all())
         assert histories[user].tolist() == items[start : end - 1].tolist()
         for row in range(4 * user, 4 * user + 4):
-            assert out.sparse_features[RECENT_ITEMS_KEY].to_dense()[row].tolist() == items[max(start, end - 3) : end - 1].tolist()
+            assert (
+                out.sparse_features[RECENT_ITEMS_KEY].to_dense()[row].tolist()
+                == items[max(start, end - 3) : end - 1].tolist()
+            )
         assert int(out.request_timestamps[user]) == int(seq.timestamps[end - 1])
         gap = float(seq.timestamps[end - 1] - seq.timestamps[end - 2])
         assert float(out.dense_features[4 * user, 1]) == pytest.approx(torch.log1p(torch.tensor(gap)).item())
     assert out.sequence.keys() == seq.features.keys()
-    assert out.sparse_features[USER_BUCKET_KEY].values().tolist() == (seq.user_ids % USER_BUCKETS).repeat_interleave(4).tolist()
+    assert (
+        out.sparse_features[USER_BUCKET_KEY].values().tolist()
+        == (seq.user_ids % USER_BUCKETS).repeat_interleave(4).tolist()
+    )
 
 
 def test_ranking_rows_need_two_events_in_training_form() -> None:
     with pytest.raises(ValueError, match=r"user_ids \[1001\]"):
-        ranking_batch_from_sequences(make_batch([3, 1], seed=1), num_items=NUM_ITEMS, num_negatives=1, user_buckets=3)
+        ranking_batch_from_sequences(
+            make_batch([3, 1], seed=1), num_items=NUM_ITEMS, num_negatives=1, user_buckets=3
+        )
 
 
 def test_ranker_from_torchrec_archs_trains_and_reports_auc_ne() -> None:
@@ -71,7 +83,10 @@ def test_ranker_from_torchrec_archs_trains_and_reports_auc_ne() -> None:
     generator = torch.Generator().manual_seed(0)
     batches = [
         ranking_batch_from_sequences(
-            make_batch([8, 5, 12, 6], seed=s), num_items=NUM_ITEMS, num_negatives=3, user_buckets=USER_BUCKETS,
+            make_batch([8, 5, 12, 6], seed=s),
+            num_items=NUM_ITEMS,
+            num_negatives=3,
+            user_buckets=USER_BUCKETS,
             generator=generator,
         )
         for s in range(4)
@@ -99,7 +114,18 @@ def test_example_trains_ranker_and_auc_improves(tmp_path: Path) -> None:
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     history = example.main(
-        ["--users", "200", "--epochs", "2", "--embedding-dim", "16", "--max-tokens", "1024", "--workdir", str(tmp_path)]
+        [
+            "--users",
+            "200",
+            "--epochs",
+            "2",
+            "--embedding-dim",
+            "16",
+            "--max-tokens",
+            "1024",
+            "--workdir",
+            str(tmp_path),
+        ]
     )
     assert len(history) == 3  # before training, then each epoch
     assert history[-1]["auc"] > history[0]["auc"] + 0.05 and history[-1]["ne"] < history[0]["ne"], history

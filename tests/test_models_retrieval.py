@@ -67,12 +67,16 @@ def make_batch(
 
 def make_encoder(seed: int = 0) -> HyTRecEncoder:
     torch.manual_seed(seed)
-    return HyTRecEncoder(HyTRecConfig.hytrec(embedding_dim=DIM, num_heads=2, short_window=4, long_pattern="TA"))
+    return HyTRecEncoder(
+        HyTRecConfig.hytrec(embedding_dim=DIM, num_heads=2, short_window=4, long_pattern="TA")
+    )
 
 
 def make_retrieval(loss: str = "full", seed: int = 0, **overrides: object) -> HyTRecRetrieval:
     encoder = make_encoder(seed)
-    config = RetrievalConfig(num_items=NUM_ITEMS, embedding_dim=DIM, side_features=SIDE, loss=loss, **overrides)
+    config = RetrievalConfig(
+        num_items=NUM_ITEMS, embedding_dim=DIM, side_features=SIDE, loss=loss, **overrides
+    )
     return HyTRecRetrieval(config, encoder)
 
 
@@ -135,7 +139,9 @@ def test_bad_item_id_names_row_and_event() -> None:
     batch = make_batch([3, 4], seed=2)
     values = batch.features.values().clone()
     values[5] = NUM_ITEMS + 1  # user 1, event 2
-    batch.features = KeyedJaggedTensor(keys=batch.features.keys(), values=values, lengths=batch.features.lengths())
+    batch.features = KeyedJaggedTensor(
+        keys=batch.features.keys(), values=values, lengths=batch.features.lengths()
+    )
     with pytest.raises(ValueError, match=r"item_id: id 41 of batch row 1 \(event 2\)"):
         model(batch)
 

@@ -65,9 +65,13 @@ def _assert_weights_equal(sharded: DistributedModelParallel, reference: Dict[str
             for shard in value.local_shards():
                 (row, col), (rows, cols) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
                 want = reference[key][row : row + rows, col : col + cols]
-                torch.testing.assert_close(shard.tensor, want, atol=1e-5, rtol=1e-4, msg=lambda m: f"{key}: {m}")
+                torch.testing.assert_close(
+                    shard.tensor, want, atol=1e-5, rtol=1e-4, msg=lambda m: f"{key}: {m}"
+                )
         else:
-            torch.testing.assert_close(value, reference[key], atol=1e-5, rtol=1e-4, msg=lambda m: f"{key}: {m}")
+            torch.testing.assert_close(
+                value, reference[key], atol=1e-5, rtol=1e-4, msg=lambda m: f"{key}: {m}"
+            )
     return tables
 
 
@@ -83,7 +87,9 @@ def _sharded_and_reference(
     return sharded, reference
 
 
-def one_step_worker(rank: int, port: int, build: Callable[[], nn.Module], make_batches: Callable[[], list], plan_kind: str) -> None:
+def one_step_worker(
+    rank: int, port: int, build: Callable[[], nn.Module], make_batches: Callable[[], list], plan_kind: str
+) -> None:
     _init(rank, port)
     sharded, reference = _sharded_and_reference(build, plan_kind)
     optimizer = make_optimizer(sharded, OPT)
@@ -109,7 +115,9 @@ def one_step_worker(rank: int, port: int, build: Callable[[], nn.Module], make_b
     tables = _assert_weights_equal(sharded, after)
     assert tables, "no table was sharded"
     changed = {k for k in after if not torch.equal(after[k], initial[k])}
-    assert set(tables) <= changed and len(changed) > len(tables), "the step must move tables and dense weights"
+    assert set(tables) <= changed and len(changed) > len(
+        tables
+    ), "the step must move tables and dense weights"
     dist.destroy_process_group()
 
 
@@ -127,7 +135,9 @@ def _retrieval_batches() -> list:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "plan_kind,build", [("row_wise", _retrieval_full), ("table_wise", _retrieval_sampled)], ids=["row_wise", "table_wise"]
+    "plan_kind,build",
+    [("row_wise", _retrieval_full), ("table_wise", _retrieval_sampled)],
+    ids=["row_wise", "table_wise"],
 )
 def test_retrieval_sharded_step_equals_unsharded(plan_kind: str, build: Callable[[], nn.Module]) -> None:
     _spawn(one_step_worker, build, _retrieval_batches, plan_kind)
@@ -137,7 +147,10 @@ def _ranker_batches() -> list:
     generator = torch.Generator().manual_seed(0)
     return [
         ranking_batch_from_sequences(
-            make_batch(lengths, seed=seed), num_items=NUM_ITEMS, num_negatives=2, user_buckets=USER_BUCKETS,
+            make_batch(lengths, seed=seed),
+            num_items=NUM_ITEMS,
+            num_negatives=2,
+            user_buckets=USER_BUCKETS,
             generator=generator,
         )
         for lengths, seed in (([5, 8, 3], 30), ([9, 4], 31))

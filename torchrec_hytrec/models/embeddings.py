@@ -61,7 +61,9 @@ def sequence_table_configs(
         if key in (ITEM_KEY, extra_item_feature):
             raise ValueError(f"side feature name {key!r} collides with an item feature name")
         tables.append(
-            EmbeddingConfig(name=key, embedding_dim=embedding_dim, num_embeddings=rows, feature_names=[key], **init)
+            EmbeddingConfig(
+                name=key, embedding_dim=embedding_dim, num_embeddings=rows, feature_names=[key], **init
+            )
         )
     return tables
 
@@ -171,4 +173,3 @@ class ItemSequenceArch(nn.Module):
         for key in self._side_features:
             events = events + looked_up[key].values()
         return SequenceLookup(events=events, items=items, extra=looked_up[self._extra_key].values())
-

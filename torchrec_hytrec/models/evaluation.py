@@ -23,6 +23,7 @@ Under ``DistributedModelParallel`` every rank must call ``update`` (and ``comput
 number of times: they are collective.
 """
 
+import copy
 import math
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -79,7 +80,9 @@ class RetrievalMetrics:
         ] + [f"len>={_short(edges[-1])}"]
         self.metric_names = [f"hr@{k}" for k in self.hr_ks] + [f"ndcg@{k}" for k in self.ndcg_ks] + ["mrr"]
         # Column 0 counts users; the others sum the metrics.
-        self.sums = torch.zeros(len(self.bucket_names), 1 + len(self.metric_names), dtype=torch.float64, device=device)
+        self.sums = torch.zeros(
+            len(self.bucket_names), 1 + len(self.metric_names), dtype=torch.float64, device=device
+        )
 
     def update(self, ranks: torch.Tensor, history_lengths: torch.Tensor) -> None:
         """Adds users.
@@ -102,6 +105,12 @@ class RetrievalMetrics:
 
     def reset(self) -> None:
         self.sums.zero_()
+
+    def clone(self) -> "RetrievalMetrics":
+        """An independent copy (e.g. to reduce across ranks while this one keeps accumulating)."""
+        out = copy.copy(self)
+        out.sums = self.sums.clone()
+        return out
 
     def compute(self) -> Dict[str, float]:
         """Means overall (``"hr@10"``) and per non-empty bucket (``"hr@10/len<100"``), and counts."""
@@ -138,7 +147,9 @@ def item_table_shards(embedding_collection: nn.Module) -> Tuple[List[Tuple[int, 
     for shard in weight.local_shards():
         row, col = shard.metadata.shard_offsets
         if col != 0 or shard.tensor.size(1) != dim:
-            raise ValueError("evaluation needs whole item rows per shard: column-wise sharding is not supported")
+            raise ValueError(
+                "evaluation needs whole item rows per shard: column-wise sharding is not supported"
+            )
         shards.append((row, shard.tensor))
     return shards, True
 
@@ -188,7 +199,12 @@ def catalogue_ranks(
     )
     # One float64 row per user: exact for fp32 states and for ids below 2**53.
     rows = torch.cat(
-        [query.double(), target_score.double()[:, None], target_ids.double()[:, None], seen_lengths.double()[:, None]],
+        [
+            query.double(),
+            target_score.double()[:, None],
+            target_ids.double()[:, None],
+            seen_lengths.double()[:, None],
+        ],
         dim=1,
     )
     seen = seen_ids if seen_ids is not None else target_ids.new_zeros(0)
@@ -321,10 +337,7 @@ class RetrievalEvaluator:
         """Metrics over every rank's users so far (collective under a process group)."""
         if self._group is None:
             return self.metrics.compute()
-        total = RetrievalMetrics(
-            self.metrics.hr_ks, self.metrics.ndcg_ks, self.metrics.length_bounds.tolist(), self.metrics.sums.device
-        )
-        total.sums.copy_(self.metrics.sums)
+        total = self.metrics.clone()
         total.all_reduce(self._group)
         return total.compute()
 
@@ -345,7 +358,8 @@ def evaluate(
         process_group: see :class:`RetrievalEvaluator`.
 
     Returns:
-        The metric dict, plus ``"loss"``: the mean evaluation loss per batch.
+        The metric dict (over every rank's users), plus ``"loss"``: the mean loss of this rank's
+        batches.
     """
     evaluator = RetrievalEvaluator(model, exclude_seen=exclude_seen, process_group=process_group)
     was_training = model.training

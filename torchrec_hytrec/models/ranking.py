@@ -79,7 +79,11 @@ class RankingBatch(Pipelineable):
     candidates: torch.Tensor
     labels: torch.Tensor
 
-    def _map(self, kjt_fn: Callable[[KeyedJaggedTensor], KeyedJaggedTensor], fn: Callable[[torch.Tensor], torch.Tensor]) -> "RankingBatch":
+    def _map(
+        self,
+        kjt_fn: Callable[[KeyedJaggedTensor], KeyedJaggedTensor],
+        fn: Callable[[torch.Tensor], torch.Tensor],
+    ) -> "RankingBatch":
         return RankingBatch(
             sequence=kjt_fn(self.sequence),
             timestamps=fn(self.timestamps),
@@ -103,7 +107,14 @@ class RankingBatch(Pipelineable):
     def record_stream(self, stream: torch.Stream) -> None:
         self.sequence.record_stream(stream)
         self.sparse_features.record_stream(stream)
-        for t in (self.timestamps, self.request_timestamps, self.row_sequence, self.dense_features, self.candidates, self.labels):
+        for t in (
+            self.timestamps,
+            self.request_timestamps,
+            self.row_sequence,
+            self.dense_features,
+            self.candidates,
+            self.labels,
+        ):
             t.record_stream(stream)
 
     @property
@@ -226,24 +237,34 @@ class HyTRecRanker(nn.Module):
         loss, aux = ranker(batch)
     """
 
-    def __init__(self, config: RankerConfig, encoder: nn.Module, device: Optional[torch.device] = None) -> None:
+    def __init__(
+        self, config: RankerConfig, encoder: nn.Module, device: Optional[torch.device] = None
+    ) -> None:
         super().__init__()
         encoder_dim = getattr(getattr(encoder, "config", None), "embedding_dim", config.embedding_dim)
         if encoder_dim != config.embedding_dim:
-            raise ValueError(f"encoder embedding_dim {encoder_dim} != RankerConfig.embedding_dim {config.embedding_dim}")
+            raise ValueError(
+                f"encoder embedding_dim {encoder_dim} != RankerConfig.embedding_dim {config.embedding_dim}"
+            )
         self.config = config
         d = config.embedding_dim
         bound = 3**0.5 * config.init_std
         bags = [
             EmbeddingBagConfig(
-                name=key, embedding_dim=d, num_embeddings=rows, feature_names=[key],
-                weight_init_min=-bound, weight_init_max=bound,
+                name=key,
+                embedding_dim=d,
+                num_embeddings=rows,
+                feature_names=[key],
+                weight_init_min=-bound,
+                weight_init_max=bound,
             )
             for key, rows in config.sparse_features.items()
         ]
         self.sparse_arch = SparseArch(EmbeddingBagCollection(tables=bags, device=device))
         dense_device = None if device is None or device.type == "meta" else device
-        self.dense_arch = DenseArch(config.dense_in_features, config.dense_arch_layer_sizes, device=dense_device)
+        self.dense_arch = DenseArch(
+            config.dense_in_features, config.dense_arch_layer_sizes, device=dense_device
+        )
         tables = sequence_table_configs(
             num_items=config.num_items,
             embedding_dim=d,
@@ -252,7 +273,10 @@ class HyTRecRanker(nn.Module):
             init_std=config.init_std,
         )
         item_arch = ItemSequenceArch(
-            EmbeddingCollection(tables=tables, device=device), config.num_items, config.side_features, CANDIDATE_KEY
+            EmbeddingCollection(tables=tables, device=device),
+            config.num_items,
+            config.side_features,
+            CANDIDATE_KEY,
         )
         self.sequence_arch = SequenceArch(item_arch, encoder)
         num_vectors = len(bags) + 2  # pooled features, user state, candidate
@@ -307,7 +331,11 @@ def ranking_metric_module(
         process_group: group the metrics are reduced over.
     """
     common = dict(
-        world_size=world_size, my_rank=rank, batch_size=batch_size, tasks=[TASK], window_size=window_size,
+        world_size=world_size,
+        my_rank=rank,
+        batch_size=batch_size,
+        tasks=[TASK],
+        window_size=window_size,
         process_group=process_group,
     )
     return RecMetricModule(
@@ -321,7 +349,9 @@ def ranking_metric_module(
 def _gather_jagged(values: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Concatenates ``values[starts[r] : starts[r] + lengths[r]]`` over rows ``r``."""
     new_offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
-    within = torch.arange(int(new_offsets[-1]), device=values.device) - torch.repeat_interleave(new_offsets[:-1], lengths)
+    within = torch.arange(int(new_offsets[-1]), device=values.device) - torch.repeat_interleave(
+        new_offsets[:-1], lengths
+    )
     return values[torch.repeat_interleave(starts, lengths) + within]
 
 
@@ -367,7 +397,9 @@ def ranking_batch_from_sequences(
     else:
         short = torch.nonzero(lengths < 2).flatten()
         if short.numel():
-            raise ValueError(f"users need 2 or more events to derive a training row: user_ids {batch.user_ids[short].tolist()}")
+            raise ValueError(
+                f"users need 2 or more events to derive a training row: user_ids {batch.user_ids[short].tolist()}"
+            )
         last = offsets[1:] - 1
         history, positives, request = lengths - 1, items[last], batch.timestamps[last]
 

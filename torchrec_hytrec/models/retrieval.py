@@ -93,7 +93,9 @@ class HyTRecRetrieval(nn.Module):
         loss.backward()
     """
 
-    def __init__(self, config: RetrievalConfig, encoder: nn.Module, device: Optional[torch.device] = None) -> None:
+    def __init__(
+        self, config: RetrievalConfig, encoder: nn.Module, device: Optional[torch.device] = None
+    ) -> None:
         super().__init__()
         encoder_dim = getattr(getattr(encoder, "config", None), "embedding_dim", config.embedding_dim)
         if encoder_dim != config.embedding_dim:
@@ -124,15 +126,24 @@ class HyTRecRetrieval(nn.Module):
     def _candidate_pool(self, device: torch.device) -> torch.Tensor:
         if self.config.loss == "full":
             return torch.arange(1, self.config.num_items + 1, device=device)
-        return torch.randint(1, self.config.num_items + 1, (self.config.num_uniform_negatives,), device=device)
+        return torch.randint(
+            1, self.config.num_items + 1, (self.config.num_uniform_negatives,), device=device
+        )
 
     def _loss(
-        self, query: torch.Tensor, positive_ids: torch.Tensor, positive_emb: torch.Tensor, pool_ids: torch.Tensor,
+        self,
+        query: torch.Tensor,
+        positive_ids: torch.Tensor,
+        positive_emb: torch.Tensor,
+        pool_ids: torch.Tensor,
         pool_emb: torch.Tensor,
     ) -> torch.Tensor:
         if self.config.loss == "full":
             return full_softmax_loss(
-                query=query, catalogue=pool_emb, positive_ids=positive_ids, temperature=self.config.temperature
+                query=query,
+                catalogue=pool_emb,
+                positive_ids=positive_ids,
+                temperature=self.config.temperature,
             )
         return sampled_softmax_loss(
             query=query,
@@ -165,7 +176,9 @@ class HyTRecRetrieval(nn.Module):
         if is_eval:
             empty = torch.nonzero(lengths == 0).flatten()
             if empty.numel():
-                raise ValueError(f"evaluation users without history: user_ids {batch.user_ids[empty].tolist()}")
+                raise ValueError(
+                    f"evaluation users without history: user_ids {batch.user_ids[empty].tolist()}"
+                )
             extra_ids = torch.cat([batch.targets, pool_ids])
             extra_lengths = extra_lengths + 1
         else:
@@ -174,9 +187,13 @@ class HyTRecRetrieval(nn.Module):
 
         if is_eval:
             request_time = self._request_time(batch)
-            query = self.encoder.forward_last(looked_up.events, offsets, batch.timestamps, request_time=request_time)
+            query = self.encoder.forward_last(
+                looked_up.events, offsets, batch.timestamps, request_time=request_time
+            )
             positive_emb = looked_up.extra[: batch.batch_size]
-            loss = self._loss(query, batch.targets, positive_emb, pool_ids, looked_up.extra[batch.batch_size :])
+            loss = self._loss(
+                query, batch.targets, positive_emb, pool_ids, looked_up.extra[batch.batch_size :]
+            )
             target_score = (query * positive_emb).sum(-1)
             return loss, {"query": query.detach(), "target_score": target_score.detach()}
 

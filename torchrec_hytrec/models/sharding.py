@@ -136,7 +136,9 @@ def sharders() -> List[ModuleSharder[nn.Module]]:
     return [EmbeddingCollectionSharder(), EmbeddingBagCollectionSharder()]
 
 
-def sharding_constraints(model: nn.Module, plan_kind: str, device: torch.device) -> Dict[str, ParameterConstraints]:
+def sharding_constraints(
+    model: nn.Module, plan_kind: str, device: torch.device
+) -> Dict[str, ParameterConstraints]:
     """Per-table planner constraints for ``plan_kind`` on ``device`` (see the module docstring).
 
     Args:
@@ -148,8 +150,14 @@ def sharding_constraints(model: nn.Module, plan_kind: str, device: torch.device)
         raise ValueError(f"plan_kind must be one of {PLAN_KINDS}, got {plan_kind!r}")
     on_cpu = device.type == "cpu"
     kernels = [EmbeddingComputeKernel.FUSED.value] if on_cpu else None
-    bag_types_cpu = [ShardingType.TABLE_WISE.value, ShardingType.COLUMN_WISE.value, ShardingType.DATA_PARALLEL.value]
-    wanted = {"row_wise": ShardingType.ROW_WISE.value, "table_wise": ShardingType.TABLE_WISE.value}.get(plan_kind)
+    bag_types_cpu = [
+        ShardingType.TABLE_WISE.value,
+        ShardingType.COLUMN_WISE.value,
+        ShardingType.DATA_PARALLEL.value,
+    ]
+    wanted = {"row_wise": ShardingType.ROW_WISE.value, "table_wise": ShardingType.TABLE_WISE.value}.get(
+        plan_kind
+    )
     constraints = {}
     for module in _table_modules(model):
         pooled = isinstance(module, EmbeddingBagCollection)
@@ -157,7 +165,9 @@ def sharding_constraints(model: nn.Module, plan_kind: str, device: torch.device)
         for table in configs:
             if pooled and on_cpu and wanted != ShardingType.TABLE_WISE.value:
                 types: Optional[List[str]] = (
-                    [ShardingType.TABLE_WISE.value] if wanted == ShardingType.ROW_WISE.value else bag_types_cpu
+                    [ShardingType.TABLE_WISE.value]
+                    if wanted == ShardingType.ROW_WISE.value
+                    else bag_types_cpu
                 )
             else:
                 types = [wanted] if wanted else None
