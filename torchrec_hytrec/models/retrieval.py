@@ -4,7 +4,10 @@ Public API (stable; ``torchrec_hytrec.train`` builds on it):
 
 - :class:`RetrievalConfig`: tables, loss and sampling settings.
 - :class:`HyTRecRetrieval` ``(config, encoder, device=None)``; ``forward(batch: SequenceBatch)``
-  returns ``(loss, aux)`` so that TorchRec's train pipelines can drive it:
+  returns ``(loss, aux)``, the contract of TorchRec's train pipelines (``TrainPipelineBase``
+  drives it; ``TrainPipelineSparseDist`` cannot, as it fx-traces ``forward`` and needs the
+  table input to be a field of the batch, while this forward branches on the batch kind and
+  appends the softmax candidates to the KJT itself):
 
   * a training batch (``batch.targets`` all ``-1``): every position but a user's last predicts the
     next event; ``aux = {"num_positions": [1]}``.
