@@ -22,6 +22,7 @@ from torchrec_hytrec.models.sharding import (
     make_dense_optimizer,
     make_optimizer,
     shard_model,
+    sharding_constraints,
 )
 
 WORLD = 2
@@ -250,3 +251,18 @@ def eval_worker(rank: int, port: int) -> None:
 @pytest.mark.slow
 def test_row_wise_sharded_evaluation_equals_unsharded() -> None:
     _spawn(eval_worker)
+
+
+def test_sharding_constraints_encode_cpu_limits() -> None:
+    model = make_ranker()  # EC tables "item", "category"; EBC tables "user_bucket", "recent_items"
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    row_wise = sharding_constraints(model, "row_wise", cpu)
+    assert row_wise["item"].sharding_types == ["row_wise"] and row_wise["category"].sharding_types == ["row_wise"]
+    assert row_wise["user_bucket"].sharding_types == ["table_wise"]  # no row-wise pooled tables on CPU
+    assert all(c.compute_kernels == ["fused"] for c in row_wise.values())
+    assert sharding_constraints(model, "row_wise", gpu)["user_bucket"].sharding_types == ["row_wise"]
+    assert all(c.sharding_types == ["table_wise"] for c in sharding_constraints(model, "table_wise", cpu).values())
+    auto = sharding_constraints(model, "auto", cpu)
+    assert all("data_parallel" not in c.sharding_types for c in auto.values())
+    with pytest.raises(ValueError, match="plan_kind"):
+        sharding_constraints(model, "column", cpu)

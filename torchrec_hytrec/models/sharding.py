@@ -148,29 +148,21 @@ def sharding_constraints(
     """
     if plan_kind not in PLAN_KINDS:
         raise ValueError(f"plan_kind must be one of {PLAN_KINDS}, got {plan_kind!r}")
+    tw, rw, cw = (ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value, ShardingType.COLUMN_WISE.value)
     on_cpu = device.type == "cpu"
+    # CPU: FUSED kernels only (so no data-parallel tables) and no row-wise pooled tables.
     kernels = [EmbeddingComputeKernel.FUSED.value] if on_cpu else None
-    bag_types_cpu = [
-        ShardingType.TABLE_WISE.value,
-        ShardingType.COLUMN_WISE.value,
-        ShardingType.DATA_PARALLEL.value,
-    ]
-    wanted = {"row_wise": ShardingType.ROW_WISE.value, "table_wise": ShardingType.TABLE_WISE.value}.get(
-        plan_kind
-    )
+    wanted = {"row_wise": rw, "table_wise": tw}.get(plan_kind)
     constraints = {}
     for module in _table_modules(model):
         pooled = isinstance(module, EmbeddingBagCollection)
         configs = module.embedding_bag_configs() if pooled else module.embedding_configs()
+        allowed: Optional[List[str]] = ([tw, cw] if pooled else [tw, rw, cw]) if on_cpu else None
+        if wanted is None:
+            types = allowed
+        else:
+            types = [wanted if allowed is None or wanted in allowed else tw]
         for table in configs:
-            if pooled and on_cpu and wanted != ShardingType.TABLE_WISE.value:
-                types: Optional[List[str]] = (
-                    [ShardingType.TABLE_WISE.value]
-                    if wanted == ShardingType.ROW_WISE.value
-                    else bag_types_cpu
-                )
-            else:
-                types = [wanted] if wanted else None
             constraints[table.name] = ParameterConstraints(sharding_types=types, compute_kernels=kernels)
     return constraints
 
