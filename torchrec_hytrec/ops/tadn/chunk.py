@@ -131,10 +131,12 @@ def _to_chunks(x: torch.Tensor, plan: _JaggedChunks, dtype: torch.dtype) -> torc
     return rows.index_select(0, plan.source).view(plan.num_chunks * H, plan.chunk_size, *rest)
 
 
-def _from_chunks(y: torch.Tensor, like: torch.Tensor, plan: _JaggedChunks) -> torch.Tensor:
-    """Inverse of :func:`_to_chunks` (padding dropped), shaped and typed like ``like``."""
+def _from_chunks(
+    y: torch.Tensor, plan: _JaggedChunks, shape: torch.Size, dtype: torch.dtype
+) -> torch.Tensor:
+    """Inverse of :func:`_to_chunks` (padding dropped), as ``shape`` ``[T, H, *D]`` in ``dtype``."""
     rest = y.shape[2:]
-    return y.reshape(-1, *rest).index_select(0, plan.dest).view(like.shape).to(like.dtype)
+    return y.reshape(-1, *rest).index_select(0, plan.dest).view(shape).to(dtype)
 
 
 @dataclass
@@ -272,24 +274,26 @@ class _ChunkTADN(torch.autograd.Function):
         qeff = _effective_queries(qc, p, w, gates)
         o = torch.bmm(p, u).baddbmm_(qeff, s_in, beta=scale, alpha=scale)
         final = slots.index_select(0, plan.final_slot) if output_final_state else None
-        ctx.save_for_backward(q, k, v, log_alpha, beta, states, wu, m)
+        # The padded inputs are kept rather than re-gathered: they are the inputs' size.
+        ctx.save_for_backward(qc, kc, vc, gc, bc, states, wu, m)
+        ctx.input_meta = [(x.shape, x.dtype) for x in (q, k, v, log_alpha, beta)]
+        ctx.num_heads = H
         ctx.plan = plan
         ctx.scale = scale
         ctx.initial_dtype = None if initial_state is None else initial_state.dtype
-        return _from_chunks(o, q, plan), final
+        return _from_chunks(o, plan, q.shape[:2] + v.shape[2:], q.dtype), final
 
     @staticmethod
     @once_differentiable
     def backward(  # pyre-ignore[14]
         ctx: FunctionCtx, do: torch.Tensor, dfinal: Optional[torch.Tensor]
     ) -> Tuple[Optional[torch.Tensor], ...]:
-        q, k, v, log_alpha, beta, states, wu, m = ctx.saved_tensors
+        qc, kc, vc, gc, bc, states, wu, m = ctx.saved_tensors
         plan: _JaggedChunks = ctx.plan
-        H, K, V = q.shape[1], q.shape[2], v.shape[2]
+        H, K, V = ctx.num_heads, kc.shape[2], vc.shape[2]
         B = plan.init_slot.numel()
         dtype = states.dtype
         w, u = wu[..., :K], wu[..., K:]
-        qc, kc, vc, gc, bc = (_to_chunks(x, plan, dtype) for x in (q, k, v, log_alpha, beta))
         dos = _to_chunks(do, plan, dtype).mul_(ctx.scale)
         gates = _gates(gc)
         bk, a, p = _chunk_matrices(qc, kc, bc, gates)
@@ -352,12 +356,9 @@ class _ChunkTADN(torch.autograd.Function):
         dinit = None
         if ctx.initial_dtype is not None:
             dinit = dslots[:B].index_select(0, plan.init_slot).to(ctx.initial_dtype)
+        grads = (dq, dk, dv, dlog_alpha, dbeta)
         return (
-            _from_chunks(dq, q, plan),
-            _from_chunks(dk, k, plan),
-            _from_chunks(dv, v, plan),
-            _from_chunks(dlog_alpha, log_alpha, plan),
-            _from_chunks(dbeta, beta, plan),
+            *(_from_chunks(g, plan, *meta) for g, meta in zip(grads, ctx.input_meta)),
             dinit,
             None,
             None,
