@@ -77,24 +77,29 @@ def _assert_weights_equal(sharded: DistributedModelParallel, reference: Dict[str
 
 
 def _sharded_and_reference(
-    build: Callable[[], nn.Module], plan_kind: str
+    build: Callable[[], nn.Module], plan_kind: str, opt: OptimizerConfig = OPT
 ) -> Tuple[DistributedModelParallel, nn.Module]:
     reference = build()
-    apply_sparse_optimizer(reference, OPT)
+    apply_sparse_optimizer(reference, opt)
     model = build()
-    apply_sparse_optimizer(model, OPT)
+    apply_sparse_optimizer(model, opt)
     sharded = shard_model(model, plan_kind, device=torch.device("cpu"))
     _copy_into(sharded, reference.state_dict())
     return sharded, reference
 
 
 def one_step_worker(
-    rank: int, port: int, build: Callable[[], nn.Module], make_batches: Callable[[], list], plan_kind: str
+    rank: int,
+    port: int,
+    build: Callable[[], nn.Module],
+    make_batches: Callable[[], list],
+    plan_kind: str,
+    opt: OptimizerConfig = OPT,
 ) -> None:
     _init(rank, port)
-    sharded, reference = _sharded_and_reference(build, plan_kind)
-    optimizer = make_optimizer(sharded, OPT)
-    reference_dense = make_dense_optimizer(reference, OPT)
+    sharded, reference = _sharded_and_reference(build, plan_kind, opt)
+    optimizer = make_optimizer(sharded, opt)
+    reference_dense = make_dense_optimizer(reference, opt)
     batches = make_batches()
     initial = {k: v.clone() for k, v in reference.state_dict().items()}
 
@@ -136,12 +141,15 @@ def _retrieval_batches() -> list:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "plan_kind,build",
-    [("row_wise", _retrieval_full), ("table_wise", _retrieval_sampled)],
+    "plan_kind,build,sparse_optimizer",
+    [("row_wise", _retrieval_full, "rowwise_adagrad"), ("table_wise", _retrieval_sampled, "adagrad")],
     ids=["row_wise", "table_wise"],
 )
-def test_retrieval_sharded_step_equals_unsharded(plan_kind: str, build: Callable[[], nn.Module]) -> None:
-    _spawn(one_step_worker, build, _retrieval_batches, plan_kind)
+def test_retrieval_sharded_step_equals_unsharded(
+    plan_kind: str, build: Callable[[], nn.Module], sparse_optimizer: str
+) -> None:
+    opt = OptimizerConfig(sparse_optimizer=sparse_optimizer, sparse_lr=0.1, dense_lr=0.01)
+    _spawn(one_step_worker, build, _retrieval_batches, plan_kind, opt)
 
 
 def _ranker_batches() -> list:
@@ -257,11 +265,15 @@ def test_sharding_constraints_encode_cpu_limits() -> None:
     model = make_ranker()  # EC tables "item", "category"; EBC tables "user_bucket", "recent_items"
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     row_wise = sharding_constraints(model, "row_wise", cpu)
-    assert row_wise["item"].sharding_types == ["row_wise"] and row_wise["category"].sharding_types == ["row_wise"]
+    assert row_wise["item"].sharding_types == ["row_wise"] and row_wise["category"].sharding_types == [
+        "row_wise"
+    ]
     assert row_wise["user_bucket"].sharding_types == ["table_wise"]  # no row-wise pooled tables on CPU
     assert all(c.compute_kernels == ["fused"] for c in row_wise.values())
     assert sharding_constraints(model, "row_wise", gpu)["user_bucket"].sharding_types == ["row_wise"]
-    assert all(c.sharding_types == ["table_wise"] for c in sharding_constraints(model, "table_wise", cpu).values())
+    assert all(
+        c.sharding_types == ["table_wise"] for c in sharding_constraints(model, "table_wise", cpu).values()
+    )
     auto = sharding_constraints(model, "auto", cpu)
     assert all("data_parallel" not in c.sharding_types for c in auto.values())
     with pytest.raises(ValueError, match="plan_kind"):

@@ -41,8 +41,9 @@ PLAN_KINDS = ("row_wise", "table_wise", "auto")
 
 _SPARSE_OPTIMIZERS: Dict[str, Type[torch.optim.Optimizer]] = {
     "rowwise_adagrad": trec_optim.RowWiseAdagrad,
-    "adagrad": trec_optim.Adagrad,
-    "adam": trec_optim.Adam,
+    # torchrec.optim's Adagrad/Adam are placeholders that cannot step an unsharded table.
+    "adagrad": torch.optim.Adagrad,
+    "adam": torch.optim.Adam,
 }
 
 
@@ -51,13 +52,13 @@ class OptimizerConfig:
     """Optimizers of a sharded model.
 
     Args:
-        sparse_optimizer: ``"rowwise_adagrad"``, ``"adagrad"`` or ``"adam"``; FBGEMM applies it
-            inside the backward of every embedding table.
+        sparse_optimizer: ``"rowwise_adagrad"``, ``"adagrad"`` or ``"adam"`` (GPU only: FBGEMM's
+            CPU kernels have no Adam); FBGEMM applies it inside the backward of every table.
         sparse_lr: its learning rate.
         sparse_eps: its epsilon.
         dense_lr: AdamW learning rate of every other parameter.
         dense_weight_decay: AdamW weight decay.
-        betas: Adam/AdamW betas.
+        betas: AdamW betas.
 
     Example::
 
@@ -96,9 +97,9 @@ def apply_sparse_optimizer(model: nn.Module, config: OptimizerConfig) -> None:
     params = [p for m in _table_modules(model) for p in m.parameters()]
     if not params:
         raise ValueError("model has no EmbeddingCollection or EmbeddingBagCollection tables")
+    # Only arguments that torch's optimizers and FBGEMM's kernels name alike (sparse Adam keeps
+    # the betas (0.9, 0.999) both default to).
     kwargs = {"lr": config.sparse_lr, "eps": config.sparse_eps}
-    if config.sparse_optimizer == "adam":
-        kwargs["betas"] = config.betas
     apply_optimizer_in_backward(_SPARSE_OPTIMIZERS[config.sparse_optimizer], params, kwargs)
 
 
@@ -185,6 +186,11 @@ def shard_model(
     Returns:
         The DMP-wrapped model: sharded tables, DDP-wrapped dense parameters.
     """
+    if device.type == "cpu":
+        for module in _table_modules(model):
+            for param in module.parameters():
+                if torch.optim.Adam in getattr(param, "_optimizer_classes", []):
+                    raise ValueError("sparse_optimizer 'adam' needs a GPU: FBGEMM's CPU kernels have no Adam")
     group = process_group if process_group is not None else dist.GroupMember.WORLD
     world_size = dist.get_world_size(group)
     topology = Topology(
