@@ -25,7 +25,7 @@ number of times: they are collective.
 
 import copy
 import math
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -154,6 +154,16 @@ def item_table_shards(embedding_collection: nn.Module) -> Tuple[List[Tuple[int, 
     return shards, True
 
 
+# Item rows scored per matmul: bounds the [users, rows] score block for large catalogues.
+_BLOCK_ROWS = 65_536
+
+
+def _row_blocks(shards: List[Tuple[int, torch.Tensor]]) -> Iterator[Tuple[int, torch.Tensor]]:
+    for row0, weight in shards:
+        for start in range(0, weight.shape[0], _BLOCK_ROWS):
+            yield row0 + start, weight[start : start + _BLOCK_ROWS]
+
+
 def _all_gather_rows(t: torch.Tensor, group: dist.ProcessGroup) -> Tuple[torch.Tensor, List[int]]:
     """Concatenates every rank's ``t`` along dim 0 (sizes may differ); returns it and the sizes."""
     world = dist.get_world_size(group)
@@ -220,7 +230,7 @@ def catalogue_ranks(
     seen, seen_user = seen[keep], seen_user[keep]
 
     above = torch.zeros(rows.shape[0], dtype=torch.long, device=rows.device)
-    for row0, weight in shards:
+    for row0, weight in _row_blocks(shards):
         item = torch.arange(row0, row0 + weight.shape[0], device=rows.device)
         greater = (queries @ weight.t().to(queries.dtype)) > scores_at_target[:, None]
         greater &= (item[None, :] != targets[:, None]) & (item[None, :] != 0)
@@ -255,7 +265,7 @@ def retrieve_topk(
         first, query = sum(counts[: dist.get_rank(process_group)]), gathered
     best_scores = query.new_full((query.shape[0], k), float("-inf"))
     best_ids = torch.full((query.shape[0], k), -1, dtype=torch.long, device=query.device)
-    for row0, weight in shards:
+    for row0, weight in _row_blocks(shards):
         scores = query @ weight.t().to(query.dtype)
         if row0 == 0:
             scores[:, 0] = float("-inf")
