@@ -47,8 +47,8 @@ from torchrec_hytrec.training.distributed import init_distributed
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--users", type=int, default=1000, help="synthetic users")
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--users", type=int, default=800, help="synthetic users")
+    p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--embedding-dim", type=int, default=32)
     p.add_argument("--max-seq-len", type=int, default=64, help="most recent events kept per user")
     p.add_argument("--max-tokens", type=int, default=4096, help="most history events per sequence batch")
