@@ -170,21 +170,17 @@ def causal_attention_at(
 def _full_causal(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, scale: Optional[float]
 ) -> torch.Tensor:
-    bounds = offsets.tolist()
-    outputs = []
-    for b in range(len(bounds) - 1):
-        lo, hi = bounds[b], bounds[b + 1]
-        if hi == lo:
-            continue
+    # torch.split, not per-user slicing: each slice's backward would allocate a zero gradient
+    # of the whole batch, making the backward cost B * T instead of T.
+    lengths = (offsets[1:] - offsets[:-1]).tolist()
+    outputs = [
         # 4-D inputs: SDPA sends 3-D ones to its quadratic-memory math path on CPU.
-        out = F.scaled_dot_product_attention(
-            q[None, lo:hi].transpose(1, 2),
-            k[None, lo:hi].transpose(1, 2),
-            v[None, lo:hi].transpose(1, 2),
-            is_causal=True,
-            scale=scale,
-        )
-        outputs.append(out[0].transpose(0, 1))
+        F.scaled_dot_product_attention(
+            qu[None].transpose(1, 2), ku[None].transpose(1, 2), vu[None].transpose(1, 2), is_causal=True, scale=scale
+        )[0].transpose(0, 1)
+        for qu, ku, vu in zip(q.split(lengths), k.split(lengths), v.split(lengths))
+        if qu.shape[0] > 0
+    ]
     if not outputs:
         return q.new_zeros(q.shape)
     return torch.cat(outputs)
