@@ -392,16 +392,23 @@ def ranking_batch_from_sequences(
     offsets = batch.offsets()
     lengths = offsets[1:] - offsets[:-1]
     items = batch.features[ITEM_KEY].values()
+    if num_items < 2:
+        raise ValueError(f"negatives need a catalogue of 2 or more items, got num_items={num_items}")
     if bool((batch.targets >= 0).all()):
         history, positives, request = lengths, batch.targets, batch.target_timestamps
     else:
-        short = torch.nonzero(lengths < 2).flatten()
-        if short.numel():
-            raise ValueError(
-                f"users need 2 or more events to derive a training row: user_ids {batch.user_ids[short].tolist()}"
-            )
         last = offsets[1:] - 1
-        history, positives, request = lengths - 1, items[last], batch.timestamps[last]
+        history, positives, request = (
+            lengths - 1,
+            items[last.clamp(min=0)],
+            batch.timestamps[last.clamp(min=0)],
+        )
+    empty = torch.nonzero(history < 1).flatten()
+    if empty.numel():
+        raise ValueError(
+            "users need a history event before the positive (2 or more events in a training batch): "
+            f"user_ids {batch.user_ids[empty].tolist()}"
+        )
 
     per_user = 1 + num_negatives
     rows = torch.repeat_interleave(torch.arange(batch.batch_size), per_user)
