@@ -95,6 +95,11 @@ class SequenceLookup(NamedTuple):
         events: ``[sum(n), d]`` item plus side-feature embeddings of every event: the encoder input.
         items: ``[sum(n), d]`` item-table rows of every event (the softmax's output embeddings).
         extra: ``[M, d]`` item-table rows of the extra ids, in their order.
+
+    Example::
+
+        looked_up = item_arch(batch.features, extra_ids, extra_lengths)
+        states = encoder(looked_up.events, batch.offsets(), batch.timestamps)
     """
 
     events: torch.Tensor
