@@ -79,6 +79,11 @@ def test_resume_after_an_epoch_equals_training_straight_through(tmp_path: Path) 
     resumed = main([*common, "--epochs", "2", "--out-dir", str(tmp_path / "b"), "--resume"])
     assert [r["epoch"] for r in resumed] == [0, 1]
     assert _metrics(tmp_path / "b") == _metrics(tmp_path / "a")
+    # The by-history-length figures: one line per epoch, the resumed run's equal to the straight one's.
+    details = [(tmp_path / run / "eval_detail.jsonl").read_text().splitlines() for run in ("a", "b")]
+    assert details[0] == details[1] and len(details[0]) == 2
+    test_detail = json.loads(details[0][-1])["test"]
+    assert test_detail["hr@10/len<100"] == pytest.approx(test_detail["hr@10"])
     assert len(straight) == 2
     # Step checkpoints (every 3) and epoch ends, the last keep_last=3 complete ones kept.
     names = sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir())

@@ -159,8 +159,13 @@ def popularity_ranks(counts: torch.Tensor) -> torch.Tensor:
 def evaluate_split(
     model: nn.Module, reader: SequenceReader, filler: SequenceBatch, pop_ranks: torch.Tensor,
     ks: Sequence[int], device: torch.device,
-) -> Dict[str, float]:
-    """HR/NDCG@ks and MRR of the model and of the popularity baseline on one split, all ranks."""
+) -> Tuple[Dict[str, float], Dict[str, float]]:
+    """HR/NDCG@ks and MRR of the model and of the popularity baseline on one split, all ranks.
+
+    Returns:
+        ``(overall, detail)``: the overall figures with the popularity baseline's, and every
+        figure of the model, by history-length bucket too.
+    """
     evaluator = RetrievalEvaluator(model, metrics=RetrievalMetrics(hr_ks=ks, ndcg_ks=ks, device=device))
     # Filler steps run the same collectives but land in a throwaway accumulator.
     discard = RetrievalEvaluator(model, metrics=RetrievalMetrics(hr_ks=ks, ndcg_ks=ks, device=device))
@@ -176,12 +181,11 @@ def evaluate_split(
                 popularity.update(pop_ranks.to(device)[batch.targets], lengths)
     model.train()
     popularity.all_reduce()
-    # Overall figures only: the per-history-length buckets would make the table unreadable.
     model_metrics, pop_metrics = evaluator.compute(), popularity.compute()
     # A split without users (tiny datasets) reports NaN rather than failing the run.
     out = {name: model_metrics.get(name, math.nan) for name in evaluator.metrics.metric_names}
     out.update({f"pop_hr@{k}": pop_metrics.get(f"hr@{k}", math.nan) for k in ks})
-    return out
+    return out, model_metrics
 
 
 def _first_batch(reader: SequenceReader) -> SequenceBatch:
@@ -311,14 +315,22 @@ class Trainer:
         dist.all_reduce(totals)
         return float(totals[0] / totals[1])
 
-    def evaluate(self) -> Dict[str, float]:
-        """Model and popularity metrics on the valid and test splits, prefixed by split."""
+    def evaluate(self) -> Tuple[Dict[str, float], Dict[str, Any]]:
+        """Model and popularity metrics on the valid and test splits.
+
+        Returns:
+            ``(row, detail)``: the overall figures prefixed by split for the epoch table, and per
+            split every figure of the model, by history-length bucket too (too many for a table).
+        """
         row: Dict[str, float] = {}
+        detail: Dict[str, Any] = {}
         for split, reader in self.eval_readers.items():
-            metrics = evaluate_split(self.model, reader, self.eval_fillers[split], self.popularity_ranks,
-                                     self.cfg.eval_ks, self.env.device)
+            metrics, detail[split.value] = evaluate_split(
+                self.model, reader, self.eval_fillers[split], self.popularity_ranks, self.cfg.eval_ks,
+                self.env.device,
+            )
             row.update({f"{split.value}_{k}": v for k, v in metrics.items()})
-        return row
+        return row, detail
 
     def fit(self, resume: bool) -> List[Dict[str, Any]]:
         """Runs (or resumes) every epoch; returns the metric rows (on rank 0; empty elsewhere)."""
@@ -328,9 +340,10 @@ class Trainer:
             (self.out_dir / "config.json").write_text(json.dumps(config_to_dict(self.cfg), indent=2))
         for epoch in range(self.progress["epoch"], self.cfg.epochs):
             started = time.perf_counter()
-            row = {"train_loss": self.train_epoch(epoch), **self.evaluate()}
-            row["epoch_s"] = time.perf_counter() - started
-            metrics_log.log(epoch, row)
+            train_loss = self.train_epoch(epoch)
+            metrics, detail = self.evaluate()
+            row = {"train_loss": train_loss, **metrics, "epoch_s": time.perf_counter() - started}
+            metrics_log.log(epoch, row, detail)
             if self.env.is_main:
                 table = metrics_log.table()
                 print(table if epoch == 0 else table.splitlines()[-1], flush=True)

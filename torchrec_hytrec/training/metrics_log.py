@@ -6,7 +6,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 from torch.utils.tensorboard import SummaryWriter
 
@@ -40,8 +40,26 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _rows_before(path: Path, start_epoch: int) -> List[Row]:
+    """The rows of a JSONL file from epochs before ``start_epoch`` (a resumed run redoes the rest)."""
+    rows: List[Row] = []
+    if not path.exists():
+        return rows
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {n} is not JSON: {e}") from e
+        if row["epoch"] < start_epoch:
+            rows.append(row)
+    return rows
+
+
 class MetricsLogger:
-    """Appends one row of metrics per epoch to ``metrics.jsonl``, ``metrics.csv`` and TensorBoard.
+    """Appends one row of metrics per epoch to ``metrics.jsonl``, ``metrics.csv`` and TensorBoard,
+    and optional nested detail to ``eval_detail.jsonl``.
 
     A resumed run passes the epoch it restarts from: rows of that epoch and later (written by
     the attempt that died) are dropped, so every epoch appears once, and TensorBoard events
@@ -64,30 +82,31 @@ class MetricsLogger:
         self.out_dir = Path(out_dir)
         self.enabled = enabled
         self.rows: List[Row] = []
+        self.details: List[Row] = []
         self._writer: Optional[SummaryWriter] = None
         if not enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        jsonl = self.out_dir / "metrics.jsonl"
-        if jsonl.exists():
-            for n, line in enumerate(jsonl.read_text().splitlines(), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{jsonl}: line {n} is not JSON: {e}") from e
-                if row["epoch"] < start_epoch:
-                    self.rows.append(row)
+        self.rows = _rows_before(self.out_dir / "metrics.jsonl", start_epoch)
+        self.details = _rows_before(self.out_dir / "eval_detail.jsonl", start_epoch)
         self._flush()
         self._writer = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=start_epoch)
 
-    def log(self, epoch: int, metrics: Dict[str, float]) -> Row:
-        """Records one epoch's metrics; returns the row as written."""
+    def log(self, epoch: int, metrics: Dict[str, float], detail: Optional[Dict[str, Any]] = None) -> Row:
+        """Records one epoch's metrics; returns the row as written.
+
+        Args:
+            epoch: the epoch.
+            metrics: the scalars of the epoch's row (table, CSV, TensorBoard).
+            detail: optional nested figures too many for the table (e.g. metrics by history
+                length), written to ``eval_detail.jsonl`` only.
+        """
         row: Row = {"epoch": epoch, **metrics}
         if not self.enabled:
             return row
         self.rows.append(row)
+        if detail is not None:
+            self.details.append({"epoch": epoch, **detail})
         self._flush()
         assert self._writer is not None
         for name, value in metrics.items():
@@ -106,6 +125,7 @@ class MetricsLogger:
 
     def _flush(self) -> None:
         _write_atomic(self.out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows))
+        _write_atomic(self.out_dir / "eval_detail.jsonl", "".join(json.dumps(r) + "\n" for r in self.details))
         columns: List[str] = []
         for row in self.rows:
             columns += [k for k in row if k not in columns]
