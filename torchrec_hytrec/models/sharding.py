@@ -1,4 +1,4 @@
-"""Device choice, sharding with ``DistributedModelParallel`` and the optimizers, in one place.
+"""Sharding with ``DistributedModelParallel`` and the optimizers, in one place.
 
 The order a training script follows::
 
@@ -118,7 +118,9 @@ def make_optimizer(model: DistributedModelParallel, config: OptimizerConfig) -> 
 
     ``step()`` steps the dense part (the tables were updated in the backward); ``state_dict()``
     and ``load_state_dict()`` cover both, sharded table state included, so
-    ``torch.distributed.checkpoint`` saves and restores it.
+    ``torch.distributed.checkpoint`` saves and restores it. AdamW's state is created by its first
+    step: before loading into a fresh optimizer call ``optimizer.init_state()`` (a zero-gradient
+    step, which applies weight decay once), then load the model weights and the optimizer state.
 
     Args:
         model: returned by :func:`shard_model` after :func:`apply_sparse_optimizer`.
