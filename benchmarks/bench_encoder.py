@@ -151,13 +151,17 @@ def stream_vs_recompute(config: HyTRecConfig, n: int, threads: int, repeats: int
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes, a smoke run")
     parser.add_argument("--lengths", type=int, nargs="+", default=[1_000, 4_000, 10_000, 16_000])
     parser.add_argument("--mixed-users", type=int, default=8)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--heads", type=int, default=2)
-    parser.add_argument("--window", type=int, default=256, help="long-branch softmax window W of the windowed variant")
+    parser.add_argument(
+        "--window", type=int, default=256, help="long-branch softmax window W of the windowed variant"
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--stream-length", type=int, default=10_000)
@@ -193,7 +197,9 @@ def main() -> None:
                     flush=True,
                 )
 
-    print(f"\nstreaming one event after {args.stream_length} (1 thread) vs forward_last recompute ({args.threads} threads)")
+    print(
+        f"\nstreaming one event after {args.stream_length} (1 thread) vs forward_last recompute ({args.threads} threads)"
+    )
     for name in ("hytrec_windowed", "hytrec_full"):
         stream, recompute = stream_vs_recompute(configs[name], args.stream_length, args.threads, args.repeats)
         print(

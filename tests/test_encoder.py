@@ -184,7 +184,9 @@ def test_request_time_decay() -> None:
     with torch.no_grad():
         plain = encoder.forward_last(values, offsets, timestamps)
         # t* = t_last is exactly the training form.
-        torch.testing.assert_close(encoder.forward_last(values, offsets, timestamps, request_time=last_time), plain)
+        torch.testing.assert_close(
+            encoder.forward_last(values, offsets, timestamps, request_time=last_time), plain
+        )
         later = encoder.forward_last(values, offsets, timestamps, request_time=last_time + 86400)
         # Only users with a long history change: the short branch does not decay.
         assert not torch.allclose(later[0], plain[0]) and not torch.allclose(later[2], plain[2])

@@ -18,7 +18,9 @@ def test_exported_stream_step_serves_every_later_step(seconds) -> None:
     """Once every window is full the state's shapes stop changing, so one exported program
     takes all later events (full-causal layers grow their cache and would need a dynamic dim)."""
     torch.manual_seed(0)
-    config = HyTRecConfig.hytrec(embedding_dim=32, short_window=8, short_window_seconds=seconds, long_attention_window=16)
+    config = HyTRecConfig.hytrec(
+        embedding_dim=32, short_window=8, short_window_seconds=seconds, long_attention_window=16
+    )
     encoder = HyTRecEncoder(config).eval()
     users, warmup, steps = 3, 20, 4
     values = torch.randn(warmup + steps, users, 32)
@@ -27,7 +29,9 @@ def test_exported_stream_step_serves_every_later_step(seconds) -> None:
     with torch.no_grad():
         for i in range(warmup):
             _, state = encoder.stream_step(state, values[i], timestamps[i])
-        program = torch.export.export(_StreamStep(encoder), (state, values[warmup], timestamps[warmup]), strict=False)
+        program = torch.export.export(
+            _StreamStep(encoder), (state, values[warmup], timestamps[warmup]), strict=False
+        )
         exported_state = state
         for i in range(warmup, warmup + steps):
             want, state = encoder.stream_step(state, values[i], timestamps[i])

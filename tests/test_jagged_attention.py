@@ -46,14 +46,26 @@ def _dense_reference(q, k, v, offsets, window: Optional[int], starts: Optional[t
 
 @pytest.mark.parametrize(
     "window,block_size,seconds",
-    [(None, 64, None), (64, 64, None), (10, 4, None), (100, 64, None), (7, 64, None), (300, 32, None), (64, 16, 150.0)],
+    [
+        (None, 64, None),
+        (64, 64, None),
+        (10, 4, None),
+        (100, 64, None),
+        (7, 64, None),
+        (300, 32, None),
+        (64, 16, 150.0),
+    ],
 )
 def test_matches_dense_reference_values_and_gradients(window, block_size, seconds) -> None:
     offsets, (q, k, v), timestamps = _batch(LENGTHS)
     starts = None
     if seconds is not None:
-        starts = causal_window_starts(offsets=offsets, timestamps=timestamps, window=window, window_seconds=seconds)
-    out = jagged_causal_attention(q=q, k=k, v=v, offsets=offsets, window=window, window_starts=starts, block_size=block_size)
+        starts = causal_window_starts(
+            offsets=offsets, timestamps=timestamps, window=window, window_seconds=seconds
+        )
+    out = jagged_causal_attention(
+        q=q, k=k, v=v, offsets=offsets, window=window, window_starts=starts, block_size=block_size
+    )
     ref = _dense_reference(q, k, v, offsets, window, starts)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
     grad = torch.randn_like(out)
@@ -68,11 +80,18 @@ def test_attention_at_chosen_rows_matches_dense_reference(window, seconds) -> No
     offsets, (q, k, v), timestamps = _batch(LENGTHS, seed=5)
     starts = None
     if seconds is not None:
-        starts = causal_window_starts(offsets=offsets, timestamps=timestamps, window=window, window_seconds=seconds)
+        starts = causal_window_starts(
+            offsets=offsets, timestamps=timestamps, window=window, window_seconds=seconds
+        )
     nonempty = offsets[1:] > offsets[:-1]
     rows = torch.cat([offsets[1:][nonempty] - 1, torch.tensor([0, 3, 140, 200])])
     out = causal_attention_at(
-        q=q[rows], k=k, v=v, offsets=offsets, rows=rows, window=window,
+        q=q[rows],
+        k=k,
+        v=v,
+        offsets=offsets,
+        rows=rows,
+        window=window,
         window_starts=starts[rows] if starts is not None else None,
     )
     ref = _dense_reference(q, k, v, offsets, window, starts)[rows]
@@ -88,7 +107,9 @@ def test_window_starts_match_brute_force() -> None:
     offsets, _, timestamps = _batch(LENGTHS, seed=3)
     positions = jagged_positions(offsets)
     for window, seconds in [(8, None), (8, 120.0), (50, 0.0), (1000, 300.5)]:
-        starts = causal_window_starts(offsets=offsets, timestamps=timestamps, window=window, window_seconds=seconds)
+        starts = causal_window_starts(
+            offsets=offsets, timestamps=timestamps, window=window, window_seconds=seconds
+        )
         for b in range(len(LENGTHS)):
             lo, hi = int(offsets[b]), int(offsets[b + 1])
             for i in range(lo, hi):
@@ -108,6 +129,8 @@ def test_empty_batch_and_bad_arguments() -> None:
     assert jagged_causal_attention(q=empty, k=empty, v=empty, offsets=offsets).shape == (0, 2, 8)
     q = torch.randn(3, 2, 8)
     with pytest.raises(ValueError, match="window_starts needs a window"):
-        jagged_causal_attention(q=q, k=q, v=q, offsets=torch.tensor([0, 3]), window_starts=torch.zeros(3, dtype=torch.long))
+        jagged_causal_attention(
+            q=q, k=q, v=q, offsets=torch.tensor([0, 3]), window_starts=torch.zeros(3, dtype=torch.long)
+        )
     with pytest.raises(ValueError, match="window must be >= 1"):
         jagged_causal_attention(q=q, k=q, v=q, offsets=torch.tensor([0, 3]), window=0)

@@ -17,7 +17,10 @@ def _sigmoid(x: float) -> float:
 def test_time_constants_log_spaced_from_an_hour_to_a_year() -> None:
     layer = TADNLayer(HyTRecConfig(num_heads=4))
     torch.testing.assert_close(
-        layer.log_time_constant.exp(), torch.logspace(math.log10(3600), math.log10(YEAR), 4), rtol=1e-5, atol=0
+        layer.log_time_constant.exp(),
+        torch.logspace(math.log10(3600), math.log10(YEAR), 4),
+        rtol=1e-5,
+        atol=0,
     )
 
 

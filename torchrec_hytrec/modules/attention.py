@@ -9,7 +9,11 @@ from torch.profiler import record_function
 
 from torchrec_hytrec.modules.blocks import RotaryEmbedding, SequenceContext, SwiGLU
 from torchrec_hytrec.modules.config import HyTRecConfig
-from torchrec_hytrec.ops.jagged_attention import causal_attention_at, causal_window_starts, jagged_causal_attention
+from torchrec_hytrec.ops.jagged_attention import (
+    causal_attention_at,
+    causal_window_starts,
+    jagged_causal_attention,
+)
 
 
 @dataclass
@@ -72,14 +76,18 @@ class SoftmaxAttentionLayer(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.ffn = SwiGLU(d, round(config.ffn_multiplier * d), config.dropout)
 
-    def _project(self, x: torch.Tensor, ctx: SequenceContext) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _project(
+        self, x: torch.Tensor, ctx: SequenceContext
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, k, v = self.qkv(self.norm(x)).unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(-3)
         return self.rope(q, ctx.positions), self.rope(k, ctx.positions), v
 
     def _finish(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         return self.ffn(x + self.dropout(self.out(o.flatten(-2))))
 
-    def forward(self, x: torch.Tensor, ctx: SequenceContext, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, ctx: SequenceContext, rows: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """Runs the layer over a jagged batch.
 
         Args:
@@ -95,12 +103,21 @@ class SoftmaxAttentionLayer(nn.Module):
         starts = None
         if self.window_seconds is not None:
             starts = causal_window_starts(
-                offsets=ctx.offsets, timestamps=ctx.timestamps, window=self.window, window_seconds=self.window_seconds
+                offsets=ctx.offsets,
+                timestamps=ctx.timestamps,
+                window=self.window,
+                window_seconds=self.window_seconds,
             )
         with record_function("## hytrec_softmax_attention ##"):
             if rows is None:
                 o = jagged_causal_attention(
-                    q=q, k=k, v=v, offsets=ctx.offsets, window=self.window, window_starts=starts, block_size=self.block_size
+                    q=q,
+                    k=k,
+                    v=v,
+                    offsets=ctx.offsets,
+                    window=self.window,
+                    window_starts=starts,
+                    block_size=self.block_size,
                 )
             else:
                 o = causal_attention_at(
@@ -118,7 +135,9 @@ class SoftmaxAttentionLayer(nn.Module):
     def init_cache(self, batch_size: int, device: torch.device) -> KVCache:
         """Empty cache of ``batch_size`` streamed users."""
         empty = torch.zeros(batch_size, 0, self.num_heads, self.head_dim, device=device)
-        return KVCache(keys=empty, values=empty, timestamps=torch.zeros(batch_size, 0, dtype=torch.long, device=device))
+        return KVCache(
+            keys=empty, values=empty, timestamps=torch.zeros(batch_size, 0, dtype=torch.long, device=device)
+        )
 
     def step(self, x: torch.Tensor, ctx: SequenceContext, cache: KVCache) -> Tuple[torch.Tensor, KVCache]:
         """Advances every streamed user by one event.

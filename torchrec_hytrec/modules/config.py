@@ -85,7 +85,9 @@ class HyTRecConfig:
             raise ValueError(f"long_attention_window must be >= 1, got {self.long_attention_window}")
         low, high = self.time_constant_range
         if not 0 < low <= high:
-            raise ValueError(f"time_constant_range must satisfy 0 < low <= high, got {self.time_constant_range}")
+            raise ValueError(
+                f"time_constant_range must satisfy 0 < low <= high, got {self.time_constant_range}"
+            )
 
     @property
     def head_dim(self) -> int:

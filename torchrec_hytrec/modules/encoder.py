@@ -130,7 +130,11 @@ class HyTRecEncoder(nn.Module):
         self.gap_embedding = nn.Embedding(config.num_gap_buckets, d)
         self.input_dropout = nn.Dropout(config.dropout)
         self.long_layers = nn.ModuleList(
-            TADNLayer(config) if kind == TADN else SoftmaxAttentionLayer(config, window=config.long_attention_window)
+            (
+                TADNLayer(config)
+                if kind == TADN
+                else SoftmaxAttentionLayer(config, window=config.long_attention_window)
+            )
             for kind in config.long_pattern
         )
         self.short_layer: Optional[SoftmaxAttentionLayer] = None
@@ -159,7 +163,9 @@ class HyTRecEncoder(nn.Module):
         buckets = torch.where(has_long, self._buckets(gaps), self.config.num_gap_buckets)
         return self.fusion(short, long, buckets)
 
-    def _encode(self, values: torch.Tensor, ctx: SequenceContext, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _encode(
+        self, values: torch.Tensor, ctx: SequenceContext, rows: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """Outputs at ``rows`` (all rows if ``None``). With ``rows``, the last long layer and the
         short branch only compute the events the outputs read, which is what serving needs."""
         x = self._embed(values, ctx)
@@ -252,10 +258,16 @@ class HyTRecEncoder(nn.Module):
             num_events=torch.zeros(batch_size, dtype=torch.long, device=device),
             last_timestamps=torch.zeros(batch_size, dtype=torch.long, device=device),
             long_states=[
-                layer.init_state(batch_size, device) if isinstance(layer, TADNLayer) else layer.init_cache(batch_size, device)
+                (
+                    layer.init_state(batch_size, device)
+                    if isinstance(layer, TADNLayer)
+                    else layer.init_cache(batch_size, device)
+                )
                 for layer in self.long_layers
             ],
-            short_cache=self.short_layer.init_cache(batch_size, device) if self.short_layer is not None else None,
+            short_cache=(
+                self.short_layer.init_cache(batch_size, device) if self.short_layer is not None else None
+            ),
             recent_long=torch.zeros(batch_size, 0, d, device=device),
             recent_timestamps=torch.zeros(batch_size, 0, dtype=torch.long, device=device),
         )
@@ -308,15 +320,25 @@ class HyTRecEncoder(nn.Module):
                 recent_timestamps = torch.cat([recent_timestamps, timestamps[:, None]], dim=1)[:, -keep:]
                 window_size = short_cache.timestamps.shape[1]
                 if self.config.short_window_seconds is not None:
-                    in_window = short_cache.timestamps >= (timestamps - int(self.config.short_window_seconds))[:, None]
+                    in_window = (
+                        short_cache.timestamps
+                        >= (timestamps - int(self.config.short_window_seconds))[:, None]
+                    )
                     window_size = in_window.sum(dim=1)
                 # Index in `recent_*` of the last event before the short window (-1: none).
-                source = recent_long.shape[1] - 1 - torch.as_tensor(window_size, device=values.device).expand(batch)
+                source = (
+                    recent_long.shape[1]
+                    - 1
+                    - torch.as_tensor(window_size, device=values.device).expand(batch)
+                )
                 has_long = source >= 0
                 rows = torch.arange(batch, device=values.device)
                 source = source.clamp(min=0)
                 out = self._fuse(
-                    short, recent_long[rows, source], has_long, (timestamps - recent_timestamps[rows, source]).float()
+                    short,
+                    recent_long[rows, source],
+                    has_long,
+                    (timestamps - recent_timestamps[rows, source]).float(),
                 )
         new_state = HyTRecStreamState(
             num_events=state.num_events + 1,
@@ -337,7 +359,9 @@ def _check_inputs(values: torch.Tensor, offsets: torch.Tensor, timestamps: torch
     if torch.compiler.is_compiling():
         return
     if int(offsets[0]) != 0 or int(offsets[-1]) != values.shape[0]:
-        raise ValueError(f"offsets must run from 0 to sum(n) = {values.shape[0]}, got {offsets[0]}..{offsets[-1]}")
+        raise ValueError(
+            f"offsets must run from 0 to sum(n) = {values.shape[0]}, got {offsets[0]}..{offsets[-1]}"
+        )
     backwards = (timestamps[1:] < timestamps[:-1]).nonzero().flatten() + 1
     if backwards.numel():
         # A decrease at a user's first row is only the boundary between two users.

@@ -104,7 +104,9 @@ class TADNLayer(nn.Module):
         y = self.head_norm(o.to(x.dtype)).flatten(-2) * F.silu(self.output_gate(e))
         return self.ffn(x + self.dropout(self.out(y)))
 
-    def forward(self, x: torch.Tensor, ctx: SequenceContext, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, ctx: SequenceContext, rows: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """Runs the layer over a jagged batch.
 
         Args:
@@ -131,7 +133,9 @@ class TADNLayer(nn.Module):
         """Empty recurrent state ``[B, H, d_k, d_v]`` of ``batch_size`` streamed users."""
         return torch.zeros(batch_size, self.num_heads, self.head_dim, self.head_dim, device=device)
 
-    def step(self, x: torch.Tensor, ctx: SequenceContext, state: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def step(
+        self, x: torch.Tensor, ctx: SequenceContext, state: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Advances every streamed user by one event.
 
         Args:

@@ -63,7 +63,9 @@ def causal_window_starts(
     if window_seconds is None or total == 0:
         return starts
     lengths = offsets[1:] - offsets[:-1]
-    user = torch.repeat_interleave(torch.arange(lengths.numel(), device=offsets.device), lengths, output_size=total)
+    user = torch.repeat_interleave(
+        torch.arange(lengths.numel(), device=offsets.device), lengths, output_size=total
+    )
     # One sorted key for all users: user index in the high part, time since the user's first
     # event in the low part, so a single searchsorted never crosses into another user.
     first_time = timestamps[offsets[:-1].clamp(max=total - 1)]
@@ -176,7 +178,11 @@ def _full_causal(
     outputs = [
         # 4-D inputs: SDPA sends 3-D ones to its quadratic-memory math path on CPU.
         F.scaled_dot_product_attention(
-            qu[None].transpose(1, 2), ku[None].transpose(1, 2), vu[None].transpose(1, 2), is_causal=True, scale=scale
+            qu[None].transpose(1, 2),
+            ku[None].transpose(1, 2),
+            vu[None].transpose(1, 2),
+            is_causal=True,
+            scale=scale,
         )[0].transpose(0, 1)
         for qu, ku, vu in zip(q.split(lengths), k.split(lengths), v.split(lengths))
         if qu.shape[0] > 0
@@ -225,7 +231,9 @@ def _windowed_causal(
     kb = scatter(k, key_rows, num_key_slots)
     vb = scatter(v, key_rows, num_key_slots)
 
-    block_user = torch.repeat_interleave(torch.arange(num_users, device=device), blocks, output_size=num_query_blocks)
+    block_user = torch.repeat_interleave(
+        torch.arange(num_users, device=device), blocks, output_size=num_query_blocks
+    )
     block_index = torch.arange(num_query_blocks, device=device) - query_block_base[block_user]
     first_slot = key_slot_base[block_user] + block_index  # slot of the earliest key block
     span = torch.arange((before + 1) * block, device=device)
@@ -235,7 +243,11 @@ def _windowed_causal(
         keys = kb[slots].flatten(1, 2)  # [N, (before + 1) * block, H, D]
         values = vb[slots].flatten(1, 2)
         return F.scaled_dot_product_attention(
-            qb[chosen].transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask, scale=scale
+            qb[chosen].transpose(1, 2),
+            keys.transpose(1, 2),
+            values.transpose(1, 2),
+            attn_mask=mask,
+            scale=scale,
         )
 
     def exact_mask(chosen: torch.Tensor) -> torch.Tensor:
@@ -262,5 +274,7 @@ def _windowed_causal(
         late = block_index >= before
         early, late = everything[~late], everything[late]
         out = qb.new_zeros(num_query_blocks, H, block, D)
-        out = out.index_copy(0, late, attend(late, band)).index_copy(0, early, attend(early, exact_mask(early)))
+        out = out.index_copy(0, late, attend(late, band)).index_copy(
+            0, early, attend(early, exact_mask(early))
+        )
     return out.transpose(1, 2).reshape(num_query_blocks * block, H, D)[query_rows]
