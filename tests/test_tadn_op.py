@@ -5,7 +5,7 @@ reference. The kernel runs in fp32; the oracle runs on the same data in fp64 (na
 computes in fp64 for fp64 inputs), so the measured error is the kernel's own.
 """
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import pytest
 import torch
