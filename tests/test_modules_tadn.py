@@ -90,3 +90,15 @@ def test_rotary_scores_depend_only_on_relative_position() -> None:
 
     torch.testing.assert_close(score(7, 3), score(9_007, 9_003), rtol=1e-3, atol=1e-4)
     assert not torch.allclose(score(7, 3), score(7, 4))
+
+
+def test_chunk_size_shrinks_for_short_users_only() -> None:
+    layer = TADNLayer(HyTRecConfig(embedding_dim=16, tadn_chunk_size=64))
+
+    def offsets(*lengths: int) -> torch.Tensor:
+        return torch.tensor([0, *lengths]).cumsum(0)
+
+    assert layer._chunk_size_for(offsets(9, 12, 3)) == 16
+    assert layer._chunk_size_for(offsets(20, 25)) == 32
+    assert layer._chunk_size_for(offsets(10_000, *[100] * 99)) == 64
+    assert layer._chunk_size_for(offsets(0)) == 16

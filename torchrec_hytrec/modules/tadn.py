@@ -14,6 +14,8 @@ from torchrec_hytrec.ops.tadn import chunk_tadn, tadn_step
 
 # Gates start near 1 so that, before training, forgetting is driven by the time gaps.
 _GATE_BIAS_INIT = 5.0
+# Smallest chunk picked for short users: below it the per-chunk overheads outweigh the padding saved.
+_MIN_CHUNK_SIZE = 16
 
 
 class TADNLayer(nn.Module):
@@ -104,6 +106,17 @@ class TADNLayer(nn.Module):
         y = self.head_norm(o.to(x.dtype)).flatten(-2) * F.silu(self.output_gate(e))
         return self.ffn(x + self.dropout(self.out(y)))
 
+    def _chunk_size_for(self, offsets: torch.Tensor) -> int:
+        """The configured chunk size, shrunk for batches of short users.
+
+        Every user is padded to a multiple of the chunk, so a batch of 10-event users at C = 64
+        would spend most of its work on padding; the result is exact for any chunk size.
+        """
+        users = max(offsets.numel() - 1, 1)
+        mean_length = -(-int(offsets[-1]) // users)
+        fitting = 1 << max(mean_length - 1, 0).bit_length()
+        return min(self.chunk_size, max(_MIN_CHUNK_SIZE, fitting))
+
     def forward(
         self, x: torch.Tensor, ctx: SequenceContext, rows: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
@@ -121,7 +134,8 @@ class TADNLayer(nn.Module):
         e, q, k, v, log_alpha, beta = self._project(x, ctx)
         with record_function("## hytrec_tadn ##"):
             o, _ = chunk_tadn(
-                q=q, k=k, v=v, log_alpha=log_alpha, beta=beta, offsets=ctx.offsets, chunk_size=self.chunk_size
+                q=q, k=k, v=v, log_alpha=log_alpha, beta=beta, offsets=ctx.offsets,
+                chunk_size=self._chunk_size_for(ctx.offsets),
             )
         elapsed = ctx.elapsed
         if rows is not None:
