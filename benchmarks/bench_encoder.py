@@ -150,6 +150,17 @@ def stream_vs_recompute(config: HyTRecConfig, n: int, threads: int, repeats: int
     return stream, recompute
 
 
+def encoder_configs(dim: int, heads: int, window: int) -> Dict[str, HyTRecConfig]:
+    """HyTRec with windowed and with full causal long-branch attention, and the all-softmax
+    encoder of the same width and depth (4 long layers + short branch + fusion)."""
+    base = HyTRecConfig.hytrec(embedding_dim=dim, num_heads=heads)
+    return {
+        "hytrec_windowed": dataclasses.replace(base, long_attention_window=window),
+        "hytrec_full": base,
+        "all_softmax": dataclasses.replace(base, long_pattern="A" * len(base.long_pattern)),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -171,13 +182,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    base = HyTRecConfig.hytrec(embedding_dim=args.dim, num_heads=args.heads)
-    configs = {
-        "hytrec_windowed": dataclasses.replace(base, long_attention_window=args.window),
-        "hytrec_full": base,
-        # Same width and depth (4 long layers + short branch + fusion), every long layer softmax.
-        "all_softmax": dataclasses.replace(base, long_pattern="A" * len(base.long_pattern)),
-    }
+    configs = encoder_configs(args.dim, args.heads, args.window)
+    base = configs["hytrec_full"]
     print(
         f"torch {torch.__version__}, {args.threads} threads, d={args.dim}, heads={args.heads}, "
         f"K={base.short_window}, pattern {base.long_pattern}, W={args.window}, median of {args.repeats}"

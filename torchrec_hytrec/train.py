@@ -373,7 +373,11 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
     env = init_distributed()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    # The cores are shared out between the local processes unless OMP_NUM_THREADS says otherwise.
+    threads = int(os.environ.get("OMP_NUM_THREADS", "0")) or (os.cpu_count() or 1) // int(
+        os.environ.get("LOCAL_WORLD_SIZE", "1")
+    )
+    torch.set_num_threads(max(1, threads))
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     try:
         return Trainer(cfg, env).fit(resume=args.resume or restarted)

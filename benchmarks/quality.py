@@ -1,0 +1,299 @@
+"""Accuracy of HyTRec against the baselines it replaces, trained the same way.
+
+For every dataset, preset and seed it runs ``python -m torchrec_hytrec.train`` in a fresh
+process with one shared recipe (same width, depth budget, optimiser, learning rates, epochs and
+batch token budget for every preset: the baselines are configurations of the same code, see
+``HyTRecConfig``), picks the epoch with the best valid NDCG@10 and reports that epoch's test
+figures, the full catalogue ranked, leave-one-out: HR@10, NDCG@10, MRR overall and by history
+length, as mean and standard deviation over seeds.
+
+Datasets:
+
+* ``synthetic_long``: the project's generator (``SyntheticConfig.long``), histories up to 12k.
+* ``beauty``: ``../shared/data/amazon_beauty.txt`` (S3Rec preprocessing); published full-ranking
+  SASRec: HR@10 0.0605, NDCG@10 0.0318 (``../shared/data/README.md``).
+* ``ml100k``: ``../shared/data/ml-100k.inter`` (RecBole).
+
+A dataset whose source file is absent is skipped with a message. Results go to ``--out``:
+``quality.json`` (every run), ``quality.md`` (tables) and PNG plots.
+
+    python benchmarks/quality.py                         # all datasets, 3 presets, 3 seeds
+    python benchmarks/quality.py --datasets beauty --seeds 0 1 2 --jobs 2
+    python benchmarks/quality.py --tiny                  # seconds: a smoke run of the whole path
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+PRESETS = ("hytrec", "sasrec_like", "pure_linear")
+REPORTED = ("hr@10", "ndcg@10", "mrr")
+BUCKETS = ("len<100", "len100-1k", "len1k-5k", "len>=5k")
+PUBLISHED = {"beauty": {"SASRec (TIGER, NeurIPS 2023, Table 1)": {"hr@10": 0.0605, "ndcg@10": 0.0318}}}
+
+
+@dataclass
+class DatasetSpec:
+    """How one dataset is prepared and trained.
+
+    Args:
+        name: dataset name.
+        overrides: ``--set`` overrides of the training config shared by every preset.
+        epochs: training epochs (the same for every preset).
+        source: input file of the converter, or ``None`` for synthetic data.
+        convert_format: the converter's ``--format``.
+        synthetic_users: users of the long synthetic dataset.
+        synthetic_overrides: fields of ``SyntheticConfig.long`` to replace.
+    """
+
+    name: str
+    overrides: Dict[str, Any]
+    epochs: int
+    source: Optional[Path] = None
+    convert_format: Optional[str] = None
+    synthetic_users: int = 0
+    synthetic_overrides: Dict[str, Any] = field(default_factory=dict)
+
+
+# One recipe for every preset; only data-dependent sizes differ between datasets.
+COMMON = {
+    "model.embedding_dim": 64,
+    "model.encoder.dropout": 0.2,
+    "optim.dense_lr": 0.002,
+    "optim.sparse_lr": 0.05,
+    "checkpoint.every_n_steps": 0,
+    "checkpoint.keep_last": 1,
+}
+
+DATASETS = {
+    "synthetic_long": DatasetSpec(
+        name="synthetic_long",
+        synthetic_users=400,
+        epochs=3,
+        overrides={"data.max_seq_len": 12_000, "data.token_budget": 16_384, "data.eval_token_budget": 32_768,
+                   "model.encoder.short_window": 64},
+    ),
+    "beauty": DatasetSpec(
+        name="beauty",
+        source=SHARED_DATA / "amazon_beauty.txt",
+        convert_format="s3rec",
+        epochs=12,
+        # Histories average 9 events: a window of 8 leaves the long branch something to read.
+        overrides={"data.max_seq_len": 50, "data.token_budget": 8192, "model.encoder.short_window": 8},
+    ),
+    "ml100k": DatasetSpec(
+        name="ml100k",
+        source=SHARED_DATA / "ml-100k.inter",
+        convert_format="recbole",
+        epochs=12,
+        overrides={"data.max_seq_len": 200, "data.token_budget": 8192, "model.encoder.short_window": 32},
+    ),
+}
+
+TINY = {
+    "synthetic_long": DatasetSpec(
+        name="synthetic_long", synthetic_users=40, epochs=1,
+        overrides={"data.max_seq_len": 12_000, "data.token_budget": 16_384, "model.encoder.short_window": 16,
+                   "model.embedding_dim": 16, "data.row_group_size": 8},
+        synthetic_overrides={"max_length": 3000},
+    ),
+}
+
+
+def prepare(spec: DatasetSpec, data_dir: Path, tiny: bool) -> Optional[Path]:
+    """The dataset's Parquet file (made once), or ``None`` when its source file is absent."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    out = data_dir / f"{spec.name}{'-tiny' if tiny else ''}.parquet"
+    if out.exists():
+        return out
+    if spec.source is not None:
+        if not spec.source.exists():
+            print(f"[{spec.name}] skipped: {spec.source} not found", flush=True)
+            return None
+        cmd = [sys.executable, "-m", "torchrec_hytrec.data.convert", "--format", spec.convert_format,
+               str(spec.source), str(out)]
+        subprocess.run(cmd, check=True)
+        return out
+    import dataclasses
+
+    from torchrec_hytrec.data.schema import write_sequences
+    from torchrec_hytrec.data.synthetic import SyntheticConfig, generate
+
+    config = dataclasses.replace(SyntheticConfig.long(seed=0, num_users=spec.synthetic_users), **spec.synthetic_overrides)
+    data = generate(config)
+    write_sequences(out, data.sequences, data.info, row_group_size=int(spec.overrides.get("data.row_group_size", 32)))
+    print(f"[{spec.name}] {data.info.num_users} users, {data.info.num_items} items, {data.info.num_events} events, "
+          f"longest {int(np.diff(data.sequences.offsets).max())}", flush=True)
+    return out
+
+
+def best_epoch_test(run_dir: Path) -> Dict[str, float]:
+    """Test figures (overall and by bucket) of the epoch with the best valid NDCG@10."""
+    details = [json.loads(line) for line in (run_dir / "eval_detail.jsonl").read_text().splitlines() if line]
+    best = max(details, key=lambda d: d["valid"].get("ndcg@10", float("-inf")))
+    return {"epoch": best["epoch"], **best["test"]}
+
+
+def run_one(spec: DatasetSpec, data: Path, preset: str, seed: int, out_dir: Path, threads: int) -> Dict[str, Any]:
+    run_dir = out_dir / "runs" / f"{spec.name}-{preset}-seed{seed}"
+    overrides = {**COMMON, **spec.overrides, "model.preset": preset}
+    cmd = [sys.executable, "-m", "torchrec_hytrec.train", "--data", str(data), "--seed", str(seed),
+           "--epochs", str(spec.epochs), "--out-dir", str(run_dir)]
+    for key, value in overrides.items():
+        cmd += ["--set", f"{key}={json.dumps(value)}"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    started = time.perf_counter()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "train.log", "w") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}); see {run_dir / 'train.log'}")
+    wall = time.perf_counter() - started
+    result = {"dataset": spec.name, "preset": preset, "seed": seed, "train_wall_s": wall,
+              **best_epoch_test(run_dir)}
+    print(f"[{spec.name}] {preset:12s} seed {seed}: test HR@10 {result['hr@10']:.4f} "
+          f"NDCG@10 {result['ndcg@10']:.4f} MRR {result['mrr']:.4f} (epoch {result['epoch']}, {wall:.0f}s)",
+          flush=True)
+    return result
+
+
+def _mean_std(values: List[float]) -> str:
+    if not values:
+        return "–"
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.4f} ± {spread:.4f}"
+
+
+def summarise(results: List[Dict[str, Any]]) -> str:
+    """Markdown tables: overall figures, then HR@10 by history length."""
+    lines: List[str] = []
+    for dataset in dict.fromkeys(r["dataset"] for r in results):
+        rows = [r for r in results if r["dataset"] == dataset]
+        seeds = sorted({r["seed"] for r in rows})
+        lines += [f"### {dataset} (test split, best-valid epoch, mean ± std over seeds {seeds})", "",
+                  "| model | HR@10 | NDCG@10 | MRR | train wall s |", "|---|---|---|---|---|"]
+        for preset in dict.fromkeys(r["preset"] for r in rows):
+            mine = [r for r in rows if r["preset"] == preset]
+            cells = [_mean_std([r[m] for r in mine if m in r]) for m in REPORTED]
+            wall = statistics.median(r["train_wall_s"] for r in mine)
+            lines.append(f"| {preset} | {' | '.join(cells)} | {wall:.0f} |")
+        for name, figures in PUBLISHED.get(dataset, {}).items():
+            lines.append(f"| {name}, published | {figures['hr@10']:.4f} | {figures['ndcg@10']:.4f} | – | – |")
+        present = [b for b in BUCKETS if any(f"hr@10/{b}" in r for r in rows)]
+        lines += ["", f"HR@10 by history length ({dataset}):", "",
+                  "| model | " + " | ".join(f"{b} (users)" for b in present) + " |",
+                  "|---|" + "---|" * len(present)]
+        for preset in dict.fromkeys(r["preset"] for r in rows):
+            mine = [r for r in rows if r["preset"] == preset]
+            cells = []
+            for b in present:
+                count = int(statistics.median(r.get(f"count/{b}", 0) for r in mine))
+                cells.append(f"{_mean_std([r[f'hr@10/{b}'] for r in mine if f'hr@10/{b}' in r])} ({count})")
+            lines.append(f"| {preset} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: List[Dict[str, Any]], out_dir: Path) -> List[Path]:
+    """Bar charts of HR@10 per dataset and by history length, mean with std error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    datasets = list(dict.fromkeys(r["dataset"] for r in results))
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.5 * len(datasets), 3.6), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        rows = [r for r in results if r["dataset"] == dataset]
+        presets = list(dict.fromkeys(r["preset"] for r in rows))
+        values = [[r["hr@10"] for r in rows if r["preset"] == p] for p in presets]
+        ax.bar(presets, [statistics.mean(v) for v in values],
+               yerr=[statistics.stdev(v) if len(v) > 1 else 0 for v in values], capsize=4,
+               color=["#1f77b4", "#ff7f0e", "#2ca02c"][: len(presets)])
+        for name, figures in PUBLISHED.get(dataset, {}).items():
+            ax.axhline(figures["hr@10"], color="k", ls="--", lw=1, label=f"published SASRec {figures['hr@10']}")
+            ax.legend(fontsize=7)
+        ax.set_title(dataset)
+        ax.set_ylabel("test HR@10")
+    fig.tight_layout()
+    paths.append(out_dir / "quality_hr10.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.5 * len(datasets), 3.6), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        rows = [r for r in results if r["dataset"] == dataset]
+        present = [b for b in BUCKETS if any(f"hr@10/{b}" in r for r in rows)]
+        presets = list(dict.fromkeys(r["preset"] for r in rows))
+        width = 0.8 / max(len(presets), 1)
+        for i, preset in enumerate(presets):
+            means = [statistics.mean([r.get(f"hr@10/{b}", 0.0) for r in rows if r["preset"] == preset])
+                     for b in present]
+            ax.bar([j + i * width for j in range(len(present))], means, width, label=preset)
+        ax.set_xticks([j + width * (len(presets) - 1) / 2 for j in range(len(present))], present, fontsize=8)
+        ax.set_title(f"{dataset}: HR@10 by history length")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out_dir / "quality_buckets.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    p.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--epochs", type=int, help="override every dataset's epochs")
+    p.add_argument("--jobs", type=int, default=2, help="training runs at once (one thread each when > 1)")
+    p.add_argument("--out", default=str(ROOT / "docs" / "results"), help="results directory")
+    p.add_argument("--data-dir", default=str(ROOT / "runs" / "quality-data"), help="prepared datasets")
+    p.add_argument("--tiny", action="store_true", help="a seconds-long smoke run on tiny synthetic data")
+    args = p.parse_args(argv)
+
+    specs = dict(TINY) if args.tiny else {name: DATASETS[name] for name in args.datasets}
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    threads = 1 if args.jobs > 1 else (os.cpu_count() or 1)
+    jobs = []
+    for spec in specs.values():
+        if args.epochs is not None:
+            spec = DatasetSpec(**{**spec.__dict__, "epochs": args.epochs})
+        data = prepare(spec, Path(args.data_dir), args.tiny)
+        if data is not None:
+            jobs += [(spec, data, preset, seed) for preset in args.presets for seed in args.seeds]
+    started = datetime.now(timezone.utc)
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        results = list(pool.map(lambda job: run_one(*job, out_dir=out_dir, threads=threads), jobs))
+    (out_dir / "quality.json").write_text(json.dumps(results, indent=1))
+    command = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    table = summarise(results)
+    plots = plot(results, out_dir) if results else []
+    (out_dir / "quality.md").write_text(
+        f"Command: `{command.strip()}`  \nStarted {started:%Y-%m-%d %H:%M} UTC, "
+        f"{(datetime.now(timezone.utc) - started).total_seconds() / 60:.0f} min with {args.jobs} runs at once.  \n"
+        f"Recipe shared by every preset: `{json.dumps(COMMON)}`; per dataset: "
+        + "; ".join(f"{s.name}: {s.epochs} epochs, `{json.dumps(s.overrides)}`" for s in specs.values())
+        + "\n\n" + table + "\n" + "".join(f"![{p.stem}]({p.name})\n" for p in plots)
+    )
+    print(table)
+    return results
+
+
+if __name__ == "__main__":
+    main()

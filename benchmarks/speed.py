@@ -1,0 +1,118 @@
+"""Speed against history length: HyTRec and the all-softmax encoder, and the streaming update.
+
+For one user of ``n`` events, ``n`` from 100 to 16k, it measures training throughput (events per
+second of a per-position forward, backward and AdamW step) and inference latency
+(``forward_last``), for HyTRec with windowed and with full causal long-branch attention and for
+the all-softmax encoder of the same width and depth (the encoders of ``bench_encoder.py``, timed
+by its functions: medians, encoders taking turns). Then the cost of streaming one new event
+after ``n`` against a full recompute. Results go to ``--out``: ``speed.json``, ``speed.md`` and
+``speed_curves.png``.
+
+    python benchmarks/speed.py                # about 10 minutes on 2 cores
+    python benchmarks/speed.py --quick        # seconds
+"""
+
+import argparse
+import json
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Dict, List
+
+import torch
+
+from bench_encoder import encoder_configs, make_batch, measure, stream_vs_recompute
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def plot(rows: List[Dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (train_ax, infer_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name in dict.fromkeys(r["encoder"] for r in rows):
+        mine = [r for r in rows if r["encoder"] == name]
+        n = [r["n"] for r in mine]
+        train_ax.plot(n, [r["train_events_per_s"] for r in mine], marker="o", label=name)
+        infer_ax.plot(n, [r["infer_ms"] for r in mine], marker="o", label=name)
+    train_ax.set(xscale="log", yscale="log", xlabel="history length n (one user)", ylabel="training events/s",
+                 title="training throughput")
+    infer_ax.set(xscale="log", yscale="log", xlabel="history length n (one user)", ylabel="ms",
+                 title="inference latency (forward_last)")
+    for ax in (train_ax, infer_ax):
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", type=int, nargs="+", default=[100, 300, 1_000, 3_000, 10_000, 16_000])
+    p.add_argument("--stream-lengths", type=int, nargs="+", default=[1_000, 10_000])
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--heads", type=int, default=2)
+    p.add_argument("--window", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=str(ROOT / "docs" / "results"))
+    p.add_argument("--quick", action="store_true", help="tiny sizes, a smoke run")
+    args = p.parse_args()
+    if args.quick:
+        args.lengths, args.stream_lengths, args.repeats = [100, 300], [100], 1
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = datetime.now(timezone.utc)
+    configs = encoder_configs(args.dim, args.heads, args.window)
+
+    rows: List[Dict[str, Any]] = []
+    for n in args.lengths:
+        results = measure(configs, make_batch([n], args.dim, seed=n), args.repeats)
+        for name, r in results.items():
+            rows.append({"encoder": name, "n": n, "train_events_per_s": n / r["train_s"], "infer_ms": r["infer_s"] * 1e3,
+                         "train_x_vs_softmax": results["all_softmax"]["train_s"] / r["train_s"],
+                         "infer_x_vs_softmax": results["all_softmax"]["infer_s"] / r["infer_s"]})
+            print(json.dumps(rows[-1]), flush=True)
+    streams: List[Dict[str, Any]] = []
+    for n in args.stream_lengths:
+        for name in ("hytrec_windowed", "hytrec_full"):
+            stream, recompute = stream_vs_recompute(configs[name], n, args.threads, args.repeats)
+            torch.set_num_threads(args.threads)
+            streams.append({"encoder": name, "n": n, "stream_ms": stream * 1e3, "recompute_ms": recompute * 1e3,
+                            "recompute_over_stream": recompute / stream})
+            print(json.dumps(streams[-1]), flush=True)
+
+    (out / "speed.json").write_text(json.dumps({"curves": rows, "streaming": streams}, indent=1))
+    plot(rows, out / "speed_curves.png")
+    lines = [
+        f"Command: `python benchmarks/speed.py {' '.join(sys.argv[1:])}`  ",
+        f"Started {started:%Y-%m-%d %H:%M} UTC; torch {torch.__version__}, {args.threads} thread(s), d={args.dim}, "
+        f"{args.heads} heads, pattern {configs['hytrec_full'].long_pattern}, K={configs['hytrec_full'].short_window}, "
+        f"W={args.window}; medians of {args.repeats}.",
+        "",
+        "| n | encoder | training events/s | inference ms | train speed-up vs all-softmax | inference speed-up |",
+        "|---|---|---|---|---|---|",
+        *(f"| {r['n']} | {r['encoder']} | {r['train_events_per_s']:.0f} | {r['infer_ms']:.1f} | "
+          f"{r['train_x_vs_softmax']:.2f}x | {r['infer_x_vs_softmax']:.2f}x |" for r in rows),
+        "",
+        "Streaming one new event after n events (one thread) against a full `forward_last` recompute:",
+        "",
+        "| n | encoder | stream ms | recompute ms | recompute / stream |",
+        "|---|---|---|---|---|",
+        *(f"| {s['n']} | {s['encoder']} | {s['stream_ms']:.2f} | {s['recompute_ms']:.1f} | "
+          f"{s['recompute_over_stream']:.0f} |" for s in streams),
+        "",
+        "![speed curves](speed_curves.png)",
+        "",
+    ]
+    (out / "speed.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Tiny runs of the benchmark scripts, so that they cannot rot."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str) -> str:
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_quality_speed_and_report_tiny(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    _run("benchmarks/quality.py", "--tiny", "--seeds", "0", "--presets", "hytrec", "--jobs", "1",
+         "--out", str(results), "--data-dir", str(tmp_path / "data"))
+    runs = json.loads((results / "quality.json").read_text())
+    assert [(r["dataset"], r["preset"], r["seed"]) for r in runs] == [("synthetic_long", "hytrec", 0)]
+    assert 0.0 <= runs[0]["hr@10"] <= 1.0 and "hr@10/len100-1k" in runs[0]
+    assert "| hytrec |" in (results / "quality.md").read_text()
+
+    _run("benchmarks/speed.py", "--quick", "--out", str(results))
+    speed = json.loads((results / "speed.json").read_text())
+    assert {r["encoder"] for r in speed["curves"]} == {"hytrec_windowed", "hytrec_full", "all_softmax"}
+    assert all(s["stream_ms"] > 0 and s["recompute_ms"] > 0 for s in speed["streaming"])
+
+    _run("benchmarks/report.py", "--results", str(results), "--out", str(tmp_path / "RESULTS.md"))
+    page = (tmp_path / "RESULTS.md").read_text()
+    assert "## Accuracy" in page and "## Speed" in page and "results/quality_hr10.png" in page
+    for png in ("quality_hr10.png", "quality_buckets.png", "speed_curves.png"):
+        assert (results / png).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    "script, args, pattern",
+    [
+        ("benchmarks/bench_tadn.py", ["--quick"], r"jagged .* fwd\+bwd: [\d.]+ ms vs [\d.]+ ms, ratio [\d.]+"),
+        ("benchmarks/bench_encoder.py", ["--quick"], r"hytrec_windowed: stream [\d.]+ ms, recompute [\d.]+ ms"),
+        ("benchmarks/bench_reader.py", ["--num-users", "200", "--repeats", "1"], r"median [\d.]+ M events/s"),
+    ],
+)
+def test_op_encoder_and_reader_benchmarks_quick(script: str, args: list, pattern: str) -> None:
+    assert re.search(pattern, _run(script, *args)), f"{script} printed no line matching {pattern!r}"
