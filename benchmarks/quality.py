@@ -81,8 +81,8 @@ COMMON = {
 DATASETS = {
     "synthetic_long": DatasetSpec(
         name="synthetic_long",
-        synthetic_users=400,
-        epochs=3,
+        synthetic_users=200,
+        epochs=2,
         overrides={"data.max_seq_len": 12_000, "data.token_budget": 16_384, "data.eval_token_budget": 32_768,
                    "model.encoder.short_window": 64},
     ),
@@ -90,7 +90,7 @@ DATASETS = {
         name="beauty",
         source=SHARED_DATA / "amazon_beauty.txt",
         convert_format="s3rec",
-        epochs=12,
+        epochs=5,
         # Histories average 9 events: a window of 8 leaves the long branch something to read.
         overrides={"data.max_seq_len": 50, "data.token_budget": 8192, "model.encoder.short_window": 8},
     ),
@@ -277,19 +277,32 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
         data = prepare(spec, Path(args.data_dir), args.tiny)
         if data is not None:
             jobs += [(spec, data, preset, seed) for preset in args.presets for seed in args.seeds]
-    started = datetime.now(timezone.utc)
+    command = ("python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    started = f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
+
+    def job_run(job: tuple) -> Dict[str, Any]:
+        spec = job[0]
+        return {**run_one(*job, out_dir=out_dir, threads=threads), "command": command, "started": started,
+                "epochs": spec.epochs, "overrides": {**COMMON, **spec.overrides}}
+
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        results = list(pool.map(lambda job: run_one(*job, out_dir=out_dir, threads=threads), jobs))
-    (out_dir / "quality.json").write_text(json.dumps(results, indent=1))
-    command = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        new = list(pool.map(job_run, jobs))
+    # Earlier invocations' runs on other (dataset, preset, seed) stay: datasets can be run one by one.
+    store = out_dir / "quality.json"
+    done = {(r["dataset"], r["preset"], r["seed"]) for r in new}
+    kept = [r for r in json.loads(store.read_text())
+            if (r["dataset"], r["preset"], r["seed"]) not in done] if store.exists() else []
+    results = kept + new
+    store.write_text(json.dumps(results, indent=1))
     table = summarise(results)
     plots = plot(results, out_dir) if results else []
+    runs_by_command: Dict[str, List[str]] = {}
+    for r in results:
+        runs_by_command.setdefault(f"`{r['command']}` (started {r['started']}; {r['dataset']}: {r['epochs']} epochs, "
+                                   f"`{json.dumps(r['overrides'])}`)", []).append(r["dataset"])
     (out_dir / "quality.md").write_text(
-        f"Command: `{command.strip()}`  \nStarted {started:%Y-%m-%d %H:%M} UTC, "
-        f"{(datetime.now(timezone.utc) - started).total_seconds() / 60:.0f} min with {args.jobs} runs at once.  \n"
-        f"Recipe shared by every preset: `{json.dumps(COMMON)}`; per dataset: "
-        + "; ".join(f"{s.name}: {s.epochs} epochs, `{json.dumps(s.overrides)}`" for s in specs.values())
-        + "\n\n" + table + "\n" + "".join(f"![{p.stem}]({p.name})\n" for p in plots)
+        "Produced by:\n\n" + "".join(f"- {c}\n" for c in runs_by_command) + "\n" + table + "\n"
+        + "".join(f"![{p.stem}]({p.name})\n" for p in plots)
     )
     print(table)
     return results
