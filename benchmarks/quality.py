@@ -147,8 +147,8 @@ def best_epoch_test(run_dir: Path) -> Dict[str, float]:
     return {"epoch": best["epoch"], **best["test"]}
 
 
-def run_one(spec: DatasetSpec, data: Path, preset: str, seed: int, out_dir: Path, threads: int) -> Dict[str, Any]:
-    run_dir = out_dir / "runs" / f"{spec.name}-{preset}-seed{seed}"
+def run_one(spec: DatasetSpec, data: Path, preset: str, seed: int, runs_dir: Path, threads: int) -> Dict[str, Any]:
+    run_dir = runs_dir / f"{spec.name}-{preset}-seed{seed}"
     overrides = {**COMMON, **spec.overrides, "model.preset": preset}
     cmd = [sys.executable, "-m", "torchrec_hytrec.train", "--data", str(data), "--seed", str(seed),
            "--epochs", str(spec.epochs), "--out-dir", str(run_dir)]
@@ -263,6 +263,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     p.add_argument("--jobs", type=int, default=2, help="training runs at once (one thread each when > 1)")
     p.add_argument("--out", default=str(ROOT / "docs" / "results"), help="results directory")
     p.add_argument("--data-dir", default=str(ROOT / "runs" / "quality-data"), help="prepared datasets")
+    p.add_argument("--runs-dir", default=str(ROOT / "runs" / "quality"), help="each training run's logs and metrics")
     p.add_argument("--tiny", action="store_true", help="a seconds-long smoke run on tiny synthetic data")
     args = p.parse_args(argv)
 
@@ -282,7 +283,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
 
     def job_run(job: tuple) -> Dict[str, Any]:
         spec = job[0]
-        return {**run_one(*job, out_dir=out_dir, threads=threads), "command": command, "started": started,
+        return {**run_one(*job, runs_dir=Path(args.runs_dir), threads=threads), "command": command, "started": started,
                 "epochs": spec.epochs, "overrides": {**COMMON, **spec.overrides}}
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:

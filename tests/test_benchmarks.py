@@ -21,7 +21,7 @@ def _run(*args: str) -> str:
 def test_quality_speed_and_report_tiny(tmp_path: Path) -> None:
     results = tmp_path / "results"
     _run("benchmarks/quality.py", "--tiny", "--seeds", "0", "--presets", "hytrec", "--jobs", "1",
-         "--out", str(results), "--data-dir", str(tmp_path / "data"))
+         "--out", str(results), "--data-dir", str(tmp_path / "data"), "--runs-dir", str(tmp_path / "runs"))
     runs = json.loads((results / "quality.json").read_text())
     assert [(r["dataset"], r["preset"], r["seed"]) for r in runs] == [("synthetic_long", "hytrec", 0)]
     assert 0.0 <= runs[0]["hr@10"] <= 1.0 and "hr@10/len100-1k" in runs[0]
