@@ -147,27 +147,42 @@ def best_epoch_test(run_dir: Path) -> Dict[str, float]:
     return {"epoch": best["epoch"], **best["test"]}
 
 
-def run_one(spec: DatasetSpec, data: Path, preset: str, seed: int, runs_dir: Path, threads: int) -> Dict[str, Any]:
+def run_one(
+    spec: DatasetSpec, data: Path, preset: str, seed: int, runs_dir: Path, threads: int, reuse: bool
+) -> Dict[str, Any]:
     run_dir = runs_dir / f"{spec.name}-{preset}-seed{seed}"
     overrides = {**COMMON, **spec.overrides, "model.preset": preset}
     cmd = [sys.executable, "-m", "torchrec_hytrec.train", "--data", str(data), "--seed", str(seed),
            "--epochs", str(spec.epochs), "--out-dir", str(run_dir)]
     for key, value in overrides.items():
         cmd += ["--set", f"{key}={json.dumps(value)}"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     started = time.perf_counter()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / "train.log", "w") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}); see {run_dir / 'train.log'}")
-    wall = time.perf_counter() - started
-    result = {"dataset": spec.name, "preset": preset, "seed": seed, "train_wall_s": wall,
-              **best_epoch_test(run_dir)}
+    trained = not (reuse and _finished(run_dir, spec.epochs, overrides))
+    if trained:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / "train.log", "w") as log:
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}); see {run_dir / 'train.log'}")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    # A reused run's process is gone: its epochs' time is what is left to count.
+    wall = time.perf_counter() - started if trained else sum(r["epoch_s"] for r in rows)
+    result = {"dataset": spec.name, "preset": preset, "seed": seed, "train_wall_s": wall, **best_epoch_test(run_dir)}
     print(f"[{spec.name}] {preset:12s} seed {seed}: test HR@10 {result['hr@10']:.4f} "
-          f"NDCG@10 {result['ndcg@10']:.4f} MRR {result['mrr']:.4f} (epoch {result['epoch']}, {wall:.0f}s)",
-          flush=True)
+          f"NDCG@10 {result['ndcg@10']:.4f} MRR {result['mrr']:.4f} (epoch {result['epoch']}, "
+          f"{wall:.0f}s)", flush=True)
     return result
+
+
+def _finished(run_dir: Path, epochs: int, overrides: Dict[str, Any]) -> bool:
+    """Whether ``run_dir`` holds a finished run of this recipe (``--reuse-finished``)."""
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+        rows = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return False
+    return config["epochs"] == epochs and config["model"]["preset"] == overrides["model.preset"] and len(rows) == epochs
 
 
 def _mean_std(values: List[float]) -> str:
@@ -184,7 +199,7 @@ def summarise(results: List[Dict[str, Any]]) -> str:
         rows = [r for r in results if r["dataset"] == dataset]
         seeds = sorted({r["seed"] for r in rows})
         lines += [f"### {dataset} (test split, best-valid epoch, mean ± std over seeds {seeds})", "",
-                  "| model | HR@10 | NDCG@10 | MRR | train wall s |", "|---|---|---|---|---|"]
+                  "| model | HR@10 | NDCG@10 | MRR | train wall s (median) |", "|---|---|---|---|---|"]
         for preset in dict.fromkeys(r["preset"] for r in rows):
             mine = [r for r in rows if r["preset"] == preset]
             cells = [_mean_std([r[m] for r in mine if m in r]) for m in REPORTED]
@@ -264,6 +279,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     p.add_argument("--out", default=str(ROOT / "docs" / "results"), help="results directory")
     p.add_argument("--data-dir", default=str(ROOT / "runs" / "quality-data"), help="prepared datasets")
     p.add_argument("--runs-dir", default=str(ROOT / "runs" / "quality"), help="each training run's logs and metrics")
+    p.add_argument("--reuse-finished", action="store_true",
+                   help="take runs already finished in --runs-dir (same epochs and preset) instead of training "
+                   "again; their wall time is the sum of their epochs' times")
     p.add_argument("--tiny", action="store_true", help="a seconds-long smoke run on tiny synthetic data")
     args = p.parse_args(argv)
 
@@ -283,7 +301,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
 
     def job_run(job: tuple) -> Dict[str, Any]:
         spec = job[0]
-        return {**run_one(*job, runs_dir=Path(args.runs_dir), threads=threads), "command": command, "started": started,
+        return {**run_one(*job, runs_dir=Path(args.runs_dir), threads=threads, reuse=args.reuse_finished), "command": command, "started": started,
                 "epochs": spec.epochs, "overrides": {**COMMON, **spec.overrides}}
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:

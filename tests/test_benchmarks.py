@@ -26,6 +26,12 @@ def test_quality_speed_and_report_tiny(tmp_path: Path) -> None:
     assert [(r["dataset"], r["preset"], r["seed"]) for r in runs] == [("synthetic_long", "hytrec", 0)]
     assert 0.0 <= runs[0]["hr@10"] <= 1.0 and "hr@10/len100-1k" in runs[0]
     assert "| hytrec |" in (results / "quality.md").read_text()
+    # A finished run is taken as it is instead of being trained again.
+    _run("benchmarks/quality.py", "--tiny", "--seeds", "0", "--presets", "hytrec", "--jobs", "1", "--reuse-finished",
+         "--out", str(results), "--data-dir", str(tmp_path / "data"), "--runs-dir", str(tmp_path / "runs"))
+    again = json.loads((results / "quality.json").read_text())
+    assert [r["hr@10"] for r in again] == [runs[0]["hr@10"]]
+    assert again[0]["train_wall_s"] < runs[0]["train_wall_s"]
 
     _run("benchmarks/speed.py", "--quick", "--out", str(results))
     speed = json.loads((results / "speed.json").read_text())
