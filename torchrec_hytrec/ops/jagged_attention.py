@@ -2,13 +2,15 @@
 
 Two paths, both exact:
 
-* full causal attention runs one ``scaled_dot_product_attention`` per user, so its cost
-  follows ``sum_b n_b^2`` rather than ``B * max(n)^2``;
+* full causal attention groups users by ``ceil(log2(n))`` and runs one causal
+  ``scaled_dot_product_attention`` per group, every user padded to its group's longest: the
+  cost follows ``sum_b n_b^2`` (at most 4x it) with a few dozen calls at most, never
+  ``B * max(n)^2`` nor one call per user;
 * windowed causal attention (query ``i`` sees keys ``(i - W, i]``) cuts every user into
-  blocks of ``block_size`` queries; each block attends to itself and to the
-  ``ceil(W / block_size)`` blocks before it under a band mask, and all blocks of all users
-  go through a single batched SDPA call. Blocks never straddle two users, so the cost
-  follows ``sum_b ceil(n_b / C) * C * (W + C)``.
+  blocks of ``block_size`` queries, preceded by ``ceil(W / block_size)`` padding blocks; each
+  block attends to itself and to the blocks before it under a mask, all blocks of all users in
+  a single SDPA call. Blocks never straddle two users, so the cost follows
+  ``sum_b (ceil(n_b / C) + ceil(W / C)) * C * (W + C)``.
 
 Tensors follow the jagged convention of the rest of the package: ``[T, H, D]`` rows
 grouped by user through ``offsets`` ``[B + 1]``.
@@ -172,24 +174,36 @@ def causal_attention_at(
 def _full_causal(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, scale: Optional[float]
 ) -> torch.Tensor:
-    # torch.split, not per-user slicing: each slice's backward would allocate a zero gradient
-    # of the whole batch, making the backward cost B * T instead of T.
-    lengths = (offsets[1:] - offsets[:-1]).tolist()
-    outputs = [
-        # 4-D inputs: SDPA sends 3-D ones to its quadratic-memory math path on CPU.
-        F.scaled_dot_product_attention(
-            qu[None].transpose(1, 2),
-            ku[None].transpose(1, 2),
-            vu[None].transpose(1, 2),
-            is_causal=True,
-            scale=scale,
-        )[0].transpose(0, 1)
-        for qu, ku, vu in zip(q.split(lengths), k.split(lengths), v.split(lengths))
-        if qu.shape[0] > 0
-    ]
-    if not outputs:
+    T, H, D = q.shape
+    lengths = offsets[1:] - offsets[:-1]
+    if T == 0:
         return q.new_zeros(q.shape)
-    return torch.cat(outputs)
+    # Users are grouped by ceil(log2(n)) and every group is padded to its longest user: one SDPA
+    # call per group (a few dozen at most, instead of one per user, which costs more than the
+    # attention itself on batches of short histories), and padding at most 4x sum n^2 of work.
+    group = torch.where(lengths > 1, torch.log2((lengths - 1).clamp(min=1).double()).floor().long() + 1, 0)
+    group = torch.where(lengths > 0, group, -1)
+    flat_q, flat_k, flat_v = (x.reshape(T, H * D) for x in (q, k, v))
+    outputs, rows_out = [], []
+    for g in torch.unique(group[group >= 0]).tolist():
+        users = torch.nonzero(group == g).flatten()
+        n = lengths[users]
+        longest = int(n.max())
+        span = torch.arange(longest, device=q.device)
+        valid = span < n[:, None]
+        # Padding rows read row 0; causality keeps them out of every real row's keys, and their
+        # own outputs are dropped, so no gradient reaches row 0 through them.
+        rows = torch.where(valid, offsets[users, None] + span, 0).flatten()
+
+        def gather(x: torch.Tensor) -> torch.Tensor:
+            # [G, H, L, D]; 4-D inputs, as SDPA sends 3-D ones to its quadratic-memory math path on CPU.
+            return x.index_select(0, rows).view(users.numel(), longest, H, D).transpose(1, 2)
+
+        o = F.scaled_dot_product_attention(gather(flat_q), gather(flat_k), gather(flat_v), is_causal=True, scale=scale)
+        keep = torch.nonzero(valid.flatten()).flatten()
+        outputs.append(o.transpose(1, 2).reshape(-1, H, D).index_select(0, keep))
+        rows_out.append(rows.index_select(0, keep))
+    return q.new_empty(q.shape).index_copy(0, torch.cat(rows_out), torch.cat(outputs))
 
 
 def _windowed_causal(
@@ -209,72 +223,49 @@ def _windowed_causal(
     before = -(-window // block)  # key blocks preceding each query block
     lengths = offsets[1:] - offsets[:-1]
     num_users = lengths.numel()
-    blocks = (lengths + block - 1) // block
+    # Layout: every user gets `before` zero slots of `block` rows, then its own blocks. Query
+    # slot s then finds its keys in slots s - before .. s, so the keys of all query slots are
+    # windows of `before + 1` consecutive slots of one tensor (`unfold`): no gather, and a cheap backward.
+    slots = (lengths + block - 1) // block + before
+    slot_base = torch.cumsum(slots, 0) - slots
+    num_slots = int(slots.sum())
     user = torch.repeat_interleave(torch.arange(num_users, device=device), lengths, output_size=T)
-    positions = jagged_positions(offsets)
+    rows = (slot_base[user] + before) * block + jagged_positions(offsets)
 
-    # Queries live in the real blocks only; keys also get `before` zero blocks ahead of each
-    # user, so every query block finds its key blocks at fixed relative slots.
-    query_block_base = torch.cumsum(blocks, 0) - blocks
-    key_slot_base = query_block_base + before * torch.arange(num_users, device=device)
-    num_query_blocks = int(blocks.sum())
-    num_key_slots = num_query_blocks + before * num_users
-    local_block = positions // block
-    row = positions % block
-    query_rows = (query_block_base[user] + local_block) * block + row
-    key_rows = (key_slot_base[user] + before + local_block) * block + row
+    def pad(x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(num_slots * block, H, D).index_copy(0, rows, x).view(num_slots, block, H, D)
 
-    def scatter(x: torch.Tensor, rows: torch.Tensor, slots: int) -> torch.Tensor:
-        return x.new_zeros(slots * block, H, D).index_copy(0, rows, x).view(slots, block, H, D)
+    num_queries = num_slots - before  # query slots: all but the first `before` (padding slots included)
+    kp, vp = pad(k), pad(v)
+    queries = pad(q)[before:]
+    # [N, before + 1, block, H, D] windows of consecutive slots, as [N, (before + 1) * block, H, D].
+    keys = kp.unfold(0, before + 1, 1).permute(0, 4, 1, 2, 3).flatten(1, 2)
+    values = vp.unfold(0, before + 1, 1).permute(0, 4, 1, 2, 3).flatten(1, 2)
 
-    qb = scatter(q, query_rows, num_query_blocks)
-    kb = scatter(k, key_rows, num_key_slots)
-    vb = scatter(v, key_rows, num_key_slots)
-
-    block_user = torch.repeat_interleave(
-        torch.arange(num_users, device=device), blocks, output_size=num_query_blocks
-    )
-    block_index = torch.arange(num_query_blocks, device=device) - query_block_base[block_user]
-    first_slot = key_slot_base[block_user] + block_index  # slot of the earliest key block
-    span = torch.arange((before + 1) * block, device=device)
-
-    def attend(chosen: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        slots = first_slot[chosen, None] + torch.arange(before + 1, device=device)
-        keys = kb[slots].flatten(1, 2)  # [N, (before + 1) * block, H, D]
-        values = vb[slots].flatten(1, 2)
-        return F.scaled_dot_product_attention(
-            qb[chosen].transpose(1, 2),
-            keys.transpose(1, 2),
-            values.transpose(1, 2),
-            attn_mask=mask,
-            scale=scale,
-        )
-
-    def exact_mask(chosen: torch.Tensor) -> torch.Tensor:
-        q_pos = block_index[chosen, None] * block + torch.arange(block, device=device)  # [N, C]
-        k_pos = (block_index[chosen, None] - before) * block + span
-        lower = (q_pos - window + 1).clamp(min=0)
-        if window_starts is not None:
-            lower = torch.maximum(lower, start_rows[chosen])
-        # The diagonal key is always allowed, so no row is fully masked (padded query rows
-        # included, whose outputs are dropped).
-        return ((k_pos[:, None, :] <= q_pos[:, :, None]) & (k_pos[:, None, :] >= lower[:, :, None]))[:, None]
-
-    everything = torch.arange(num_query_blocks, device=device)
-    if window_starts is not None:
-        start_rows = torch.zeros(num_query_blocks * block, dtype=torch.long, device=device)
-        start_rows = start_rows.index_copy(0, query_rows, window_starts).view(num_query_blocks, block)
-        out = attend(everything, exact_mask(everything))
+    # Key column j of query row i sits at relative position j - before * block - i.
+    span = (before + 1) * block
+    i = torch.arange(block, device=device)[:, None]
+    j = torch.arange(span, device=device)
+    relative = j - before * block - i
+    band = (relative <= 0) & (relative > -window)
+    # Local block index of each query slot (< 0 for padding slots); keys with a negative local
+    # position are padding, as are keys before the query's window start.
+    slot_user = torch.repeat_interleave(torch.arange(num_users, device=device), slots, output_size=num_slots)
+    local_block = (torch.arange(num_slots, device=device) - slot_base[slot_user] - before)[before:]
+    first_key = (before - local_block) * block  # column of local position 0
+    if window_starts is None:
+        threshold = first_key[:, None].expand(num_queries, block)
     else:
-        # Past a user's first `before` blocks no key slot is padding, so one band mask,
-        # shared by all those blocks, is exact; only the first blocks need their own.
-        row = torch.arange(block, device=device)[:, None]
-        relative = span[None, :] - before * block
-        band = (relative <= row) & (relative > row - window)
-        late = block_index >= before
-        early, late = everything[~late], everything[late]
-        out = qb.new_zeros(num_query_blocks, H, block, D)
-        out = out.index_copy(0, late, attend(late, band)).index_copy(
-            0, early, attend(early, exact_mask(early))
-        )
-    return out.transpose(1, 2).reshape(num_query_blocks * block, H, D)[query_rows]
+        starts = torch.zeros(num_slots * block, dtype=torch.long, device=device).index_copy(0, rows, window_starts)
+        threshold = first_key[:, None] + starts.view(num_slots, block)[before:]
+    # The diagonal is always allowed, so padding query rows (outputs dropped) never have an
+    # empty row, whose NaN would leak into the gradients.
+    mask = (band & (j >= threshold[:, :, None])) | (relative == 0)
+    out = F.scaled_dot_product_attention(
+        queries.transpose(1, 2),
+        keys.transpose(1, 2),
+        values.transpose(1, 2),
+        attn_mask=mask[:, None],
+        scale=scale,
+    )
+    return out.transpose(1, 2).reshape(num_queries * block, H, D).index_select(0, rows - before * block)
