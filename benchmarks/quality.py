@@ -81,25 +81,28 @@ COMMON = {
 DATASETS = {
     "synthetic_long": DatasetSpec(
         name="synthetic_long",
-        synthetic_users=200,
-        epochs=2,
-        overrides={"data.max_seq_len": 12_000, "data.token_budget": 16_384, "data.eval_token_budget": 32_768,
-                   "model.encoder.short_window": 64},
+        synthetic_users=400,
+        epochs=4,
+        # 20k items: sampled softmax (in-batch + uniform negatives, logQ) instead of the full one.
+        overrides={"data.max_seq_len": 12_000, "data.token_budget": 12_288, "data.eval_token_budget": 32_768,
+                   "model.encoder.short_window": 64, "model.retrieval.loss": "sampled"},
     ),
     "beauty": DatasetSpec(
         name="beauty",
         source=SHARED_DATA / "amazon_beauty.txt",
         convert_format="s3rec",
-        epochs=5,
+        epochs=15,
         # Histories average 9 events: a window of 8 leaves the long branch something to read.
-        overrides={"data.max_seq_len": 50, "data.token_budget": 8192, "model.encoder.short_window": 8},
+        # Sparse data (8 interactions per item): heavy dropout, small batches, many steps.
+        overrides={"data.max_seq_len": 50, "data.token_budget": 2048, "model.encoder.short_window": 8,
+                   "model.encoder.dropout": 0.5, "optim.dense_lr": 0.001},
     ),
     "ml100k": DatasetSpec(
         name="ml100k",
         source=SHARED_DATA / "ml-100k.inter",
         convert_format="recbole",
-        epochs=12,
-        overrides={"data.max_seq_len": 200, "data.token_budget": 8192, "model.encoder.short_window": 32},
+        epochs=15,
+        overrides={"data.max_seq_len": 200, "data.token_budget": 4096, "model.encoder.short_window": 32},
     ),
 }
 
@@ -116,7 +119,9 @@ TINY = {
 def prepare(spec: DatasetSpec, data_dir: Path, tiny: bool) -> Optional[Path]:
     """The dataset's Parquet file (made once), or ``None`` when its source file is absent."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    out = data_dir / f"{spec.name}{'-tiny' if tiny else ''}.parquet"
+    # Synthetic files are named by their size, so a changed recipe never reads a stale file.
+    size = f"-{spec.synthetic_users}users" if spec.source is None else ""
+    out = data_dir / f"{spec.name}{size}{'-tiny' if tiny else ''}.parquet"
     if out.exists():
         return out
     if spec.source is not None:
@@ -140,24 +145,32 @@ def prepare(spec: DatasetSpec, data_dir: Path, tiny: bool) -> Optional[Path]:
     return out
 
 
-def best_epoch_test(run_dir: Path) -> Dict[str, float]:
-    """Test figures (overall and by bucket) of the epoch with the best valid NDCG@10."""
-    details = [json.loads(line) for line in (run_dir / "eval_detail.jsonl").read_text().splitlines() if line]
+def best_epoch_test(run_dir: Path, epochs: int) -> Dict[str, float]:
+    """Test figures (overall and by bucket) of the epoch, among the first ``epochs``, with the best
+    valid NDCG@10."""
+    lines = (run_dir / "eval_detail.jsonl").read_text().splitlines()
+    details = [json.loads(line) for line in lines if line][:epochs]
     best = max(details, key=lambda d: d["valid"].get("ndcg@10", float("-inf")))
     return {"epoch": best["epoch"], **best["test"]}
+
+
+def train_command(spec: DatasetSpec, data: Path, preset: str, seed: int, run_dir: Path) -> List[str]:
+    """The ``python -m torchrec_hytrec.train`` command of one run."""
+    overrides = {**COMMON, **spec.overrides, "model.preset": preset}
+    cmd = [sys.executable, "-m", "torchrec_hytrec.train", "--data", str(data), "--seed", str(seed),
+           "--epochs", str(spec.epochs), "--out-dir", str(run_dir)]
+    for key, value in overrides.items():
+        cmd += ["--set", f"{key}={json.dumps(value)}"]
+    return cmd
 
 
 def run_one(
     spec: DatasetSpec, data: Path, preset: str, seed: int, runs_dir: Path, threads: int, reuse: bool
 ) -> Dict[str, Any]:
     run_dir = runs_dir / f"{spec.name}-{preset}-seed{seed}"
-    overrides = {**COMMON, **spec.overrides, "model.preset": preset}
-    cmd = [sys.executable, "-m", "torchrec_hytrec.train", "--data", str(data), "--seed", str(seed),
-           "--epochs", str(spec.epochs), "--out-dir", str(run_dir)]
-    for key, value in overrides.items():
-        cmd += ["--set", f"{key}={json.dumps(value)}"]
+    cmd = train_command(spec, data, preset, seed, run_dir)
     started = time.perf_counter()
-    trained = not (reuse and _finished(run_dir, spec.epochs, overrides))
+    trained = not (reuse and _finished(run_dir, cmd, spec.epochs))
     if trained:
         run_dir.mkdir(parents=True, exist_ok=True)
         with open(run_dir / "train.log", "w") as log:
@@ -165,24 +178,43 @@ def run_one(
             proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}); see {run_dir / 'train.log'}")
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line][: spec.epochs]
     # A reused run's process is gone: its epochs' time is what is left to count.
     wall = time.perf_counter() - started if trained else sum(r["epoch_s"] for r in rows)
-    result = {"dataset": spec.name, "preset": preset, "seed": seed, "train_wall_s": wall, **best_epoch_test(run_dir)}
+    result = {"dataset": spec.name, "preset": preset, "seed": seed, "train_wall_s": wall,
+              **best_epoch_test(run_dir, spec.epochs)}
     print(f"[{spec.name}] {preset:12s} seed {seed}: test HR@10 {result['hr@10']:.4f} "
           f"NDCG@10 {result['ndcg@10']:.4f} MRR {result['mrr']:.4f} (epoch {result['epoch']}, "
           f"{wall:.0f}s)", flush=True)
     return result
 
 
-def _finished(run_dir: Path, epochs: int, overrides: Dict[str, Any]) -> bool:
-    """Whether ``run_dir`` holds a finished run of this recipe (``--reuse-finished``)."""
+def _finished(run_dir: Path, cmd: List[str], epochs: int) -> bool:
+    """Whether ``run_dir`` holds a run of the training config ``cmd`` gives with >= ``epochs`` epochs.
+
+    Training has no learning-rate schedule and an epoch's batches depend only on the seed and the
+    epoch, so the first ``epochs`` epochs of a longer run are exactly an ``epochs``-epoch run.
+    Where the run writes (output directory, checkpoint cadence) does not count.
+    """
+    from torchrec_hytrec.training.config import config_to_dict, load_config
+
     try:
-        config = json.loads((run_dir / "config.json").read_text())
+        saved = json.loads((run_dir / "config.json").read_text())
         rows = (run_dir / "metrics.jsonl").read_text().splitlines()
     except FileNotFoundError:
         return False
-    return config["epochs"] == epochs and config["model"]["preset"] == overrides["model.preset"] and len(rows) == epochs
+    overrides = [cmd[i + 1] for i, arg in enumerate(cmd) if arg == "--set"]
+    wanted = json.loads(json.dumps(config_to_dict(load_config(None, overrides))))  # as config.json holds it
+    wanted["seed"] = int(cmd[cmd.index("--seed") + 1])
+    wanted["data"]["path"] = cmd[cmd.index("--data") + 1]
+
+    def recipe(config: Dict[str, Any]) -> Dict[str, Any]:
+        config = {k: v for k, v in config.items() if k not in ("epochs", "out_dir", "checkpoint")}
+        path = config["data"]["path"]
+        config["data"] = {**config["data"], "path": str((ROOT / path).resolve()) if path else None}
+        return config
+
+    return recipe(saved) == recipe(wanted) and len([r for r in rows if r]) >= epochs
 
 
 def _mean_std(values: List[float]) -> str:
@@ -280,8 +312,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     p.add_argument("--data-dir", default=str(ROOT / "runs" / "quality-data"), help="prepared datasets")
     p.add_argument("--runs-dir", default=str(ROOT / "runs" / "quality"), help="each training run's logs and metrics")
     p.add_argument("--reuse-finished", action="store_true",
-                   help="take runs already finished in --runs-dir (same epochs and preset) instead of training "
-                   "again; their wall time is the sum of their epochs' times")
+                   help="take runs in --runs-dir with the same training config and at least the epochs asked "
+                   "for (their first epochs) instead of training again; their wall time is the sum of those "
+                   "epochs' times")
     p.add_argument("--tiny", action="store_true", help="a seconds-long smoke run on tiny synthetic data")
     args = p.parse_args(argv)
 

@@ -1,5 +1,6 @@
 """Tiny runs of the benchmark scripts, so that they cannot rot."""
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -20,18 +21,31 @@ def _run(*args: str) -> str:
 @pytest.mark.slow
 def test_quality_speed_and_report_tiny(tmp_path: Path) -> None:
     results = tmp_path / "results"
-    _run("benchmarks/quality.py", "--tiny", "--seeds", "0", "--presets", "hytrec", "--jobs", "1",
-         "--out", str(results), "--data-dir", str(tmp_path / "data"), "--runs-dir", str(tmp_path / "runs"))
+    common = ["--tiny", "--seeds", "0", "--presets", "hytrec", "--jobs", "1", "--out", str(results),
+              "--data-dir", str(tmp_path / "data"), "--runs-dir", str(tmp_path / "runs")]
+    _run("benchmarks/quality.py", *common, "--epochs", "2")
     runs = json.loads((results / "quality.json").read_text())
     assert [(r["dataset"], r["preset"], r["seed"]) for r in runs] == [("synthetic_long", "hytrec", 0)]
     assert 0.0 <= runs[0]["hr@10"] <= 1.0 and "hr@10/len100-1k" in runs[0]
     assert "| hytrec |" in (results / "quality.md").read_text()
-    # A finished run is taken as it is instead of being trained again.
-    _run("benchmarks/quality.py", "--tiny", "--seeds", "0", "--presets", "hytrec", "--jobs", "1", "--reuse-finished",
-         "--out", str(results), "--data-dir", str(tmp_path / "data"), "--runs-dir", str(tmp_path / "runs"))
+    # A finished run of the same recipe is taken instead of training again; asked for fewer epochs,
+    # its first epochs are the shorter run.
+    _run("benchmarks/quality.py", *common, "--epochs", "1", "--reuse-finished")
     again = json.loads((results / "quality.json").read_text())
-    assert [r["hr@10"] for r in again] == [runs[0]["hr@10"]]
+    details = (tmp_path / "runs" / "synthetic_long-hytrec-seed0" / "eval_detail.jsonl").read_text().splitlines()
+    assert [(r["epoch"], r["hr@10"]) for r in again] == [(0, json.loads(details[0])["test"]["hr@10"])]
     assert again[0]["train_wall_s"] < runs[0]["train_wall_s"]
+    # A run of another recipe is not taken.
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import quality
+
+    spec, run_dir = quality.TINY["synthetic_long"], tmp_path / "runs" / "synthetic_long-hytrec-seed0"
+    data = next((tmp_path / "data").glob("*.parquet"))
+    assert quality._finished(run_dir, quality.train_command(spec, data, "hytrec", 0, run_dir), 1)
+    other = dataclasses.replace(spec, overrides={**spec.overrides, "optim.dense_lr": 0.5})
+    assert not quality._finished(run_dir, quality.train_command(other, data, "hytrec", 0, run_dir), 1)
+    assert not quality._finished(run_dir, quality.train_command(spec, data, "hytrec", 1, run_dir), 1)
+    assert not quality._finished(run_dir, quality.train_command(spec, data, "hytrec", 0, run_dir), 3)
 
     _run("benchmarks/speed.py", "--quick", "--out", str(results))
     speed = json.loads((results / "speed.json").read_text())

@@ -128,6 +128,9 @@ class HyTRecEncoder(nn.Module):
         self.config = config
         d = config.embedding_dim
         self.gap_embedding = nn.Embedding(config.num_gap_buckets, d)
+        # Added to item rows of norm ~1: nn.Embedding's unit-variance rows (norm sqrt(d)) would
+        # drown item identity at the input, so time starts silent and training scales it up.
+        nn.init.zeros_(self.gap_embedding.weight)
         self.input_dropout = nn.Dropout(config.dropout)
         self.long_layers = nn.ModuleList(
             (
