@@ -224,6 +224,11 @@ def _mean_std(values: List[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {spread:.4f}"
 
 
+def _presets_of(rows: List[Dict[str, Any]]) -> List[str]:
+    """Presets present in ``rows``, in the order of :data:`PRESETS` (HyTRec first)."""
+    return [p for p in PRESETS if any(r["preset"] == p for r in rows)]
+
+
 def summarise(results: List[Dict[str, Any]]) -> str:
     """Markdown tables: overall figures, then HR@10 by history length."""
     lines: List[str] = []
@@ -232,7 +237,7 @@ def summarise(results: List[Dict[str, Any]]) -> str:
         seeds = sorted({r["seed"] for r in rows})
         lines += [f"### {dataset} (test split, best-valid epoch, mean ± std over seeds {seeds})", "",
                   "| model | HR@10 | NDCG@10 | MRR | train wall s (median) |", "|---|---|---|---|---|"]
-        for preset in dict.fromkeys(r["preset"] for r in rows):
+        for preset in _presets_of(rows):
             mine = [r for r in rows if r["preset"] == preset]
             cells = [_mean_std([r[m] for r in mine if m in r]) for m in REPORTED]
             wall = statistics.median(r["train_wall_s"] for r in mine)
@@ -243,7 +248,7 @@ def summarise(results: List[Dict[str, Any]]) -> str:
         lines += ["", f"HR@10 by history length ({dataset}):", "",
                   "| model | " + " | ".join(f"{b} (users)" for b in present) + " |",
                   "|---|" + "---|" * len(present)]
-        for preset in dict.fromkeys(r["preset"] for r in rows):
+        for preset in _presets_of(rows):
             mine = [r for r in rows if r["preset"] == preset]
             cells = []
             for b in present:
@@ -266,7 +271,7 @@ def plot(results: List[Dict[str, Any]], out_dir: Path) -> List[Path]:
     fig, axes = plt.subplots(1, len(datasets), figsize=(4.5 * len(datasets), 3.6), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
         rows = [r for r in results if r["dataset"] == dataset]
-        presets = list(dict.fromkeys(r["preset"] for r in rows))
+        presets = _presets_of(rows)
         values = [[r["hr@10"] for r in rows if r["preset"] == p] for p in presets]
         ax.bar(presets, [statistics.mean(v) for v in values],
                yerr=[statistics.stdev(v) if len(v) > 1 else 0 for v in values], capsize=4,
@@ -285,7 +290,7 @@ def plot(results: List[Dict[str, Any]], out_dir: Path) -> List[Path]:
     for ax, dataset in zip(axes[0], datasets):
         rows = [r for r in results if r["dataset"] == dataset]
         present = [b for b in BUCKETS if any(f"hr@10/{b}" in r for r in rows)]
-        presets = list(dict.fromkeys(r["preset"] for r in rows))
+        presets = _presets_of(rows)
         width = 0.8 / max(len(presets), 1)
         for i, preset in enumerate(presets):
             means = [statistics.mean([r.get(f"hr@10/{b}", 0.0) for r in rows if r["preset"] == preset])
