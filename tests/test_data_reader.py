@@ -91,13 +91,19 @@ def test_ten_thousand_event_user_is_truncated_not_exploding(tmp_path: Path, capl
     )
     path = tmp_path / "long.parquet"
     write_sequences(path, seqs, SequenceDatasetInfo(num_items=1))
+    reader = SequenceReader(_config(path, max_tokens=1024, max_seq_len=512, split="test"))
     with caplog.at_level(logging.WARNING, logger="torchrec_hytrec.data.reader"):
-        batches = list(SequenceReader(_config(path, max_tokens=1024, max_seq_len=512, split="test")))
+        batches = list(reader)
     assert all(b.timestamps.numel() <= 1024 for b in batches)
     first = batches[0]
     assert first.user_ids[0] == 1 and int(first.features[ITEM_KEY].lengths()[0]) == 512
     assert first.timestamps[511] == 9_998 and first.target_timestamps[0] == 9_999
     assert "1 users cut to their last max_seq_len=512 events (9487 older events not read)" in caplog.text
+    # Every pass cuts the same users: later passes say it at INFO only.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="torchrec_hytrec.data.reader"):
+        assert len(list(reader)) == len(batches)
+    assert "users cut" not in caplog.text
 
 
 def test_two_ranks_read_disjoint_shares_covering_all_users(synthetic) -> None:

@@ -235,6 +235,7 @@ class SequenceReader(IterableDataset):
                 "write smaller row groups"
             )
         self._epoch = 0
+        self._warned_truncation = False
         self._consumed = 0
         self._skip = 0
         self.stats = ReaderStats()
@@ -403,7 +404,10 @@ class SequenceReader(IterableDataset):
             self._consumed += 1
             yield batch
         if stats.truncated_users:
-            logger.warning(
+            # The same users are cut every epoch: say it once loudly, then only at INFO.
+            log = logger.info if self._warned_truncation else logger.warning
+            self._warned_truncation = True
+            log(
                 "epoch %d rank %d worker %d: %d users cut to their last max_seq_len=%d events "
                 "(%d older events not read)", self._epoch, self._rank, wid, stats.truncated_users,
                 self._config.max_seq_len, stats.truncated_events,
