@@ -134,3 +134,25 @@ def test_empty_batch_and_bad_arguments() -> None:
         )
     with pytest.raises(ValueError, match="window must be >= 1"):
         jagged_causal_attention(q=q, k=q, v=q, offsets=torch.tensor([0, 3]), window=0)
+
+
+@pytest.mark.parametrize("window", [None, 5, 48])
+def test_many_users_one_call_per_length_group(window, monkeypatch) -> None:
+    lengths = torch.randint(0, 90, (40,), generator=torch.Generator().manual_seed(7)).tolist() + [1, 2, 3, 4]
+    offsets, (q, k, v), _ = _batch(lengths, seed=11)
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    out = jagged_causal_attention(q=q, k=k, v=v, offsets=offsets, window=window, block_size=16)
+    # Full causal: one call per ceil(log2(n)) group (n < 90: at most 8); windowed: a single call.
+    assert 1 <= len(calls) <= (8 if window is None else 1)
+    ref = _dense_reference(q, k, v, offsets, window, None)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    grad = torch.randn_like(out)
+    for g, w in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
