@@ -92,7 +92,7 @@ def test_ranker_from_torchrec_archs_trains_and_reports_auc_ne() -> None:
         for s in range(4)
     ]
     losses = []
-    for _ in range(8):
+    for _ in range(16):
         for batch in batches:
             loss, aux = model(batch)
             optimizer.zero_grad()
