@@ -81,8 +81,8 @@ COMMON = {
 DATASETS = {
     "synthetic_long": DatasetSpec(
         name="synthetic_long",
-        synthetic_users=300,
-        epochs=2,
+        synthetic_users=800,
+        epochs=3,
         # 20k items: sampled softmax (in-batch + uniform negatives, logQ) instead of the full one.
         overrides={"data.max_seq_len": 12_000, "data.token_budget": 12_288, "data.eval_token_budget": 32_768,
                    "model.encoder.short_window": 64, "model.retrieval.loss": "sampled"},
