@@ -9,6 +9,12 @@ user plus users with log-uniform lengths in ``[5, n]``) it measures, for each en
   ``/proc/self/clear_refs``) over its resident set before the call. glibc is made to return
   large blocks to the OS (``MALLOC_MMAP_THRESHOLD_``), so each call starts from a clean slate.
 
+For the single-user batch it also profiles the all-softmax encoder once and reports the share of
+its time spent inside the softmax-attention kernels (``scaled_dot_product_attention``, forward and
+backward) and the bound that share puts on any encoder of the same width and depth that keeps the
+rest of the work (projections, norms, FFNs, short branch, fusion): ``total / (total - attention)``
+is the speed-up it would get if its long-branch attention cost nothing (Amdahl's law).
+
 Then the streaming cost of one new event for a user with ``n_stream`` events (state built by
 streaming the history) against a full ``forward_last`` recompute of ``n_stream + 1`` events.
 The streaming step runs with one intra-op thread (a tiny latency-bound update, as a serving
@@ -130,6 +136,38 @@ def measure(configs: Dict[str, HyTRecConfig], batch: Batch, repeats: int) -> Dic
     }
 
 
+def attention_share(config: HyTRecConfig, batch: Batch) -> Dict[str, float]:
+    """Share of one training step and of one inference of the encoder spent in softmax-attention
+    kernels, from the profiler's self times (its small per-op overhead counts as non-attention
+    work, so the share is slightly understated)."""
+    from torch.profiler import profile
+
+    values, offsets, timestamps = batch
+    torch.manual_seed(0)
+    encoder = HyTRecEncoder(config)
+
+    def train_step() -> None:
+        encoder.train()
+        encoder.zero_grad(set_to_none=True)
+        encoder(values, offsets, timestamps).square().mean().backward()
+
+    def infer() -> None:
+        encoder.eval()
+        with torch.no_grad():
+            encoder.forward_last(values, offsets, timestamps)
+
+    shares = {}
+    for name, fn in (("train", train_step), ("infer", infer)):
+        fn()
+        with profile() as prof:
+            fn()
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events)
+        attention = sum(e.self_cpu_time_total for e in events if "scaled_dot_product" in e.key)
+        shares[name] = attention / total
+    return shares
+
+
 def stream_vs_recompute(config: HyTRecConfig, n: int, threads: int, repeats: int) -> Tuple[float, float]:
     encoder = HyTRecEncoder(config).eval()
     values, offsets, timestamps = make_batch([n + _STREAM_STEPS + 1], config.embedding_dim, seed=7)
@@ -202,6 +240,15 @@ def main() -> None:
                     f"{reference['train_s'] / r['train_s']:>8.2f}",
                     flush=True,
                 )
+
+    print("\nall-softmax encoder, one user: share of time in attention kernels -> Amdahl bound on the speed-up")
+    for n in args.lengths:
+        shares = attention_share(configs["all_softmax"], make_batch([n], args.dim, seed=n))
+        print(
+            f"{n:>6}: train {shares['train']:.0%} -> at most {1 / (1 - shares['train']):.2f}x, "
+            f"infer {shares['infer']:.0%} -> at most {1 / (1 - shares['infer']):.2f}x",
+            flush=True,
+        )
 
     print(
         f"\nstreaming one event after {args.stream_length} (1 thread) vs forward_last recompute ({args.threads} threads)"
