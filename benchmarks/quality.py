@@ -313,6 +313,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--epochs", type=int, help="override every dataset's epochs")
     p.add_argument("--jobs", type=int, default=2, help="training runs at once (one thread each when > 1)")
+    p.add_argument("--threads", type=int,
+                   help="intra-op threads of each run (default: 1 when --jobs > 1, else every core)")
     p.add_argument("--out", default=str(ROOT / "docs" / "results"), help="results directory")
     p.add_argument("--data-dir", default=str(ROOT / "runs" / "quality-data"), help="prepared datasets")
     p.add_argument("--runs-dir", default=str(ROOT / "runs" / "quality"), help="each training run's logs and metrics")
@@ -326,7 +328,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     specs = dict(TINY) if args.tiny else {name: DATASETS[name] for name in args.datasets}
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    threads = 1 if args.jobs > 1 else (os.cpu_count() or 1)
+    threads = args.threads or (1 if args.jobs > 1 else (os.cpu_count() or 1))
     jobs = []
     for spec in specs.values():
         if args.epochs is not None:
