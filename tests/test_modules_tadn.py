@@ -92,6 +92,21 @@ def test_rotary_scores_depend_only_on_relative_position() -> None:
     assert not torch.allclose(score(7, 3), score(7, 4))
 
 
+def test_rotary_rotates_each_channel_pair_by_its_angle() -> None:
+    rope = RotaryEmbedding(8, base=100.0)
+    x = torch.randn(5, 2, 3, 8)  # stacked [T, 2, H, D] queries and keys
+    positions = torch.tensor([0, 1, 4, 9, 1_000])
+    got = rope(x, positions)
+    tol = dict(rtol=1e-4, atol=2e-4)  # fp32 angles of up to 1e3 rad
+    for t, p in enumerate(positions.tolist()):
+        for i in range(4):
+            angle = p * 100.0 ** (-2 * i / 8)
+            c, s = math.cos(angle), math.sin(angle)
+            x1, x2 = x[t, ..., 2 * i], x[t, ..., 2 * i + 1]
+            torch.testing.assert_close(got[t, ..., 2 * i], c * x1 - s * x2, **tol)
+            torch.testing.assert_close(got[t, ..., 2 * i + 1], s * x1 + c * x2, **tol)
+
+
 def test_chunk_size_shrinks_for_short_users_only() -> None:
     layer = TADNLayer(HyTRecConfig(embedding_dim=16, tadn_chunk_size=64))
 

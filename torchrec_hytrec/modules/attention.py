@@ -79,8 +79,9 @@ class SoftmaxAttentionLayer(nn.Module):
     def _project(
         self, x: torch.Tensor, ctx: SequenceContext
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q, k, v = self.qkv(self.norm(x)).unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(-3)
-        return self.rope(q, ctx.positions), self.rope(k, ctx.positions), v
+        qkv = self.qkv(self.norm(x)).unflatten(-1, (3, self.num_heads, self.head_dim))
+        q, k = self.rope(qkv[:, :2], ctx.positions).unbind(1)
+        return q, k, qkv[:, 2]
 
     def _finish(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         return self.ffn(x + self.dropout(self.out(o.flatten(-2))))
