@@ -6,8 +6,14 @@ user plus users with log-uniform lengths in ``[5, n]``) it measures, for each en
 * inference latency: ``forward_last`` under ``no_grad`` in eval mode;
 * training step time: per-position forward, mean-square loss, backward and an AdamW step;
 * peak memory of each: the rise of the process's peak resident set (``VmHWM``, reset through
-  ``/proc/self/clear_refs``) over its resident set before the call. glibc is made to return
-  large blocks to the OS (``MALLOC_MMAP_THRESHOLD_``), so each call starts from a clean slate.
+  ``/proc/self/clear_refs``) over its resident set before the call, in a child process whose
+  glibc returns every large block to the OS when freed (``MALLOC_MMAP_THRESHOLD_``), so each
+  call starts from a clean slate.
+
+Times are taken with the allocator set up as the training entry point sets it
+(:func:`~torchrec_hytrec.training.configure_cpu_allocator`): with glibc's default, every
+intermediate tensor is page-faulted in afresh on each call, which on small VMs costs more than
+the arithmetic.
 
 For the single-user batch it also profiles the all-softmax encoder once and reports the share of
 its time spent inside the softmax-attention kernels (``scaled_dot_product_attention``, forward and
@@ -30,22 +36,19 @@ time (``> 1``: faster than all-softmax).
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 import time
 from typing import Callable, Dict, List, Tuple
 
-# Must be set before the allocator starts: big tensors are then unmapped when freed, so the
-# peak-RSS reading of one call is not hidden by memory an earlier call left in the heap.
-if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    os.execv(sys.executable, [sys.executable] + sys.argv)
+import torch
 
-import torch  # noqa: E402
-
-from torchrec_hytrec.modules import HyTRecConfig, HyTRecEncoder  # noqa: E402
+from torchrec_hytrec.modules import HyTRecConfig, HyTRecEncoder
+from torchrec_hytrec.training import configure_cpu_allocator
 
 Batch = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 # Timed streaming steps (the median is taken); each one is cheap.
@@ -103,7 +106,10 @@ def median_seconds(fns: Dict[str, Callable[[], object]], repeats: int) -> Dict[s
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def measure(configs: Dict[str, HyTRecConfig], batch: Batch, repeats: int) -> Dict[str, Dict[str, float]]:
+def _step_fns(
+    configs: Dict[str, HyTRecConfig], batch: Batch
+) -> Tuple[Dict[str, Callable[[], None]], Dict[str, Callable[[], None]]]:
+    """Per encoder, an inference call and a training step on ``batch``."""
     values, offsets, timestamps = batch
     infer, train = {}, {}
     for name, config in configs.items():
@@ -123,17 +129,39 @@ def measure(configs: Dict[str, HyTRecConfig], batch: Batch, repeats: int) -> Dic
             optimizer.step()
 
         infer[name], train[name] = infer_fn, train_fn
+    return infer, train
+
+
+def measure(configs: Dict[str, HyTRecConfig], batch: Batch, repeats: int) -> Dict[str, Dict[str, float]]:
+    """Median inference and training-step seconds of every encoder on ``batch``."""
+    infer, train = _step_fns(configs, batch)
     infer_s = median_seconds(infer, repeats)
     train_s = median_seconds(train, repeats)
-    return {
-        name: {
-            "infer_s": infer_s[name],
-            "train_s": train_s[name],
-            "infer_mib": peak_memory_mib(infer[name]),
-            "train_mib": peak_memory_mib(train[name]),
-        }
-        for name in configs
-    }
+    return {name: {"infer_s": infer_s[name], "train_s": train_s[name]} for name in configs}
+
+
+def measure_memory(args: argparse.Namespace, n: int, kind: str) -> Dict[str, Dict[str, float]]:
+    """Peak MiB of every encoder's inference and training step, from a child process
+    (``--memory-of``) started with glibc unmapping large blocks when freed."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--memory-of", str(n), kind, "--dim", str(args.dim),
+           "--heads", str(args.heads), "--window", str(args.window), "--mixed-users", str(args.mixed_users),
+           "--threads", str(args.threads)]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+def _memory_child(args: argparse.Namespace, n: int, kind: str) -> None:
+    infer, train = _step_fns(encoder_configs(args.dim, args.heads, args.window), _batch(args, n, kind))
+    for fn in (*infer.values(), *train.values()):
+        fn()  # one-time allocations (optimizer state) are not the step's
+    print(json.dumps({name: {"infer_mib": peak_memory_mib(infer[name]), "train_mib": peak_memory_mib(train[name])}
+                      for name in infer}))
+
+
+def _batch(args: argparse.Namespace, n: int, kind: str) -> Batch:
+    lengths = [n] if kind == "single" else mixed_lengths(n, args.mixed_users, seed=n)
+    return make_batch(lengths, args.dim, seed=n)
 
 
 def attention_share(config: HyTRecConfig, batch: Batch) -> Dict[str, float]:
@@ -214,11 +242,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--stream-length", type=int, default=10_000)
+    parser.add_argument("--memory-of", nargs=2, metavar=("N", "KIND"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.lengths, args.mixed_users, args.repeats, args.stream_length = [300], 4, 2, 300
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.memory_of:
+        _memory_child(args, int(args.memory_of[0]), args.memory_of[1])
+        return
+    configure_cpu_allocator()
 
     configs = encoder_configs(args.dim, args.heads, args.window)
     base = configs["hytrec_full"]
@@ -229,14 +262,16 @@ def main() -> None:
     header = f"{'n':>6} {'batch':>6} {'events':>7} {'encoder':>16} {'infer ms':>9} {'train ms':>9} {'inf MiB':>8} {'trn MiB':>8} {'infer x':>8} {'train x':>8}"
     print(header)
     for n in args.lengths:
-        for kind, lengths in (("single", [n]), ("mixed", mixed_lengths(n, args.mixed_users, seed=n))):
-            batch = make_batch(lengths, args.dim, seed=n)
+        for kind in ("single", "mixed"):
+            batch = _batch(args, n, kind)
             results = measure(configs, batch, args.repeats)
+            memory = measure_memory(args, n, kind)
             reference = results["all_softmax"]
             for name, r in results.items():
+                mib = memory[name]
                 print(
-                    f"{n:>6} {kind:>6} {sum(lengths):>7} {name:>16} {r['infer_s'] * 1e3:>9.1f} {r['train_s'] * 1e3:>9.1f} "
-                    f"{r['infer_mib']:>8.1f} {r['train_mib']:>8.1f} {reference['infer_s'] / r['infer_s']:>8.2f} "
+                    f"{n:>6} {kind:>6} {batch[0].shape[0]:>7} {name:>16} {r['infer_s'] * 1e3:>9.1f} {r['train_s'] * 1e3:>9.1f} "
+                    f"{mib['infer_mib']:>8.1f} {mib['train_mib']:>8.1f} {reference['infer_s'] / r['infer_s']:>8.2f} "
                     f"{reference['train_s'] / r['train_s']:>8.2f}",
                     flush=True,
                 )

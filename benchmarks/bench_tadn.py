@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from torchrec_hytrec.ops.tadn import chunk_tadn, naive_recurrent_tadn
+from torchrec_hytrec.training import configure_cpu_allocator
 
 
 def median_ms(
@@ -145,6 +146,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.quick:
         args.lengths, args.repeats, args.ref_repeats, args.max_ref_len = [1024, 2048], 3, 1, 1024
     torch.set_num_threads(args.threads)
+    configure_cpu_allocator()  # as the training entry point runs
     device = torch.device(args.device)
     H, D, C = args.heads, args.dim, args.chunk_size
     print(

@@ -22,6 +22,7 @@ from typing import Any, Dict, List
 import torch
 
 from bench_encoder import encoder_configs, make_batch, measure, stream_vs_recompute
+from torchrec_hytrec.training import configure_cpu_allocator
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,6 +66,7 @@ def main() -> None:
     if args.quick:
         args.lengths, args.stream_lengths, args.repeats = [100, 300], [100], 1
     torch.set_num_threads(args.threads)
+    configure_cpu_allocator()  # as the training entry point runs
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = datetime.now(timezone.utc)

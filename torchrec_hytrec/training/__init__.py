@@ -8,6 +8,7 @@ from torchrec_hytrec.training.config import (
     TrainConfig,
     load_config,
 )
+from torchrec_hytrec.training.cpu_allocator import configure_cpu_allocator
 from torchrec_hytrec.training.metrics_log import MetricsLogger, format_table
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "MetricsLogger",
     "ModelConfig",
     "TrainConfig",
+    "configure_cpu_allocator",
     "format_table",
     "load_config",
     "rng_state",

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from torchrec_hytrec.training.cpu_allocator import configure_cpu_allocator
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -41,6 +43,8 @@ def init_distributed() -> DistEnv:
     Run without torchrun, the process forms a group of one with an in-memory store, so the
     same sharded code path (DistributedModelParallel, collectives) runs unchanged.
 
+    On CPU it also sets up the allocator (:func:`configure_cpu_allocator`).
+
     Returns:
         The process's :class:`DistEnv`; the default process group is initialised.
     """
@@ -59,6 +63,7 @@ def init_distributed() -> DistEnv:
     else:
         device = torch.device("cpu")
         backend = "gloo"
+        configure_cpu_allocator()
     if not dist.is_initialized():
         if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True):
             # torchelastic (torch 2.13) keeps one agent TCP store across worker restarts, so a
