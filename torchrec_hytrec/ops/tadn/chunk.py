@@ -156,8 +156,12 @@ def _exp_or_zero(x: torch.Tensor, zero: Optional[torch.Tensor] = None) -> torch.
 
     Besides avoiding denormals downstream, this keeps ``exp`` off its slow path: on CPU, ``exp`` of
     ``-inf``, ``-1e4`` or of arguments with denormal results runs 6x to 50x slower than in range.
+    The cut sits one unit above ``log(tiny)``: fp32 ``exp(log(tiny))`` rounds to just below
+    ``tiny``, a denormal, so clamping there sent every underflowing entry down the slow path
+    (30x slower on the ~20% of decay entries that underflow on real time gaps). Results under
+    ``e * tiny`` become zeros, as the smaller ones do.
     """
-    cut = math.log(torch.finfo(x.dtype).tiny)
+    cut = math.log(torch.finfo(x.dtype).tiny) + 1.0
     underflow = x < cut
     if zero is not None:
         underflow |= zero
