@@ -5,6 +5,7 @@ reference. The kernel runs in fp32; the oracle runs on the same data in fp64 (na
 computes in fp64 for fp64 inputs), so the measured error is the kernel's own.
 """
 
+import math
 from typing import Dict, List, Sequence, Tuple
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from torchrec_hytrec.ops.tadn import chunk_tadn, naive_recurrent_tadn
+from torchrec_hytrec.ops.tadn.chunk import _exp_or_zero
 
 TOL = 1e-4
 MIXED = [1, 7, 63, 64, 65, 0, 300, 1000]
@@ -179,6 +181,23 @@ def test_zero_length_users_keep_their_initial_state(lengths: List[int]) -> None:
     dfinal = torch.randn(s.shape)
     torch.autograd.backward([o, s], [torch.ones_like(o), dfinal])
     torch.testing.assert_close(leaves["initial_state"].grad[empty], dfinal[empty])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_decay_exponentials_stay_normal_and_underflow_to_exact_zeros(dtype: torch.dtype) -> None:
+    # Every argument exp sees is clamped to a value whose exp is still a normal number (a
+    # denormal result puts CPU exp on a path ~30x slower); what lies below becomes exactly 0.
+    tiny = torch.finfo(dtype).tiny
+    x = torch.cat([torch.tensor([-1e4, float(torch.finfo(dtype).min)], dtype=dtype),
+                   torch.linspace(-800.0, 0.0, 20_001, dtype=dtype)])
+    mask = torch.zeros_like(x, dtype=torch.bool)
+    mask[-1] = True
+    y = _exp_or_zero(x, mask)
+    assert bool(((y == 0) | (y >= tiny)).all())
+    assert y[-1] == 0 and y[0] == 0
+    kept = x[:-1] > math.log(tiny) + 1.0
+    torch.testing.assert_close(y[:-1][kept], x[:-1][kept].exp())
+    assert bool((y[:-1][~kept] == 0).all())
 
 
 def test_low_precision_inputs_accumulate_in_fp32() -> None:
