@@ -40,7 +40,9 @@ class HyTRecConfig:
         gate_gap_dim: width of ``phi(gap)`` in the TADN gates.
         rope_base: base of the rotary position embeddings of the softmax layers.
         attention_block_size: queries per block of the windowed softmax kernel.
-        tadn_chunk_size: chunk length of the chunkwise TADN kernel.
+        tadn_chunk_size: chunk length of the chunkwise TADN kernel (shrunk for batches of short
+            users). 32 ran the encoder 10-17% faster than 64 from 1k to 16k events on one CPU
+            thread, and as fast or faster on two.
 
     Example::
 
@@ -63,7 +65,7 @@ class HyTRecConfig:
     gate_gap_dim: int = 16
     rope_base: float = 10000.0
     attention_block_size: int = 64
-    tadn_chunk_size: int = 64
+    tadn_chunk_size: int = 32
 
     def __post_init__(self) -> None:
         if set(self.long_pattern) - {TADN, SOFTMAX}:
