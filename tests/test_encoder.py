@@ -140,6 +140,23 @@ def test_jagged_batch_equals_each_user_alone(name: str) -> None:
         torch.testing.assert_close(last, batched[offsets[1:][nonempty] - 1], rtol=1e-4, atol=2e-5)
 
 
+@pytest.mark.parametrize("pattern", ["TAA", "ATA", "A"])
+def test_serving_reads_windowed_layers_only_inside_their_windows(pattern: str) -> None:
+    # forward_last computes the layers before a run of windowed softmax layers only at the rows
+    # those windows read; the result must still be the full forward's last rows.
+    config = HyTRecConfig.hytrec(
+        embedding_dim=D, short_window=K, long_pattern=pattern, long_attention_window=5, short_window_seconds=7200.0
+    )
+    torch.manual_seed(3)
+    encoder = HyTRecEncoder(config).eval()
+    lengths = [1, 4, 5, 6, 40, 97]
+    values, offsets, timestamps = _batch(lengths, seed=5)
+    with torch.no_grad():
+        full = encoder(values, offsets, timestamps)
+        last = encoder.forward_last(values, offsets, timestamps)
+    torch.testing.assert_close(last, full[offsets[1:] - 1], rtol=1e-4, atol=2e-5)
+
+
 def _assert_stream_equals_forward(encoder: HyTRecEncoder, n: int, users: int = 2) -> None:
     values, offsets, timestamps = _batch([n] * users, seed=4)
     with torch.no_grad():

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from torchrec_hytrec.ops.jagged_attention import (
+    attention_key_rows,
     causal_attention_at,
     causal_window_starts,
     jagged_causal_attention,
@@ -101,6 +102,32 @@ def test_attention_at_chosen_rows_matches_dense_reference(window, seconds) -> No
     want = torch.autograd.grad(ref, (q, k, v), grad)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("window,seconds", [(7, None), (64, 150.0)])
+def test_attention_at_rows_reads_only_its_key_rows(window, seconds) -> None:
+    offsets, (q, k, v), timestamps = _batch(LENGTHS, seed=6)
+    starts = None
+    if seconds is not None:
+        starts = causal_window_starts(offsets=offsets, timestamps=timestamps, window=window, window_seconds=seconds)
+    rows = torch.tensor([4, 5, 100, 134, 198, 199, 399])
+    row_starts = starts[rows] if starts is not None else None
+    keys = attention_key_rows(offsets=offsets, rows=rows, window=window, window_starts=row_starts)
+    # Every key a window may see, and nothing else: brute force over all rows.
+    ref = _dense_reference(q, k, v, offsets, window, starts)
+    positions = jagged_positions(offsets)
+    user = torch.searchsorted(offsets, torch.arange(offsets[-1]), right=True) - 1
+    want = set()
+    for i, r in enumerate(rows.tolist()):
+        first = max(int(positions[r]) - window + 1, int(row_starts[i]) if starts is not None else 0)
+        want |= {j for j in range(r + 1) if user[j] == user[r] and positions[j] >= first}
+    assert keys.tolist() == sorted(want)
+    # Keys and values held only at those rows give the same outputs.
+    out = causal_attention_at(
+        q=q[rows], k=k[keys], v=v[keys], offsets=offsets, rows=rows, window=window, window_starts=row_starts,
+        key_rows=keys,
+    )
+    torch.testing.assert_close(out, ref[rows], rtol=0, atol=1e-12)
 
 
 def test_window_starts_match_brute_force() -> None:

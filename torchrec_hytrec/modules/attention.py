@@ -10,6 +10,7 @@ from torch.profiler import record_function
 from torchrec_hytrec.modules.blocks import RotaryEmbedding, SequenceContext, SwiGLU
 from torchrec_hytrec.modules.config import HyTRecConfig
 from torchrec_hytrec.ops.jagged_attention import (
+    attention_key_rows,
     causal_attention_at,
     causal_window_starts,
     jagged_causal_attention,
@@ -77,38 +78,67 @@ class SoftmaxAttentionLayer(nn.Module):
         self.ffn = SwiGLU(d, round(config.ffn_multiplier * d), config.dropout)
 
     def _project(
-        self, x: torch.Tensor, ctx: SequenceContext
+        self, x: torch.Tensor, positions: torch.Tensor
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         qkv = self.qkv(self.norm(x)).unflatten(-1, (3, self.num_heads, self.head_dim))
-        q, k = self.rope(qkv[:, :2], ctx.positions).unbind(1)
+        q, k = self.rope(qkv[:, :2], positions).unbind(1)
         return q, k, qkv[:, 2]
 
     def _finish(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         return self.ffn(x + self.dropout(self.out(o.flatten(-2))))
 
+    def _window_starts(self, ctx: SequenceContext) -> Optional[torch.Tensor]:
+        if self.window_seconds is None:
+            return None
+        return causal_window_starts(
+            offsets=ctx.offsets, timestamps=ctx.timestamps, window=self.window, window_seconds=self.window_seconds
+        )
+
+    def input_rows(self, ctx: SequenceContext, rows: torch.Tensor) -> Optional[torch.Tensor]:
+        """The rows of its input the layer reads to produce its outputs at ``rows``.
+
+        Args:
+            ctx: the batch's per-event facts.
+            rows: ``[R]`` int64 rows of the outputs wanted.
+
+        Returns:
+            ``[R']`` sorted rows (every event in the windows of ``rows``) for a windowed layer;
+            ``None`` (every row) for full causal attention.
+        """
+        if self.window is None:
+            return None
+        starts = self._window_starts(ctx)
+        return attention_key_rows(
+            offsets=ctx.offsets,
+            rows=rows,
+            window=self.window,
+            window_starts=starts[rows] if starts is not None else None,
+        )
+
     def forward(
-        self, x: torch.Tensor, ctx: SequenceContext, rows: Optional[torch.Tensor] = None
+        self,
+        x: torch.Tensor,
+        ctx: SequenceContext,
+        rows: Optional[torch.Tensor] = None,
+        input_rows: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Runs the layer over a jagged batch.
 
         Args:
-            x: ``[T, d]`` inputs.
+            x: ``[T, d]`` inputs, or ``[R', d]`` inputs at ``input_rows`` only.
             ctx: the batch's per-event facts.
             rows: optional ``[R]`` rows to compute the output at (e.g. each user's last event);
                 all rows if ``None``.
+            input_rows: the sorted rows ``x`` holds when it is not the whole batch (at least
+                :meth:`input_rows` of ``rows``); needs ``rows``.
 
         Returns:
             ``[T, d]`` outputs, or ``[R, d]`` with ``rows``.
         """
-        q, k, v = self._project(x, ctx)
-        starts = None
-        if self.window_seconds is not None:
-            starts = causal_window_starts(
-                offsets=ctx.offsets,
-                timestamps=ctx.timestamps,
-                window=self.window,
-                window_seconds=self.window_seconds,
-            )
+        if input_rows is not None and rows is None:
+            raise ValueError("input_rows needs rows: outputs at every row read every input row")
+        q, k, v = self._project(x, ctx.positions if input_rows is None else ctx.positions[input_rows])
+        starts = self._window_starts(ctx)
         with record_function("## hytrec_softmax_attention ##"):
             if rows is None:
                 o = jagged_causal_attention(
@@ -121,16 +151,18 @@ class SoftmaxAttentionLayer(nn.Module):
                     block_size=self.block_size,
                 )
             else:
+                local = rows if input_rows is None else torch.searchsorted(input_rows, rows)
                 o = causal_attention_at(
-                    q=q[rows],
+                    q=q[local],
                     k=k,
                     v=v,
                     offsets=ctx.offsets,
                     rows=rows,
                     window=self.window,
                     window_starts=starts[rows] if starts is not None else None,
+                    key_rows=input_rows,
                 )
-                x = x[rows]
+                x = x[local]
         return self._finish(x, o)
 
     def init_cache(self, batch_size: int, device: torch.device) -> KVCache:
@@ -154,7 +186,7 @@ class SoftmaxAttentionLayer(nn.Module):
         Returns:
             ``(y, new_cache)``: ``[B, d]`` outputs and the cache including the new events.
         """
-        q, k, v = self._project(x, ctx)
+        q, k, v = self._project(x, ctx.positions)
         keep = slice(-self.window, None) if self.window is not None else slice(None)
         cache = KVCache(
             keys=torch.cat([cache.keys, k[:, None]], dim=1)[:, keep],

@@ -184,23 +184,48 @@ class HyTRecEncoder(nn.Module):
             has_long = starts > 0
             # Row of the last event before each short window.
             long_rows = torch.where(has_long, out_rows - ctx.positions[out_rows] + starts - 1, out_rows)
-        long = x
         with record_function("## hytrec_long_branch ##"):
-            for index, layer in enumerate(self.long_layers):
-                if index < len(self.long_layers) - 1:
-                    long = layer(long, ctx)
-                elif rows is None:
-                    long = layer(long, ctx)[long_rows]
-                else:
-                    long = layer(long, ctx, rows=long_rows)
+            long = self._long_branch(x, ctx, long_rows if rows is not None else None)
+            if rows is None:
+                long = long[long_rows]
         if self.short_layer is None:
             return self.final_norm(long)
         with record_function("## hytrec_short_branch ##"):
-            short = self.short_layer(x, ctx, rows=rows)
+            if rows is None:
+                short = self.short_layer(x, ctx)
+            else:
+                inputs = self.short_layer.input_rows(ctx, rows)
+                short = self.short_layer(x[inputs], ctx, rows=rows, input_rows=inputs)
         if self.fusion is None:
             return self.final_norm(short)
         gaps = (ctx.timestamps[out_rows] - ctx.timestamps[long_rows]).float()
         return self.final_norm(self._fuse(short, long, has_long, gaps))
+
+    def _long_branch(
+        self, x: torch.Tensor, ctx: SequenceContext, rows: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        """The long stack's outputs at ``rows`` (every row if ``None``).
+
+        With ``rows``, each layer is computed only where the layers after it read it: a windowed
+        softmax layer reads its input only inside the windows of its outputs, so the layer
+        before it (and any windowed run before that) skips its output path on the other rows.
+        """
+        layers = list(self.long_layers)
+        out_rows: List[Optional[torch.Tensor]] = [None] * len(layers)
+        if rows is not None and layers:
+            out_rows[-1] = rows
+            for i in range(len(layers) - 1, 0, -1):
+                out_rows[i - 1] = layers[i].input_rows(ctx, out_rows[i])
+                if out_rows[i - 1] is None:
+                    break
+        held: Optional[torch.Tensor] = None  # the rows x holds, None for all
+        for layer, wanted in zip(layers, out_rows):
+            if held is None:
+                x = layer(x, ctx, rows=wanted)
+            else:
+                x = layer(x, ctx, rows=wanted, input_rows=held)
+            held = wanted
+        return x
 
     def forward(self, values: torch.Tensor, offsets: torch.Tensor, timestamps: torch.Tensor) -> torch.Tensor:
         """Per-position user states of a jagged batch.

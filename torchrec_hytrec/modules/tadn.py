@@ -150,6 +150,10 @@ class TADNLayer(nn.Module):
             elapsed = elapsed[rows] if elapsed is not None else None
         return self._finish(x, e, o, elapsed)
 
+    def input_rows(self, ctx: SequenceContext, rows: torch.Tensor) -> Optional[torch.Tensor]:
+        """``None``: the recurrence reads every event's input, whichever outputs are wanted."""
+        return None
+
     def init_state(self, batch_size: int, device: torch.device) -> torch.Tensor:
         """Empty recurrent state ``[B, H, d_k, d_v]`` of ``batch_size`` streamed users."""
         return torch.zeros(batch_size, self.num_heads, self.head_dim, self.head_dim, device=device)

@@ -16,7 +16,7 @@ Tensors follow the jagged convention of the rest of the package: ``[T, H, D]`` r
 grouped by user through ``offsets`` ``[B + 1]``.
 """
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -121,6 +121,46 @@ def jagged_causal_attention(
     return _windowed_causal(q, k, v, offsets, window, window_starts, min(block_size, window), scale)
 
 
+def _window_keys(
+    offsets: torch.Tensor, rows: torch.Tensor, window: Optional[int], window_starts: Optional[torch.Tensor]
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(keys, valid)``, both ``[R, L]``: the rows each of ``rows`` attends to, oldest first,
+    padded with the query's own row where ``valid`` is false."""
+    user = torch.searchsorted(offsets, rows, right=True) - 1
+    position = rows - offsets[user]
+    first = (position - window + 1).clamp(min=0) if window is not None else torch.zeros_like(position)
+    if window_starts is not None:
+        first = torch.maximum(first, window_starts)
+    count = position - first + 1
+    span = torch.arange(int(count.max()) if rows.numel() else 0, device=rows.device)
+    valid = span < count[:, None]
+    keys = torch.where(valid, rows[:, None] - count[:, None] + 1 + span, rows[:, None])
+    return keys, valid
+
+
+def attention_key_rows(
+    *,
+    offsets: torch.Tensor,
+    rows: torch.Tensor,
+    window: int,
+    window_starts: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Every row the causal windows of ``rows`` read, sorted: what a windowed layer needs of its
+    input to produce its outputs at ``rows`` (the rows themselves included).
+
+    Args:
+        offsets: ``[B + 1]`` int64 start of every user's rows.
+        rows: ``[R]`` int64 rows of the queries.
+        window: keys ``(i - W, i]`` of query ``i``.
+        window_starts: optional ``[R]`` local position of the first key each query may see.
+
+    Returns:
+        ``[R']`` int64 sorted distinct rows, at most ``R * W``.
+    """
+    keys, valid = _window_keys(offsets, rows, window, window_starts)
+    return torch.unique(keys[valid])
+
+
 def causal_attention_at(
     *,
     q: torch.Tensor,
@@ -130,6 +170,7 @@ def causal_attention_at(
     rows: torch.Tensor,
     window: Optional[int] = None,
     window_starts: Optional[torch.Tensor] = None,
+    key_rows: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
 ) -> torch.Tensor:
     """Causal attention of a few chosen events (e.g. every user's last one) over their pasts.
@@ -139,13 +180,15 @@ def causal_attention_at(
 
     Args:
         q: ``[R, H, D]`` queries of the chosen events.
-        k: ``[T, H, D]`` keys of every event.
-        v: ``[T, H, D]`` values of every event.
+        k: ``[T, H, D]`` keys of every event, or of the events ``key_rows`` names.
+        v: values, laid out as ``k``.
         offsets: ``[B + 1]`` int64 start of every user's rows.
         rows: ``[R]`` int64 rows of the chosen events.
         window: ``None`` for full causal attention, ``W`` for keys ``(i - W, i]``.
         window_starts: optional ``[R]`` local position of the first key each chosen event may
             see (from :func:`causal_window_starts`).
+        key_rows: optional sorted rows that ``k`` and ``v`` hold (e.g. from
+            :func:`attention_key_rows`); they must include every key the windows read.
         scale: score scale, ``D ** -0.5`` by default.
 
     Returns:
@@ -156,19 +199,13 @@ def causal_attention_at(
         last = offsets[1:] - 1
         out = causal_attention_at(q=q[last], k=k, v=v, offsets=offsets, rows=last, window=64)
     """
-    user = torch.searchsorted(offsets, rows, right=True) - 1
-    position = rows - offsets[user]
-    first = (position - window + 1).clamp(min=0) if window is not None else torch.zeros_like(position)
-    if window_starts is not None:
-        first = torch.maximum(first, window_starts)
-    count = position - first + 1
-    span = torch.arange(int(count.max()) if rows.numel() else 0, device=rows.device)
-    valid = span < count[:, None]
-    keys_at = torch.where(valid, rows[:, None] - count[:, None] + 1 + span, rows[:, None])
+    keys, valid = _window_keys(offsets, rows, window, window_starts)
+    if key_rows is not None:
+        keys = torch.searchsorted(key_rows, keys)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = torch.einsum("rhd,rlhd->rhl", q, k[keys_at]) * scale
+    scores = torch.einsum("rhd,rlhd->rhl", q, k[keys]) * scale
     probs = scores.masked_fill(~valid[:, None, :], float("-inf")).softmax(dim=-1)
-    return torch.einsum("rhl,rlhd->rhd", probs, v[keys_at])
+    return torch.einsum("rhl,rlhd->rhd", probs, v[keys])
 
 
 def _full_causal(
