@@ -80,9 +80,10 @@ class SoftmaxAttentionLayer(nn.Module):
     def _project(
         self, x: torch.Tensor, positions: torch.Tensor
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        qkv = self.qkv(self.norm(x)).unflatten(-1, (3, self.num_heads, self.head_dim))
-        q, k = self.rope(qkv[:, :2], positions).unbind(1)
-        return q, k, qkv[:, 2]
+        # split, not slices: its backward is one concatenation instead of zero-filled copies.
+        qk, v = self.qkv(self.norm(x)).unflatten(-1, (3, self.num_heads, self.head_dim)).split([2, 1], dim=1)
+        q, k = self.rope(qk, positions).unbind(1)
+        return q, k, v.squeeze(1)
 
     def _finish(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         return self.ffn(x + self.dropout(self.out(o.flatten(-2))))

@@ -99,11 +99,12 @@ class TADNLayer(nn.Module):
         self, x: torch.Tensor, ctx: SequenceContext
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         e = self.norm(x)
-        qkv = self.qkv(e).unflatten(-1, (3, self.num_heads, self.head_dim))
+        # split, not slices: its backward is one concatenation instead of zero-filled copies.
+        qk, v = self.qkv(e).unflatten(-1, (3, self.num_heads, self.head_dim)).split([2, 1], dim=1)
         # Queries and keys in one call: 3x faster than normalising the two strided views apart.
-        q, k = F.normalize(qkv[:, :2], dim=-1).unbind(1)
+        q, k = F.normalize(qk, dim=-1).unbind(1)
         _, log_alpha, beta = self.temporal_gates(e, ctx)
-        return e, q, k, qkv[:, 2], log_alpha, beta
+        return e, q, k, v.squeeze(1), log_alpha, beta
 
     def _finish(
         self, x: torch.Tensor, e: torch.Tensor, o: torch.Tensor, elapsed: Optional[torch.Tensor]
