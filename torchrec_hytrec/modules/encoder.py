@@ -102,7 +102,9 @@ class HyTRecEncoder(nn.Module):
     Serving: :meth:`forward_last` optionally reads at a request time ``t*``: every TADN
     readout is multiplied per head by ``exp(-(t* - t_last) / T_h)`` (``t_last`` = the user's
     latest event), so stale long-term memory fades while softmax layers are unchanged;
-    ``t* = t_last`` is exactly the training form. :meth:`init_stream` / :meth:`stream_step`
+    ``t* = t_last`` is exactly the training form. It computes each layer only where the result
+    reads it: the last long layer at the long-summary rows, a windowed softmax layer's input
+    (and the short branch's) only inside its windows. :meth:`init_stream` / :meth:`stream_step`
     take one new event per user at ``O(d^2 + softmax window)`` cost (full-causal softmax
     layers keep their whole KV cache), with outputs equal to the full forward.
 
