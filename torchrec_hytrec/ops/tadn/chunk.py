@@ -47,11 +47,8 @@ class _JaggedChunks:
 
     chunk_size: int
     num_chunks: int
-    # Per step c (python ints, read by the sequential loop): users active, first chunk row,
-    # first slot of the states entering those chunks.
+    # Per step c (python ints, read by the sequential loop): users active.
     steps: List[int]
-    chunk_start: List[int]
-    enter_start: List[int]
     # [T * H] row of every (event, head) in the padded [num_chunks * H * C] layout, and its
     # inverse [num_chunks * H * C]: the (event, head) row feeding each padded row, T * H for padding.
     dest: torch.Tensor
@@ -115,8 +112,6 @@ def _plan_chunks(
         chunk_size=C,
         num_chunks=num_chunks,
         steps=steps.tolist(),
-        chunk_start=chunk_start.tolist(),
-        enter_start=enter_start.tolist(),
         dest=dest.to(device),
         source=source.to(device),
         enter_slot=enter_slot.to(device),
@@ -223,19 +218,23 @@ def _state_pass(
     """
     H = num_heads
     B_H = states.shape[0] - plan.num_chunks * H
-    mt = m.mT if transpose else m
-    order = range(len(plan.steps) - 1, -1, -1) if transpose else range(len(plan.steps))
+    # Per chunk index, views of its transitions and of the states after its chunks, made in one
+    # call each: the loop then costs one product per step (slicing per step took half its time).
+    sizes = [n * H for n in plan.steps]
+    transitions = (m.mT if transpose else m).split(sizes)
+    afters = states[B_H:].split(sizes)
+    order = range(len(sizes) - 1, -1, -1) if transpose else range(len(sizes))
     with record_function("tadn_state_pass"), _one_cpu_thread(states.device):
         for c in order:
-            a = plan.chunk_start[c] * H
-            b = a + plan.steps[c] * H
-            e = plan.enter_start[c] * H
-            enter = states[e : e + b - a]
-            after = states[B_H + a : B_H + b]
+            # The users with a chunk at index c are the first of those with one at c - 1 (and
+            # of the initial slots for c == 0).
+            enter = states[: sizes[0]] if c == 0 else afters[c - 1]
+            if enter.shape[0] != sizes[c]:
+                enter = enter[: sizes[c]]
             if transpose:
-                enter.baddbmm_(mt[a:b], after)
+                enter.baddbmm_(transitions[c], afters[c])
             else:
-                after.baddbmm_(mt[a:b], enter)
+                afters[c].baddbmm_(transitions[c], enter)
 
 
 def _chunk_matrices(
