@@ -5,8 +5,10 @@ negatives (``ranking_batch_from_sequences``); training rows come from the leave-
 split, evaluation rows from the validation split. The stack is the production one: Parquet
 sequences read by ``SequenceReader``, tables sharded by ``DistributedModelParallel`` with fused
 row-wise Adagrad applied in the backward, AdamW for dense parameters, AUC and NE from
-``torchrec.metrics``. Run alone it forms a process group of one; under ``torchrun`` it shards
-over the ranks::
+``torchrec.metrics``, and TorchRec's ``TrainPipelineSparseDist`` overlapping the tables' input
+distribution with compute. Run alone it forms a process group of one; under ``torchrun`` it shards
+over the ranks (the reader gives every rank the same number of batches, padding with zero-weight
+ones)::
 
     python examples/train_ranker.py                     # about a minute on 2 CPU cores
     torchrun --nproc-per-node 2 examples/train_ranker.py
@@ -20,19 +22,24 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from torchrec_hytrec.data.reader import ReaderConfig, SequenceReader
 from torchrec_hytrec.data.schema import write_sequences
 from torchrec_hytrec.data.splits import Split
 from torchrec_hytrec.data.synthetic import SyntheticConfig, generate
-from torchrec_hytrec.models.ranking import (
+from torchrec_hytrec.data.ranking import (
     NUM_DERIVED_DENSE,
     RECENT_ITEMS_KEY,
     USER_BUCKET_KEY,
-    HyTRecRanker,
-    RankerConfig,
     RankingBatch,
     ranking_batch_from_sequences,
+)
+from torchrec_hytrec.models.ranking import (
+    HyTRecRanker,
+    HyTRecRankerTrain,
+    RankerConfig,
+    ranking_metric_inputs,
     ranking_metric_module,
 )
 from torchrec_hytrec.models.sharding import (
@@ -43,6 +50,7 @@ from torchrec_hytrec.models.sharding import (
 )
 from torchrec_hytrec.modules import HyTRecConfig, HyTRecEncoder
 from torchrec_hytrec.training.distributed import init_distributed
+from torchrec_hytrec.training.pipeline import make_pipeline, pipeline_outputs
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _ranking_batches(
-    reader: SequenceReader, args: argparse.Namespace, num_items: int, seed: int, device: torch.device
+    reader: SequenceReader, args: argparse.Namespace, num_items: int, seed: int
 ) -> Iterable[RankingBatch]:
     generator = torch.Generator().manual_seed(seed)
     for batch in reader:
@@ -75,22 +83,25 @@ def _ranking_batches(
             user_buckets=args.user_buckets,
             generator=generator,
         )
-        yield rows.to(device)
+        yield rows
 
 
-def _evaluate(
-    model: torch.nn.Module, batches: Iterable[RankingBatch], world_size: int, rank: int
-) -> Dict[str, float]:
+def _evaluate(pipeline: TrainPipelineSparseDist, model: torch.nn.Module, batches: Iterable[RankingBatch],
+              world_size: int, rank: int) -> Dict[str, float]:
+    """Validation AUC / NE over every rank's rows, on every rank."""
     metrics = None
     model.eval()
     with torch.no_grad():
-        for batch in batches:
+        for outputs in pipeline_outputs(pipeline, batches):
             if metrics is None:
-                metrics = ranking_metric_module(batch_size=batch.batch_size, world_size=world_size, rank=rank)
-            metrics.update(model(batch)[1])
+                rows = outputs[1].numel()
+                metrics = ranking_metric_module(batch_size=rows, world_size=world_size, rank=rank)
+            metrics.update(ranking_metric_inputs(outputs))
     model.train()
-    result = {k: float(v) for k, v in metrics.compute().items()}
-    return {"auc": result["auc-ctr|window_auc"], "ne": result["ne-ctr|window_ne"]}
+    # TorchRec reduces the metrics onto rank 0 only; every rank returns them.
+    result = [{k: float(v) for k, v in metrics.compute().items()} if metrics is not None else {}]
+    dist.broadcast_object_list(result, src=0)
+    return {"auc": result[0]["auc-ctr|window_auc"], "ne": result[0]["ne-ctr|window_ne"]}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, float]]:
@@ -121,19 +132,17 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, float]]:
         encoder = HyTRecEncoder(
             HyTRecConfig.hytrec(embedding_dim=d, num_heads=2, short_window=16, long_pattern="TTA")
         )
-        model = HyTRecRanker(config, encoder, device=torch.device("meta"))
+        model = HyTRecRankerTrain(HyTRecRanker(config, encoder, device=torch.device("meta")))
         optimizer_config = OptimizerConfig(sparse_lr=args.sparse_lr, dense_lr=args.dense_lr)
         apply_sparse_optimizer(model, optimizer_config)
         model = shard_model(model, "auto", device=env.device)
         optimizer = make_optimizer(model, optimizer_config)
+        pipeline = make_pipeline(model, optimizer, env.device)
 
         def valid() -> Dict[str, float]:
             # The same negatives at every evaluation: the figures are comparable.
             return _evaluate(
-                model,
-                _ranking_batches(valid_reader, args, info.num_items, 1, env.device),
-                env.world_size,
-                env.rank,
+                pipeline, model, _ranking_batches(valid_reader, args, info.num_items, 1), env.world_size, env.rank
             )
 
         history = [valid()]
@@ -142,12 +151,10 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, float]]:
         for epoch in range(1, args.epochs + 1):
             start, losses = time.perf_counter(), []
             train_reader.set_epoch(epoch)
-            for batch in _ranking_batches(train_reader, args, info.num_items, 1000 + epoch, env.device):
-                loss, _ = model(batch)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                losses.append(float(loss.detach()))
+            batches = _ranking_batches(train_reader, args, info.num_items, 1000 + epoch)
+            for loss, _, _, weights in pipeline_outputs(pipeline, batches):
+                if float(weights.sum()) > 0:  # not one of the reader's padding batches
+                    losses.append(float(loss))
             history.append(valid())
             if env.is_main:
                 print(

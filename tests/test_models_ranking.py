@@ -6,14 +6,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_models_retrieval import DIM, NUM_ITEMS, SIDE, make_batch, make_encoder
-from torchrec_hytrec.data.batch import ITEM_KEY
+from helpers import NUM_ITEMS, SIDE, make_batch
+from test_models_retrieval import DIM, make_encoder
+from torchrec_hytrec.data.batch import CANDIDATE_KEY, ITEM_KEY, TIMESTAMP_KEY
+from torchrec_hytrec.data.ranking import RECENT_ITEMS_KEY, USER_BUCKET_KEY, ranking_batch_from_sequences
 from torchrec_hytrec.models.ranking import (
-    RECENT_ITEMS_KEY,
-    USER_BUCKET_KEY,
     HyTRecRanker,
+    HyTRecRankerTrain,
     RankerConfig,
-    ranking_batch_from_sequences,
+    ranking_metric_inputs,
     ranking_metric_module,
 )
 
@@ -21,7 +22,7 @@ USER_BUCKETS = 7
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_ranker.py"
 
 
-def make_ranker(seed: int = 0) -> HyTRecRanker:
+def make_ranker(seed: int = 0) -> HyTRecRankerTrain:
     config = RankerConfig(
         num_items=NUM_ITEMS,
         embedding_dim=DIM,
@@ -30,7 +31,7 @@ def make_ranker(seed: int = 0) -> HyTRecRanker:
         side_features=SIDE,
         over_arch_layer_sizes=[16, 1],
     )
-    return HyTRecRanker(config, make_encoder(seed))
+    return HyTRecRankerTrain(HyTRecRanker(config, make_encoder(seed)))
 
 
 def test_ranking_rows_from_training_sequences() -> None:
@@ -43,17 +44,22 @@ def test_ranking_rows_from_training_sequences() -> None:
         num_recent=2,
         generator=torch.Generator().manual_seed(0),
     )
-    items, offsets = seq.features[ITEM_KEY].values(), seq.offsets()
+    items, offsets = seq.item_ids, seq.offsets()
     assert out.batch_size == 12
     assert out.labels.tolist() == [1, 0, 0, 0] * 3
-    assert out.row_sequence.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert out.weights.tolist() == [1.0] * 12
+    candidates = out.sequence[CANDIDATE_KEY]
+    assert candidates.lengths().tolist() == [4, 4, 4]  # a user's rows are adjacent
+    candidates = candidates.values()
     histories = out.sequence[ITEM_KEY].to_dense()
+    history_times = out.sequence[TIMESTAMP_KEY].to_dense()
     for user in range(3):
         rows = slice(4 * user, 4 * user + 4)
         start, end = int(offsets[user]), int(offsets[user + 1])
-        assert int(out.candidates[4 * user]) == int(items[end - 1])  # the real next item
-        assert bool((out.candidates[rows][1:] != items[end - 1]).all())
+        assert int(candidates[4 * user]) == int(items[end - 1])  # the real next item
+        assert bool((candidates[rows][1:] != items[end - 1]).all())
         assert histories[user].tolist() == items[start : end - 1].tolist()
+        assert history_times[user].tolist() == seq.timestamps[start : end - 1].tolist()
         for row in range(4 * user, 4 * user + 4):
             assert (
                 out.sparse_features[RECENT_ITEMS_KEY].to_dense()[row].tolist()
@@ -62,7 +68,7 @@ def test_ranking_rows_from_training_sequences() -> None:
         assert int(out.request_timestamps[user]) == int(seq.timestamps[end - 1])
         gap = float(seq.timestamps[end - 1] - seq.timestamps[end - 2])
         assert float(out.dense_features[4 * user, 1]) == pytest.approx(torch.log1p(torch.tensor(gap)).item())
-    assert out.sequence.keys() == seq.features.keys()
+    assert out.sequence.keys() == [TIMESTAMP_KEY, ITEM_KEY, *SIDE, CANDIDATE_KEY]
     assert (
         out.sparse_features[USER_BUCKET_KEY].values().tolist()
         == (seq.user_ids % USER_BUCKETS).repeat_interleave(4).tolist()
@@ -94,18 +100,33 @@ def test_ranker_from_torchrec_archs_trains_and_reports_auc_ne() -> None:
     losses = []
     for _ in range(16):
         for batch in batches:
-            loss, aux = model(batch)
+            loss, _ = model(batch)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             losses.append(float(loss))
     assert sum(losses[-4:]) < 0.5 * sum(losses[:4]), losses
     metrics = ranking_metric_module(batch_size=16)
+    model.eval()
     with torch.no_grad():
         for batch in batches:
-            metrics.update(model(batch)[1])
+            metrics.update(ranking_metric_inputs(model(batch)[1]))
     result = {k: float(v) for k, v in metrics.compute().items()}
     assert result["auc-ctr|window_auc"] > 0.9 and result["ne-ctr|window_ne"] < 0.8, result
+
+
+def test_padding_rows_move_nothing() -> None:
+    """A reader's padding batch (zero weights) has zero loss and zero gradients."""
+    model = make_ranker()
+    seq = make_batch([8, 5], seed=3)
+    seq.weights = torch.zeros(2)
+    batch = ranking_batch_from_sequences(seq, num_items=NUM_ITEMS, num_negatives=2, user_buckets=USER_BUCKETS)
+    assert batch.weights.tolist() == [0.0] * 6
+    loss, _ = model(batch)
+    loss.backward()
+    assert float(loss) == 0.0
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(float(g.abs().max()) == 0.0 for g in grads)
 
 
 @pytest.mark.slow

@@ -5,9 +5,8 @@ from typing import Dict, List, Optional, Sequence
 
 import pytest
 import torch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from torchrec_hytrec.data.batch import ITEM_KEY, SequenceBatch
+from helpers import NUM_ITEMS, SIDE, make_batch
 from torchrec_hytrec.models import evaluation
 from torchrec_hytrec.models.evaluation import (
     RetrievalEvaluator,
@@ -18,52 +17,10 @@ from torchrec_hytrec.models.evaluation import (
     retrieve_topk,
 )
 from torchrec_hytrec.models.losses import full_softmax_loss, sampled_softmax_loss
-from torchrec_hytrec.models.retrieval import HyTRecRetrieval, RetrievalConfig
+from torchrec_hytrec.models.retrieval import HyTRecRetrieval, HyTRecRetrievalTrain, RetrievalConfig
 from torchrec_hytrec.modules import HyTRecConfig, HyTRecEncoder
 
-NUM_ITEMS = 40
 DIM = 16
-SIDE = {"category": 5}
-
-
-def make_batch(
-    lengths: Sequence[int],
-    *,
-    seed: int,
-    num_items: int = NUM_ITEMS,
-    side_features: Optional[Dict[str, int]] = None,
-    evaluation: bool = False,
-) -> SequenceBatch:
-    """A hand-built batch: items follow ``item + 1`` chains (learnable), gaps of minutes to days."""
-    side_features = SIDE if side_features is None else side_features
-    g = torch.Generator().manual_seed(seed)
-    total = sum(lengths)
-    starts = torch.randint(1, num_items + 1, (len(lengths),), generator=g)
-    items = torch.cat([(s - 1 + torch.arange(n)) % num_items + 1 for s, n in zip(starts.tolist(), lengths)])
-    gaps = torch.randint(60, 3 * 86400, (total,), generator=g)
-    times = torch.cat([torch.cumsum(t, 0) for t in torch.split(gaps, list(lengths))]) + 1_600_000_000
-    lengths_t = torch.tensor(lengths, dtype=torch.long)
-    side_values = [torch.randint(0, rows, (total,), generator=g) for rows in side_features.values()]
-    features = KeyedJaggedTensor(
-        keys=[ITEM_KEY, *side_features],
-        values=torch.cat([items, *side_values]),
-        lengths=lengths_t.repeat(1 + len(side_features)),
-    )
-    ends = torch.cumsum(lengths_t, 0) - 1
-    batch_size = len(lengths)
-    if evaluation:
-        targets = items[ends] % num_items + 1
-        target_times = times[ends] + 3600
-    else:
-        targets = torch.full((batch_size,), -1)
-        target_times = torch.full((batch_size,), -1)
-    return SequenceBatch(
-        features=features,
-        timestamps=times,
-        user_ids=torch.arange(batch_size) + 1000 * seed,
-        targets=targets,
-        target_timestamps=target_times,
-    )
 
 
 def make_encoder(seed: int = 0) -> HyTRecEncoder:
@@ -73,28 +30,28 @@ def make_encoder(seed: int = 0) -> HyTRecEncoder:
     )
 
 
-def make_retrieval(loss: str = "full", seed: int = 0, **overrides: object) -> HyTRecRetrieval:
+def make_retrieval(loss: str = "full", seed: int = 0, **overrides: object) -> HyTRecRetrievalTrain:
     encoder = make_encoder(seed)
     config = RetrievalConfig(
         num_items=NUM_ITEMS, embedding_dim=DIM, side_features=SIDE, loss=loss, **overrides
     )
-    return HyTRecRetrieval(config, encoder)
+    return HyTRecRetrievalTrain(HyTRecRetrieval(config, encoder))
 
 
 def test_sampled_softmax_training_reduces_loss() -> None:
     """(The full softmax is trained in ``test_learns_successor_structure``.)"""
     model = make_retrieval("sampled", num_uniform_negatives=16, num_in_batch_negatives=32)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-    batch = make_batch([12, 7, 1, 20], seed=1)
+    batch = make_batch([12, 7, 1, 20], seed=1, candidates="uniform", num_negatives=16)
     losses: List[float] = []
     for _ in range(20):
-        torch.manual_seed(0)  # the same negatives every step: the loss is comparable
-        loss_value, aux = model(batch)
+        torch.manual_seed(0)  # the same in-batch negatives every step: the loss is comparable
+        loss_value, outputs = model(batch)
         optimizer.zero_grad()
         loss_value.backward()
         optimizer.step()
         losses.append(float(loss_value))
-    assert int(aux["num_positions"]) == 11 + 6 + 0 + 19
+    assert outputs.query.shape[0] == 11 + 6 + 0 + 19
     assert losses[-1] < 0.5 * losses[0], losses
 
 
@@ -102,9 +59,14 @@ def test_full_softmax_loss_matches_log_softmax_by_hand() -> None:
     torch.manual_seed(0)
     query, catalogue = torch.randn(6, 4), torch.randn(9, 4)
     positives = torch.tensor([1, 9, 3, 3, 5, 2])
-    loss = full_softmax_loss(query=query, catalogue=catalogue, positive_ids=positives, temperature=0.5)
+    weights = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0, 1.0])
+    loss = full_softmax_loss(scores=query @ catalogue.t(), positive_ids=positives, weights=weights, temperature=0.5)
     logp = torch.log_softmax(query @ catalogue.t() / 0.5, dim=1)
-    assert torch.allclose(loss, -logp[torch.arange(6), positives - 1].mean())
+    nll = -logp[torch.arange(6), positives - 1]
+    assert torch.allclose(loss, nll[weights > 0].mean())  # the zero-weight query counts for nothing
+    zero = full_softmax_loss(scores=query @ catalogue.t(), positive_ids=positives, weights=torch.zeros(6),
+                             temperature=0.5)
+    assert float(zero) == 0.0
 
 
 def test_sampled_softmax_logq_and_accidental_hits_by_hand() -> None:
@@ -119,6 +81,7 @@ def test_sampled_softmax_logq_and_accidental_hits_by_hand() -> None:
         positive_emb=item_table[positive_ids],
         uniform_ids=uniform_ids,
         uniform_emb=item_table[uniform_ids],
+        weights=torch.ones(3),
         num_items=10,
         num_in_batch=8,
         temperature=1.0,
@@ -135,16 +98,42 @@ def test_sampled_softmax_logq_and_accidental_hits_by_hand() -> None:
     assert loss.item() == pytest.approx(expected / 3, rel=1e-5)
 
 
-def test_bad_item_id_names_row_and_event() -> None:
+def test_train_and_eval_are_explicit_modes() -> None:
+    """The mode comes from train()/eval(), not from the batch's values; a mismatch is an error."""
     model = make_retrieval()
-    batch = make_batch([3, 4], seed=2)
-    values = batch.features.values().clone()
-    values[5] = NUM_ITEMS + 1  # user 1, event 2
-    batch.features = KeyedJaggedTensor(
-        keys=batch.features.keys(), values=values, lengths=batch.features.lengths()
-    )
-    with pytest.raises(ValueError, match=r"item_id: id 41 of batch row 1 \(event 2\)"):
-        model(batch)
+    train_batch, eval_batch = make_batch([3, 4], seed=2), make_batch([3, 4], seed=2, evaluation=True)
+    model.eval()
+    with pytest.raises(ValueError, match="one target_item_id per user"):
+        model(train_batch)
+    _, outputs = model(eval_batch)
+    assert outputs.query.shape == (2, DIM) and torch.equal(outputs.positive_ids, eval_batch.targets)
+    model.train()
+    _, outputs = model(eval_batch)  # an evaluation batch's inputs train like any other history
+    assert outputs.query.shape == (2 + 3, DIM)
+
+
+def test_full_softmax_needs_the_catalogue_in_the_batch() -> None:
+    with pytest.raises(ValueError, match="negatives='catalogue'"):
+        make_retrieval("full")(make_batch([3, 4], seed=2, candidates="uniform"))
+    with pytest.raises(ValueError, match="negatives='uniform'"):
+        make_retrieval("sampled")(make_batch([3, 4], seed=2, candidates="none"))
+
+
+def test_meta_construction_and_injected_tables() -> None:
+    from torchrec_hytrec.data.batch import CANDIDATE_KEY, TARGET_KEY
+    from torchrec_hytrec.models.embeddings import sequence_embedding_collection
+
+    config = RetrievalConfig(num_items=NUM_ITEMS, embedding_dim=DIM, side_features=SIDE)
+    meta = HyTRecRetrieval(config, make_encoder(), device=torch.device("meta"))
+    assert meta.embedding_collection.embeddings["item"].weight.is_meta
+    tables = sequence_embedding_collection(num_items=NUM_ITEMS, embedding_dim=DIM, side_features=SIDE,
+                                           extra_item_features=[TARGET_KEY, CANDIDATE_KEY], init_std=0.1)
+    injected = HyTRecRetrieval(config, make_encoder(), embedding_collection=tables)
+    assert injected.embedding_collection is tables
+    wrong = sequence_embedding_collection(num_items=NUM_ITEMS, embedding_dim=DIM, side_features={},
+                                          extra_item_features=[TARGET_KEY], init_std=0.1)
+    with pytest.raises(ValueError, match="no table for features"):
+        HyTRecRetrieval(config, make_encoder(), embedding_collection=wrong)
 
 
 def test_metrics_by_hand() -> None:
@@ -169,8 +158,9 @@ def test_catalogue_ranks_equal_brute_force(exclude_seen: bool, monkeypatch: pyte
     batch = make_batch([5, 9, 2], seed=3, evaluation=True)
     model.eval()
     with torch.no_grad():
-        _, aux = model(batch)
-    shards, sharded = item_table_shards(model.embedding_collection)
+        _, out = model(batch)
+    aux = {"query": out.query, "target_score": out.positive_scores}
+    shards, sharded = item_table_shards(model.model.embedding_collection)
     assert not sharded
     table = shards[0][1]
     offsets = batch.offsets()
@@ -179,10 +169,10 @@ def test_catalogue_ranks_equal_brute_force(exclude_seen: bool, monkeypatch: pyte
         target_ids=batch.targets,
         target_score=aux["target_score"],
         shards=[(0, table[:17]), (17, table[17:])],  # two blocks: the per-shard path
-        seen_ids=batch.features[ITEM_KEY].values() if exclude_seen else None,
+        seen_ids=batch.item_ids if exclude_seen else None,
         seen_offsets=offsets if exclude_seen else None,
     )
-    items = batch.features[ITEM_KEY].values()
+    items = batch.item_ids
     for u in range(3):
         scores = table @ aux["query"][u]
         target = int(batch.targets[u])
@@ -203,13 +193,17 @@ def test_evaluate_uses_request_time_and_reports_metrics() -> None:
     out = evaluate(model, batches, exclude_seen=True)
     assert out["count"] == 5 and 0.0 <= out["hr@10"] <= 1.0 and math.isfinite(out["loss"])
     evaluator = RetrievalEvaluator(model)
+    model.eval()
     with torch.no_grad():
-        _, aux_now = model(batches[0])
+        _, now = model(batches[0])
         late = make_batch([5, 9, 2], seed=4, evaluation=True)
         late.target_timestamps = late.target_timestamps + 400 * 86400
-        _, aux_late = model(late)
-    assert not torch.allclose(aux_now["query"], aux_late["query"])  # TADN memory decays with the gap
-    evaluator.update(batches[0], aux_now)
+        _, later = model(late)
+    assert not torch.allclose(now.query, later.query)  # TADN memory decays with the gap
+    evaluator.update(now)
+    assert evaluator.compute()["count"] == 3
+    padding = now._replace(weights=torch.zeros(3))  # a reader's padding batch: counts for nothing
+    evaluator.update(padding)
     assert evaluator.compute()["count"] == 3
 
 

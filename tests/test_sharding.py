@@ -1,7 +1,6 @@
 """Sharded (DistributedModelParallel, 2 gloo ranks) equals unsharded: loss, one step, evaluation."""
 
 import os
-import socket
 from typing import Callable, Dict, List, Tuple
 
 import pytest
@@ -12,9 +11,10 @@ from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed.model_parallel import DistributedModelParallel
 
+from helpers import NUM_ITEMS, free_port, make_batch
 from test_models_ranking import USER_BUCKETS, make_ranker
-from test_models_retrieval import NUM_ITEMS, make_batch, make_retrieval
-from torchrec_hytrec.models.ranking import ranking_batch_from_sequences
+from test_models_retrieval import make_retrieval
+from torchrec_hytrec.data.ranking import ranking_batch_from_sequences
 from torchrec_hytrec.models.evaluation import RetrievalEvaluator, item_table_shards, retrieve_topk
 from torchrec_hytrec.models.sharding import (
     OptimizerConfig,
@@ -29,14 +29,8 @@ WORLD = 2
 OPT = OptimizerConfig(sparse_optimizer="rowwise_adagrad", sparse_lr=0.1, dense_lr=0.01)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(worker: Callable[..., None], *args: object) -> None:
-    mp.spawn(worker, args=(_free_port(), *args), nprocs=WORLD, join=True)
+    mp.spawn(worker, args=(free_port(), *args), nprocs=WORLD, join=True)
 
 
 def _init(rank: int, port: int) -> None:
@@ -103,7 +97,7 @@ def one_step_worker(
     batches = make_batches()
     initial = {k: v.clone() for k, v in reference.state_dict().items()}
 
-    torch.manual_seed(100 + rank)  # the sampled negatives of this rank
+    torch.manual_seed(100 + rank)  # in-batch negatives come from the global RNG
     loss, _ = sharded(batches[rank])
     loss.backward()
     optimizer.step()
@@ -139,17 +133,24 @@ def _retrieval_batches() -> list:
     return [make_batch([6, 3, 9], seed=10), make_batch([4, 12], seed=11)]
 
 
+def _sampled_batches() -> list:
+    return [make_batch([6, 3, 9], seed=10, candidates="uniform"), make_batch([4, 12], seed=11, candidates="uniform")]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "plan_kind,build,sparse_optimizer",
-    [("row_wise", _retrieval_full, "rowwise_adagrad"), ("table_wise", _retrieval_sampled, "adagrad")],
+    "plan_kind,build,batches,sparse_optimizer",
+    [
+        ("row_wise", _retrieval_full, _retrieval_batches, "rowwise_adagrad"),
+        ("table_wise", _retrieval_sampled, _sampled_batches, "adagrad"),
+    ],
     ids=["row_wise", "table_wise"],
 )
 def test_retrieval_sharded_step_equals_unsharded(
-    plan_kind: str, build: Callable[[], nn.Module], sparse_optimizer: str
+    plan_kind: str, build: Callable[[], nn.Module], batches: Callable[[], list], sparse_optimizer: str
 ) -> None:
     opt = OptimizerConfig(sparse_optimizer=sparse_optimizer, sparse_lr=0.1, dense_lr=0.01)
-    _spawn(one_step_worker, build, _retrieval_batches, plan_kind, opt)
+    _spawn(one_step_worker, build, batches, plan_kind, opt)
 
 
 def _ranker_batches() -> list:
@@ -228,7 +229,7 @@ def test_combined_optimizer_state_dict_round_trip() -> None:
 def eval_worker(rank: int, port: int) -> None:
     _init(rank, port)
     sharded, reference = _sharded_and_reference(_retrieval_full, "row_wise")
-    shards, is_sharded = item_table_shards(sharded.module.embedding_collection)
+    shards, is_sharded = item_table_shards(sharded.module.model.embedding_collection)
     assert is_sharded and len(shards) == 1 and shards[0][1].shape[0] < 41  # this rank holds part of the rows
     batches = [make_batch([5, 9, 2], seed=20, evaluation=True), make_batch([3, 30], seed=21, evaluation=True)]
     sharded.eval()
@@ -237,9 +238,9 @@ def eval_worker(rank: int, port: int) -> None:
         evaluator = RetrievalEvaluator(sharded, exclude_seen=exclude_seen)
         reference_evaluator = RetrievalEvaluator(reference, exclude_seen=exclude_seen)
         with torch.no_grad():
-            _, aux = sharded(batches[rank])
-            ranks = evaluator.update(batches[rank], aux)
-            reference_ranks = [reference_evaluator.update(b, reference(b)[1]) for b in batches]
+            _, outputs = sharded(batches[rank])
+            ranks = evaluator.update(outputs)
+            reference_ranks = [reference_evaluator.update(reference(b)[1]) for b in batches]
         assert torch.equal(ranks, reference_ranks[rank])
         got, want = evaluator.compute(), reference_evaluator.compute()
         assert got.keys() == want.keys() and got["count"] == 5
@@ -247,10 +248,10 @@ def eval_worker(rank: int, port: int) -> None:
             assert got[key] == pytest.approx(want[key], abs=1e-9), key
 
     with torch.no_grad():
-        _, aux = sharded(batches[rank])
-        scores, ids = retrieve_topk(aux["query"], shards, k=7, process_group=dist.GroupMember.WORLD)
-        whole, _ = item_table_shards(reference.embedding_collection)
-        want_scores, want_ids = retrieve_topk(reference(batches[rank])[1]["query"], whole, k=7)
+        _, outputs = sharded(batches[rank])
+        scores, ids = retrieve_topk(outputs.query, shards, k=7, process_group=dist.GroupMember.WORLD)
+        whole, _ = item_table_shards(reference.model.embedding_collection)
+        want_scores, want_ids = retrieve_topk(reference(batches[rank])[1].query, whole, k=7)
     assert torch.equal(ids, want_ids)
     torch.testing.assert_close(scores, want_scores)
     dist.destroy_process_group()

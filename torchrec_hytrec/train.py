@@ -25,27 +25,28 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from tqdm import tqdm
 
-from torchrec_hytrec.data.batch import ITEM_KEY, SequenceBatch
 from torchrec_hytrec.data.reader import ReaderConfig, SequenceReader
 from torchrec_hytrec.data.schema import write_sequences
 from torchrec_hytrec.data.splits import Split
 from torchrec_hytrec.data.synthetic import SyntheticConfig, generate
 from torchrec_hytrec.models.evaluation import RetrievalEvaluator, RetrievalMetrics
-from torchrec_hytrec.models.retrieval import HyTRecRetrieval, RetrievalConfig
+from torchrec_hytrec.models.retrieval import HyTRecRetrieval, HyTRecRetrievalTrain, RetrievalConfig
 from torchrec_hytrec.models.sharding import apply_sparse_optimizer, make_optimizer, shard_model
 from torchrec_hytrec.modules import HyTRecConfig, HyTRecEncoder
 from torchrec_hytrec.training.checkpoint import CheckpointManager, rng_state, set_rng_state
 from torchrec_hytrec.training.config import TrainConfig, config_to_dict, load_config
 from torchrec_hytrec.training.distributed import DistEnv, init_distributed
 from torchrec_hytrec.training.metrics_log import MetricsLogger
+from torchrec_hytrec.training.pipeline import make_pipeline, pipeline_outputs
 
 
 PRESETS = ("hytrec", "sasrec_like", "pure_linear")
@@ -96,8 +97,12 @@ def synthetic_dataset(cfg: TrainConfig, env: DistEnv) -> Path:
     return path
 
 
-def make_reader(cfg: TrainConfig, path: Path, split: Split) -> SequenceReader:
+def make_reader(
+    cfg: TrainConfig, path: Path, split: Split, retrieval: Optional[RetrievalConfig] = None
+) -> SequenceReader:
+    """A reader of ``split``; with ``retrieval``, its batches carry the candidates its loss needs."""
     train = split is Split.TRAIN
+    negatives, num_negatives = retrieval.reader_negatives() if retrieval is not None else ("none", 0)
     return SequenceReader(ReaderConfig(
         paths=[path],
         split=split,
@@ -105,45 +110,41 @@ def make_reader(cfg: TrainConfig, path: Path, split: Split) -> SequenceReader:
         max_seq_len=cfg.data.max_seq_len,
         shuffle=train,
         seed=cfg.seed,
+        negatives=negatives,
+        num_negatives=num_negatives,
     ))
 
 
-def build_model(cfg: TrainConfig, reader: SequenceReader) -> nn.Module:
-    """The unsharded retrieval model, tables on ``meta`` (``shard_model`` materialises them)."""
-    if cfg.model.preset not in PRESETS:
-        raise ValueError(f"model.preset must be one of {PRESETS}, got {cfg.model.preset!r}")
-    encoder_cfg = getattr(HyTRecConfig, cfg.model.preset)(embedding_dim=cfg.model.embedding_dim, **cfg.model.encoder)
+def retrieval_config(cfg: TrainConfig, reader: SequenceReader) -> RetrievalConfig:
+    """The model's :class:`RetrievalConfig` for the dataset ``reader`` reads."""
     info = reader.info
     # Side-feature ids lie in [1, cardinality]; row 0 stays padding.
     side = {name: info.feature_cardinalities[name] + 1 for name in reader.keys[1:]}
-    retrieval = RetrievalConfig(
+    return RetrievalConfig(
         num_items=info.num_items, embedding_dim=cfg.model.embedding_dim, side_features=side, **cfg.model.retrieval
     )
-    return HyTRecRetrieval(retrieval, HyTRecEncoder(encoder_cfg), device=torch.device("meta"))
 
 
-def lockstep(batches: Iterable[SequenceBatch], filler: SequenceBatch) -> Iterator[Tuple[SequenceBatch, bool]]:
-    """Yields ``(batch, real)`` until every rank's batches are exhausted.
+def build_model(cfg: TrainConfig, retrieval: RetrievalConfig) -> HyTRecRetrievalTrain:
+    """The unsharded train wrapper, tables on ``meta`` (``shard_model`` materialises them)."""
+    if cfg.model.preset not in PRESETS:
+        raise ValueError(f"model.preset must be one of {PRESETS}, got {cfg.model.preset!r}")
+    encoder_cfg = getattr(HyTRecConfig, cfg.model.preset)(embedding_dim=cfg.model.embedding_dim, **cfg.model.encoder)
+    model = HyTRecRetrieval(retrieval, HyTRecEncoder(encoder_cfg), device=torch.device("meta"))
+    return HyTRecRetrievalTrain(model)
 
-    Ranks read disjoint row groups and so may hold different numbers of batches, while every
-    sharded forward is a collective. A rank that runs out keeps stepping with ``filler`` and
-    ``real=False`` until all ranks are done; its caller gives such steps no weight.
-    """
-    it = iter(batches)
-    while True:
-        batch = next(it, None)
-        more = torch.tensor([0 if batch is None else 1])
-        dist.all_reduce(more, op=dist.ReduceOp.MAX)
-        if not more.item():
-            return
-        yield (filler, False) if batch is None else (batch, True)
+
+def is_real(weights: torch.Tensor) -> bool:
+    """Whether a batch is a real one rather than the reader's zero-weight padding."""
+    return bool(weights.sum() > 0)
 
 
 def item_popularity(reader: SequenceReader, num_items: int) -> torch.Tensor:
     """``[num_items + 1]`` event counts of every item in all ranks' training inputs."""
     counts = torch.zeros(num_items + 1, dtype=torch.int64)
     for batch in reader:
-        counts += torch.bincount(batch.features[ITEM_KEY].values(), minlength=num_items + 1)
+        if is_real(batch.weights):
+            counts += torch.bincount(batch.item_ids, minlength=num_items + 1)
     dist.all_reduce(counts)
     return counts
 
@@ -157,7 +158,7 @@ def popularity_ranks(counts: torch.Tensor) -> torch.Tensor:
 
 
 def evaluate_split(
-    model: nn.Module, reader: SequenceReader, filler: SequenceBatch, pop_ranks: torch.Tensor,
+    model: nn.Module, pipeline: TrainPipelineSparseDist, reader: SequenceReader, pop_ranks: torch.Tensor,
     ks: Sequence[int], device: torch.device,
 ) -> Tuple[Dict[str, float], Dict[str, float]]:
     """HR/NDCG@ks and MRR of the model and of the popularity baseline on one split, all ranks.
@@ -167,18 +168,12 @@ def evaluate_split(
         figure of the model, by history-length bucket too.
     """
     evaluator = RetrievalEvaluator(model, metrics=RetrievalMetrics(hr_ks=ks, ndcg_ks=ks, device=device))
-    # Filler steps run the same collectives but land in a throwaway accumulator.
-    discard = RetrievalEvaluator(model, metrics=RetrievalMetrics(hr_ks=ks, ndcg_ks=ks, device=device))
     popularity = RetrievalMetrics(hr_ks=ks, ndcg_ks=ks, device=device)
     model.eval()
     with torch.no_grad():
-        for batch, real in lockstep(reader, filler):
-            batch = batch.to(device)
-            _, aux = model(batch)
-            (evaluator if real else discard).update(batch, aux)
-            if real:
-                lengths = batch.offsets()[1:] - batch.offsets()[:-1]
-                popularity.update(pop_ranks.to(device)[batch.targets], lengths)
+        for outputs in pipeline_outputs(pipeline, reader):
+            evaluator.update(outputs)
+            popularity.update(pop_ranks.to(device)[outputs.positive_ids], outputs.lengths, outputs.weights)
     model.train()
     popularity.all_reduce()
     model_metrics, pop_metrics = evaluator.compute(), popularity.compute()
@@ -186,13 +181,6 @@ def evaluate_split(
     out = {name: model_metrics.get(name, math.nan) for name in evaluator.metrics.metric_names}
     out.update({f"pop_hr@{k}": pop_metrics.get(f"hr@{k}", math.nan) for k in ks})
     return out, model_metrics
-
-
-def _first_batch(reader: SequenceReader) -> SequenceBatch:
-    batch = next(iter(reader), None)
-    if batch is None:
-        raise ValueError(f"rank {dist.get_rank()}: no batches in {reader.info.source}")
-    return batch
 
 
 class Trainer:
@@ -219,19 +207,20 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
         data_path = Path(cfg.data.path) if cfg.data.path else synthetic_dataset(cfg, env)
-        self.train_reader = make_reader(cfg, data_path, Split.TRAIN)
-        self.train_filler = _first_batch(make_reader(cfg, data_path, Split.TRAIN))
-        self.eval_readers = {s: make_reader(cfg, data_path, s) for s in (Split.VALID, Split.TEST)}
-        self.eval_fillers = {s: _first_batch(r) for s, r in self.eval_readers.items()}
-        counts = item_popularity(make_reader(cfg, data_path, Split.TRAIN), self.train_reader.info.num_items)
-        self.popularity_ranks = popularity_ranks(counts)
+        plain = make_reader(cfg, data_path, Split.TRAIN)
+        self.retrieval = retrieval_config(cfg, plain)
+        self.train_reader = make_reader(cfg, data_path, Split.TRAIN, self.retrieval)
+        self.eval_readers = {s: make_reader(cfg, data_path, s, self.retrieval) for s in (Split.VALID, Split.TEST)}
+        self.popularity_ranks = popularity_ranks(item_popularity(plain, plain.info.num_items))
 
-        model = build_model(cfg, self.train_reader)
+        model = build_model(cfg, self.retrieval)
         apply_sparse_optimizer(model, cfg.optim)
         self.model = shard_model(model, cfg.model.sharding, device=env.device)
         self.optimizer = make_optimizer(self.model, cfg.optim)
+        self.pipeline = make_pipeline(self.model, self.optimizer, env.device)
         self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last)
-        self.progress = {"epoch": 0, "global_step": 0}
+        # epoch_step: batches of the current epoch trained (the pipeline reads ahead of it).
+        self.progress = {"epoch": 0, "global_step": 0, "epoch_step": 0}
         self.epoch_loss = {"loss_sum": 0.0, "loss_count": 0}
         # Step of the newest checkpoint: an epoch that ends on it needs no second copy.
         self._saved_step = -1
@@ -246,7 +235,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "progress": dict(self.progress),
-            self._rank_key: {"rng": rng_state(), "reader": self.train_reader.state_dict(), **self.epoch_loss},
+            self._rank_key: {"rng": rng_state(), **self.epoch_loss},
         }
 
     def save(self) -> None:
@@ -280,7 +269,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.progress.update(state["progress"])
         mine = state[self._rank_key]
-        self.train_reader.load_state_dict(mine["reader"])
+        # Batches are a pure function of (seed, epoch, rank, index): skip the ones trained.
+        self.train_reader.load_state_dict({"epoch": self.progress["epoch"], "batches": self.progress["epoch_step"]})
         self.epoch_loss.update(loss_sum=mine["loss_sum"], loss_count=mine["loss_count"])
         set_rng_state(mine["rng"])
         self._saved_step = self.progress["global_step"]
@@ -295,19 +285,16 @@ class Trainer:
         # Under TorchX/torchrun stderr is a log file: refresh it rarely.
         bar = tqdm(desc=f"epoch {epoch}", unit="batch", disable=not self.env.is_main, dynamic_ncols=True,
                    mininterval=0.5 if sys.stderr.isatty() else 15.0)
-        for batch, real in lockstep(self.train_reader, self.train_filler):
+        for outputs in pipeline_outputs(self.pipeline, self.train_reader):
             self._maybe_inject_fault()
-            loss, _ = self.model(batch.to(self.env.device))
-            # A filler step still runs every collective but must not move any weight.
-            (loss if real else loss * 0.0).backward()
-            self.optimizer.step()
-            self.optimizer.zero_grad()
-            if real:
-                self.epoch_loss["loss_sum"] += loss.item()
+            loss = float(outputs.loss)
+            if is_real(outputs.weights):
+                self.epoch_loss["loss_sum"] += loss
                 self.epoch_loss["loss_count"] += 1
             self.progress["global_step"] += 1
+            self.progress["epoch_step"] += 1
             bar.update()
-            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             if every and self.progress["global_step"] % every == 0:
                 self.save()
         bar.close()
@@ -326,8 +313,7 @@ class Trainer:
         detail: Dict[str, Any] = {}
         for split, reader in self.eval_readers.items():
             metrics, detail[split.value] = evaluate_split(
-                self.model, reader, self.eval_fillers[split], self.popularity_ranks, self.cfg.eval_ks,
-                self.env.device,
+                self.model, self.pipeline, reader, self.popularity_ranks, self.cfg.eval_ks, self.env.device
             )
             row.update({f"{split.value}_{k}": v for k, v in metrics.items()})
         return row, detail
@@ -347,7 +333,7 @@ class Trainer:
             if self.env.is_main:
                 table = metrics_log.table()
                 print(table if epoch == 0 else table.splitlines()[-1], flush=True)
-            self.progress["epoch"] = epoch + 1
+            self.progress.update(epoch=epoch + 1, epoch_step=0)
             self.epoch_loss.update(loss_sum=0.0, loss_count=0)
             self.save()
         self._print(f"\nfinal metrics ({self.out_dir / 'metrics.jsonl'}):\n{metrics_log.table()}")

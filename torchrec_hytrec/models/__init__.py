@@ -1,15 +1,29 @@
 """Retrieval and ranking models on TorchRec tables with a HyTRec sequence encoder.
 
-* ``retrieval``: :class:`HyTRecRetrieval`, :class:`RetrievalConfig` (next-item softmax).
+* ``retrieval``: :class:`HyTRecRetrieval` (batch -> user representations and scores),
+  :class:`HyTRecRetrievalTrain` (adds the softmax loss), :class:`RetrievalConfig`.
 * ``evaluation``: full-catalogue HR@K / NDCG@K / MRR, sharded-table aware.
-* ``ranking``: :class:`HyTRecRanker`, :class:`RankerConfig`, :class:`RankingBatch`, AUC / NE.
+* ``ranking``: :class:`HyTRecRanker` (batch -> logits), :class:`HyTRecRankerTrain` (adds BCE),
+  :class:`RankerConfig`, AUC / NE.
 * ``sharding``: :func:`shard_model`, :func:`apply_sparse_optimizer`, :func:`make_optimizer`.
-* ``embeddings`` and ``losses``: the shared item-table lookup and the softmax losses.
+* ``embeddings`` and ``losses``: the shared item-table configs and the softmax losses.
 """
 
 from torchrec_hytrec.models.evaluation import RetrievalEvaluator, RetrievalMetrics, evaluate
-from torchrec_hytrec.models.ranking import HyTRecRanker, RankerConfig, RankingBatch, ranking_metric_module
-from torchrec_hytrec.models.retrieval import HyTRecRetrieval, RetrievalConfig
+from torchrec_hytrec.models.ranking import (
+    HyTRecRanker,
+    HyTRecRankerTrain,
+    RankerConfig,
+    ranking_metric_inputs,
+    ranking_metric_module,
+)
+from torchrec_hytrec.models.retrieval import (
+    HyTRecRetrieval,
+    HyTRecRetrievalTrain,
+    RetrievalConfig,
+    RetrievalOutput,
+    RetrievalTrainOutput,
+)
 from torchrec_hytrec.models.sharding import (
     OptimizerConfig,
     apply_sparse_optimizer,
@@ -19,16 +33,20 @@ from torchrec_hytrec.models.sharding import (
 
 __all__ = [
     "HyTRecRanker",
+    "HyTRecRankerTrain",
     "HyTRecRetrieval",
+    "HyTRecRetrievalTrain",
     "OptimizerConfig",
     "RankerConfig",
-    "RankingBatch",
     "RetrievalConfig",
     "RetrievalEvaluator",
     "RetrievalMetrics",
+    "RetrievalOutput",
+    "RetrievalTrainOutput",
     "apply_sparse_optimizer",
     "evaluate",
     "make_optimizer",
+    "ranking_metric_inputs",
     "ranking_metric_module",
     "shard_model",
 ]

@@ -1,20 +1,21 @@
-"""The item table and side-feature tables of the sequence models, looked up in one call.
+"""The item table and side-feature tables of the sequence models.
 
-Both the retrieval and the ranking model look up a batch's events (``"item_id"`` plus side
-features, aligned event by event) and a second set of item ids — softmax candidates, held-out
-targets or ranking candidates — through the *same* item table. Routing the second set through an
-extra feature name on the item table's ``EmbeddingConfig`` keeps it one sharded table under
-``DistributedModelParallel``: every id, wherever it comes from, is looked up by the rank that owns
-its row, and the table's gradient and fused optimizer see every use of every row.
+Both models look up a batch's events (``"item_id"`` plus side features, aligned event by event)
+and other item ids — held-out targets, softmax candidates, ranking candidates — through the
+*same* item table: each extra set of ids is another feature name on the item table's
+``EmbeddingConfig``. Under ``DistributedModelParallel`` it stays one sharded table: every id is
+looked up by the rank that owns its row, and the table's gradient and fused optimizer see every
+use of every row. All of them arrive in the batch's one ``KeyedJaggedTensor``, which is what lets
+``TrainPipelineSparseDist`` distribute the lookup of the next batch ahead of time.
 """
 
-from typing import List, Mapping, NamedTuple
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingConfig
 from torchrec.modules.embedding_modules import EmbeddingCollection
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from torchrec_hytrec.data.batch import ITEM_KEY
 
@@ -26,7 +27,7 @@ def sequence_table_configs(
     num_items: int,
     embedding_dim: int,
     side_features: Mapping[str, int],
-    extra_item_feature: str,
+    extra_item_features: Sequence[str],
     init_std: float,
 ) -> List[EmbeddingConfig]:
     """Tables of a sequence model: the item table (row 0 is padding) and one per side feature.
@@ -35,30 +36,39 @@ def sequence_table_configs(
         num_items: item ids are ``1..num_items``; the table has ``num_items + 1`` rows.
         embedding_dim: width of every table.
         side_features: side-feature key -> number of rows; ids must lie in ``[0, rows)``.
-        extra_item_feature: second feature name of the item table (see the module docstring).
+        extra_item_features: further feature names of the item table (see the module docstring).
         init_std: rows start uniform with this standard deviation. TorchRec's default,
             ``U(+-1/sqrt(rows))``, shrinks with the catalogue and leaves items too faint next to
             the encoder's unit-scale time embeddings to be learned.
 
     Returns:
         The item table named ``"item"`` first, then one table per side feature named after it.
+
+    Example::
+
+        >>> from torchrec_hytrec.models.embeddings import sequence_table_configs
+        >>> tables = sequence_table_configs(num_items=100, embedding_dim=8, side_features={"cat": 5},
+        ...                                 extra_item_features=["target_item_id"], init_std=0.3)
+        >>> [(t.name, t.num_embeddings, t.feature_names) for t in tables]
+        [('item', 101, ['item_id', 'target_item_id']), ('cat', 5, ['cat'])]
     """
     if num_items < 1:
         raise ValueError(f"num_items must be >= 1, got {num_items}")
     # Uniform bounds rather than an init_fn: FBGEMM's sharded tables honour only the bounds.
     bound = 3**0.5 * init_std
     init = {"weight_init_min": -bound, "weight_init_max": bound}
+    item_features = [ITEM_KEY, *extra_item_features]
     tables = [
         EmbeddingConfig(
             name=ITEM_TABLE,
             embedding_dim=embedding_dim,
             num_embeddings=num_items + 1,
-            feature_names=[ITEM_KEY, extra_item_feature],
+            feature_names=item_features,
             **init,
         )
     ]
     for key, rows in side_features.items():
-        if key in (ITEM_KEY, extra_item_feature):
+        if key in item_features:
             raise ValueError(f"side feature name {key!r} collides with an item feature name")
         tables.append(
             EmbeddingConfig(
@@ -68,113 +78,45 @@ def sequence_table_configs(
     return tables
 
 
-def check_ids(ids: torch.Tensor, offsets: torch.Tensor, low: int, high: int, what: str) -> None:
-    """Raises ``ValueError`` naming the first user and event whose id is outside ``[low, high]``.
-
-    Args:
-        ids: ``[N]`` jagged ids.
-        offsets: ``[B + 1]`` start of each user's ids.
-        low: smallest valid id.
-        high: largest valid id.
-        what: what the ids are, for the message.
-    """
-    bad = (ids < low) | (ids > high)
-    if bool(bad.any()):
-        first = int(torch.nonzero(bad)[0, 0])
-        user = int(torch.searchsorted(offsets, torch.tensor(first, device=offsets.device), right=True)) - 1
-        raise ValueError(
-            f"{what}: id {int(ids[first])} of batch row {user} (event {first - int(offsets[user])}) "
-            f"is outside [{low}, {high}]"
-        )
-
-
-class SequenceLookup(NamedTuple):
-    """What :class:`ItemSequenceArch` returns.
-
-    Attributes:
-        events: ``[sum(n), d]`` item plus side-feature embeddings of every event: the encoder input.
-        items: ``[sum(n), d]`` item-table rows of every event (the softmax's output embeddings).
-        extra: ``[M, d]`` item-table rows of the extra ids, in their order.
-
-    Example::
-
-        looked_up = item_arch(batch.features, extra_ids, extra_lengths)
-        states = encoder(looked_up.events, batch.offsets(), batch.timestamps)
-    """
-
-    events: torch.Tensor
-    items: torch.Tensor
-    extra: torch.Tensor
+def sequence_embedding_collection(
+    *,
+    num_items: int,
+    embedding_dim: int,
+    side_features: Mapping[str, int],
+    extra_item_features: Sequence[str],
+    init_std: float,
+    device: Optional[torch.device] = None,
+) -> EmbeddingCollection:
+    """The ``EmbeddingCollection`` of :func:`sequence_table_configs` (what the models build when
+    no collection is injected)."""
+    tables = sequence_table_configs(
+        num_items=num_items,
+        embedding_dim=embedding_dim,
+        side_features=side_features,
+        extra_item_features=extra_item_features,
+        init_std=init_std,
+    )
+    return EmbeddingCollection(tables=tables, device=device)
 
 
-class ItemSequenceArch(nn.Module):
-    """Embeds a batch's events and a second set of item ids through one ``EmbeddingCollection``.
+def check_sequence_collection(
+    collection: nn.Module, embedding_dim: int, features: Sequence[str]
+) -> None:
+    """Raises ``ValueError`` unless ``collection`` looks up every name of ``features`` at
+    ``embedding_dim`` (an injected collection must serve the batch's keys)."""
+    configs = collection.embedding_configs()
+    served = {name: config.embedding_dim for config in configs for name in config.feature_names}
+    missing = [f for f in features if f not in served]
+    if missing:
+        raise ValueError(f"embedding collection has no table for features {missing} (has {sorted(served)})")
+    wrong = {f: served[f] for f in features if served[f] != embedding_dim}
+    if wrong:
+        raise ValueError(f"features {wrong} have embedding_dim != {embedding_dim}")
 
-    An event's embedding is the sum of its item row and its side-feature rows. Ids are checked
-    before the lookup: the FBGEMM kernels do not bound-check on every backend.
 
-    Args:
-        embedding_collection: built from :func:`sequence_table_configs`.
-        num_items: item ids are ``1..num_items``.
-        side_features: side-feature key -> number of rows, in the KJT's key order.
-        extra_item_feature: the item table's second feature name.
-
-    Example::
-
-        tables = sequence_table_configs(
-            num_items=100, embedding_dim=16, side_features={"category": 8},
-            extra_item_feature="candidate_item_id", init_std=0.25,
-        )
-        arch = ItemSequenceArch(EmbeddingCollection(tables=tables), 100, {"category": 8},
-                                "candidate_item_id")
-        out = arch(features, extra_ids=torch.tensor([5, 7]), extra_lengths=torch.tensor([1, 1]))
-        out.events.shape  # [sum(n), 16]
-    """
-
-    def __init__(
-        self,
-        embedding_collection: EmbeddingCollection,
-        num_items: int,
-        side_features: Mapping[str, int],
-        extra_item_feature: str,
-    ) -> None:
-        super().__init__()
-        self.embedding_collection = embedding_collection
-        self._num_items = num_items
-        self._side_features = dict(side_features)
-        self._extra_key = extra_item_feature
-        self._keys: List[str] = [ITEM_KEY, *self._side_features]
-
-    def forward(
-        self, features: KeyedJaggedTensor, extra_ids: torch.Tensor, extra_lengths: torch.Tensor
-    ) -> SequenceLookup:
-        """
-        Args:
-            features: keys ``"item_id"`` then the side features, lengths ``[B]`` per key.
-            extra_ids: ``[M]`` item ids to look up besides the events.
-            extra_lengths: ``[B]`` how the extra ids are laid out over the batch rows (only their
-                sum matters to the lookup; a KJT needs one length per row).
-
-        Returns:
-            :class:`SequenceLookup`.
-        """
-        if features.keys() != self._keys:
-            raise ValueError(f"sequence features must have keys {self._keys}, got {features.keys()}")
-        offsets = features[ITEM_KEY].offsets()
-        check_ids(features[ITEM_KEY].values(), offsets, 1, self._num_items, "item_id")
-        for key, rows in self._side_features.items():
-            check_ids(features[key].values(), offsets, 0, rows - 1, key)
-        extra_offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(extra_lengths)
-        check_ids(extra_ids, extra_offsets, 1, self._num_items, self._extra_key)
-
-        kjt = KeyedJaggedTensor(
-            keys=[*self._keys, self._extra_key],
-            values=torch.cat([features.values(), extra_ids]),
-            lengths=torch.cat([features.lengths(), extra_lengths]),
-        )
-        looked_up = self.embedding_collection(kjt)
-        items = looked_up[ITEM_KEY].values()
-        events = items
-        for key in self._side_features:
-            events = events + looked_up[key].values()
-        return SequenceLookup(events=events, items=items, extra=looked_up[self._extra_key].values())
+def event_embeddings(embeddings: Dict[str, JaggedTensor], side_features: Sequence[str]) -> torch.Tensor:
+    """``[sum(n), d]``: each event's item row plus its side-feature rows (the encoder input)."""
+    events = embeddings[ITEM_KEY].values()
+    for key in side_features:
+        events = events + embeddings[key].values()
+    return events

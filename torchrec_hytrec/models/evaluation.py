@@ -14,8 +14,9 @@ top-K into the global top-K.
 Public API:
 
 - :class:`RetrievalMetrics`: the all-reducible accumulator.
-- :class:`RetrievalEvaluator` ``(model, exclude_seen=False)``: ``update(batch, aux)`` with the
-  ``aux`` of ``HyTRecRetrieval.forward`` on an evaluation batch, then ``compute()``.
+- :class:`RetrievalEvaluator` ``(model, exclude_seen=False)``: ``update(outputs)`` with the
+  outputs of ``HyTRecRetrievalTrain`` in evaluation mode (from a plain loop or from
+  ``TrainPipelineSparseDist.progress``), then ``compute()``.
 - :func:`evaluate` ``(model, batches, exclude_seen=False)``: the loop over an evaluation set.
 - :func:`item_table_shards`, :func:`catalogue_ranks`, :func:`retrieve_topk`.
 
@@ -33,8 +34,9 @@ from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed.model_parallel import DistributedModelParallel
 
-from torchrec_hytrec.data.batch import ITEM_KEY, SequenceBatch
+from torchrec_hytrec.data.batch import SequenceBatch
 from torchrec_hytrec.models.embeddings import ITEM_TABLE
+from torchrec_hytrec.models.retrieval import RetrievalTrainOutput
 
 HR_KS: Tuple[int, ...] = (1, 10, 50)
 NDCG_KS: Tuple[int, ...] = (10, 50)
@@ -84,20 +86,26 @@ class RetrievalMetrics:
             len(self.bucket_names), 1 + len(self.metric_names), dtype=torch.float64, device=device
         )
 
-    def update(self, ranks: torch.Tensor, history_lengths: torch.Tensor) -> None:
+    def update(
+        self, ranks: torch.Tensor, history_lengths: torch.Tensor, weights: Optional[torch.Tensor] = None
+    ) -> None:
         """Adds users.
 
         Args:
             ranks: ``[B]`` 0-based rank of each user's target.
             history_lengths: ``[B]`` events in each user's history.
+            weights: optional ``[B]`` weight of each user (0 for the users of padding batches).
         """
         ranks = ranks.to(self.sums.device, torch.float64)
         columns = [torch.ones_like(ranks)]
         columns += [(ranks < k).double() for k in self.hr_ks]
         columns += [(ranks < k).double() / torch.log2(ranks + 2) for k in self.ndcg_ks]
         columns.append(1.0 / (ranks + 1))
+        rows = torch.stack(columns, dim=1)
+        if weights is not None:
+            rows = rows * weights.to(rows)[:, None]
         bucket = torch.bucketize(history_lengths.to(self.sums.device), self.length_bounds, right=True)
-        self.sums.index_add_(0, bucket, torch.stack(columns, dim=1))
+        self.sums.index_add_(0, bucket, rows)
 
     def all_reduce(self, process_group: Optional[dist.ProcessGroup] = None) -> None:
         """Sums the state over the ranks of ``process_group``, in place."""
@@ -283,15 +291,21 @@ def retrieve_topk(
     return best_scores[first : first + batch], best_ids[first : first + batch]
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, DistributedModelParallel) else model
+def item_collection(model: nn.Module) -> nn.Module:
+    """The (possibly sharded) collection holding table ``"item"`` of a retrieval model, given the
+    model, its train wrapper, or ``DistributedModelParallel`` around either."""
+    if isinstance(model, DistributedModelParallel):
+        model = model.module
+    model = getattr(model, "model", model)  # HyTRecRetrievalTrain -> HyTRecRetrieval
+    return getattr(model, "embedding_collection", model)
 
 
 class RetrievalEvaluator:
     """Ranks held-out targets against the full catalogue and accumulates :class:`RetrievalMetrics`.
 
     Args:
-        model: ``HyTRecRetrieval``, or ``DistributedModelParallel`` wrapping it.
+        model: ``HyTRecRetrieval`` or ``HyTRecRetrievalTrain``, possibly inside
+            ``DistributedModelParallel``, or the item collection itself.
         exclude_seen: do not rank items of the user's history (the target itself always counts).
         metrics: the accumulator (default cut-offs and buckets when ``None``).
         process_group: group of the data-parallel ranks; defaults to the world under
@@ -300,10 +314,11 @@ class RetrievalEvaluator:
     Example::
 
         evaluator = RetrievalEvaluator(model, exclude_seen=True)
+        model.eval()
         with torch.no_grad():
             for batch in eval_batches:
-                _, aux = model(batch)
-                evaluator.update(batch, aux)
+                _, outputs = model(batch)
+                evaluator.update(outputs)
         print(evaluator.compute()["ndcg@10"])
     """
 
@@ -315,32 +330,31 @@ class RetrievalEvaluator:
         metrics: Optional[RetrievalMetrics] = None,
         process_group: Optional[dist.ProcessGroup] = None,
     ) -> None:
-        self._collection = _unwrap(model).embedding_collection
+        self._collection = item_collection(model)
         self._exclude_seen = exclude_seen
         if process_group is None and isinstance(model, DistributedModelParallel):
             process_group = dist.GroupMember.WORLD
         self._group = process_group
         self.metrics = metrics if metrics is not None else RetrievalMetrics()
 
-    def update(self, batch: SequenceBatch, aux: Dict[str, torch.Tensor]) -> torch.Tensor:
+    def update(self, outputs: RetrievalTrainOutput) -> torch.Tensor:
         """Ranks one evaluation batch; returns the ``[B]`` ranks of its users.
 
         Args:
-            batch: the evaluation batch the model just ran on.
-            aux: the model's ``aux`` output on it (``"query"``, ``"target_score"``).
+            outputs: ``HyTRecRetrievalTrain``'s outputs on an evaluation batch (evaluation mode).
         """
         shards, sharded = item_table_shards(self._collection)
-        offsets = batch.offsets()
+        seen_offsets = torch.cat([outputs.lengths.new_zeros(1), outputs.lengths.cumsum(0)])
         ranks = catalogue_ranks(
-            query=aux["query"],
-            target_ids=batch.targets,
-            target_score=aux["target_score"],
+            query=outputs.query,
+            target_ids=outputs.positive_ids,
+            target_score=outputs.positive_scores,
             shards=shards,
-            seen_ids=batch.features[ITEM_KEY].values() if self._exclude_seen else None,
-            seen_offsets=offsets if self._exclude_seen else None,
+            seen_ids=outputs.seen_ids if self._exclude_seen else None,
+            seen_offsets=seen_offsets if self._exclude_seen else None,
             process_group=self._group if sharded else None,
         )
-        self.metrics.update(ranks, offsets[1:] - offsets[:-1])
+        self.metrics.update(ranks, outputs.lengths, outputs.weights)
         return ranks
 
     def compute(self) -> Dict[str, float]:
@@ -359,28 +373,30 @@ def evaluate(
     exclude_seen: bool = False,
     process_group: Optional[dist.ProcessGroup] = None,
 ) -> Dict[str, float]:
-    """Full-catalogue metrics of ``model`` over evaluation ``batches`` (already on its device).
+    """Full-catalogue metrics of ``model`` over evaluation ``batches`` in a plain loop.
 
     Args:
-        model: ``HyTRecRetrieval`` or ``DistributedModelParallel`` wrapping it.
-        batches: evaluation batches (``targets`` set); under DMP the same count on every rank.
+        model: ``HyTRecRetrievalTrain``, or ``DistributedModelParallel`` wrapping it.
+        batches: evaluation batches on the model's device; under DMP the same count on every rank
+            (``SequenceReader`` pads with zero-weight batches).
         exclude_seen: see :class:`RetrievalEvaluator`.
         process_group: see :class:`RetrievalEvaluator`.
 
     Returns:
-        The metric dict (over every rank's users), plus ``"loss"``: the mean loss of this rank's
-        batches.
+        The metric dict (over every rank's users), plus ``"loss"``: the weighted mean loss of this
+        rank's batches.
     """
     evaluator = RetrievalEvaluator(model, exclude_seen=exclude_seen, process_group=process_group)
     was_training = model.training
     model.eval()
-    losses = []
+    loss_sum, weight_sum = 0.0, 0.0
     with torch.no_grad():
         for batch in batches:
-            loss, aux = model(batch)
-            evaluator.update(batch, aux)
-            losses.append(float(loss))
+            _, outputs = model(batch)
+            evaluator.update(outputs)
+            weight = float(outputs.weights.sum())
+            loss_sum, weight_sum = loss_sum + float(outputs.loss) * weight, weight_sum + weight
     model.train(was_training)
     out = evaluator.compute()
-    out["loss"] = sum(losses) / len(losses) if losses else math.nan
+    out["loss"] = loss_sum / weight_sum if weight_sum else math.nan
     return out

@@ -17,22 +17,29 @@ import torch
 import torch.nn.functional as F
 
 
+def weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``sum(w * x) / sum(w)``, and ``0`` when every weight is zero (a padding batch: its loss must
+    move no weight, yet its step still joins every collective)."""
+    total = weights.sum()
+    return torch.where(total > 0, (weights * values).sum() / total.clamp(min=torch.finfo(weights.dtype).tiny), 0.0)
+
+
 def full_softmax_loss(
-    *, query: torch.Tensor, catalogue: torch.Tensor, positive_ids: torch.Tensor, temperature: float
+    *, scores: torch.Tensor, positive_ids: torch.Tensor, weights: torch.Tensor, temperature: float
 ) -> torch.Tensor:
     """Cross-entropy over every item of the catalogue.
 
     Args:
-        query: ``[T, d]`` user states.
-        catalogue: ``[num_items, d]`` rows of items ``1..num_items`` in order.
+        scores: ``[T, num_items]`` dot products of each query with items ``1..num_items`` in order.
         positive_ids: ``[T]`` the next item of each query, in ``[1, num_items]``.
-        temperature: logits are ``query . item / temperature``.
+        weights: ``[T]`` weight of each query.
+        temperature: logits are ``scores / temperature``.
 
     Returns:
-        Mean loss (scalar).
+        Weighted mean loss (scalar).
     """
-    logits = query @ catalogue.t() / temperature
-    return F.cross_entropy(logits.float(), positive_ids - 1)
+    ce = F.cross_entropy(scores.float() / temperature, positive_ids - 1, reduction="none")
+    return weighted_mean(ce, weights)
 
 
 def sampled_softmax_loss(
@@ -42,6 +49,7 @@ def sampled_softmax_loss(
     positive_emb: torch.Tensor,
     uniform_ids: torch.Tensor,
     uniform_emb: torch.Tensor,
+    weights: torch.Tensor,
     num_items: int,
     num_in_batch: int,
     temperature: float,
@@ -54,13 +62,14 @@ def sampled_softmax_loss(
         positive_emb: ``[T, d]`` item rows of ``positive_ids``.
         uniform_ids: ``[M]`` items drawn uniformly from ``[1, num_items]``.
         uniform_emb: ``[M, d]`` their item rows.
+        weights: ``[T]`` weight of each query.
         num_items: catalogue size.
         num_in_batch: most in-batch positives used as shared candidates; all ``T`` when
             ``T <= num_in_batch`` (memory is ``T x (num_in_batch + M)`` logits).
         temperature: logits are ``query . item / temperature``.
 
     Returns:
-        Mean loss (scalar).
+        Weighted mean loss (scalar).
     """
     num_positions = positive_ids.numel()
     if num_positions > num_in_batch:
@@ -84,4 +93,5 @@ def sampled_softmax_loss(
     cand_logits = (query @ cand_emb.t()).float() / temperature - log_q(cand_ids)
     cand_logits = cand_logits.masked_fill(cand_ids.unsqueeze(0) == positive_ids.unsqueeze(1), float("-inf"))
     logits = torch.cat([pos_logits.unsqueeze(1), cand_logits], dim=1)
-    return F.cross_entropy(logits, torch.zeros_like(positive_ids))
+    ce = F.cross_entropy(logits, torch.zeros_like(positive_ids), reduction="none")
+    return weighted_mean(ce, weights)

@@ -1,51 +1,56 @@
 """Retrieval: item/side-feature ``EmbeddingCollection`` -> ``HyTRecEncoder`` -> next-item softmax.
 
-Public API (stable; ``torchrec_hytrec.train`` builds on it):
+Split the way TorchRec's ``DLRM`` / ``DLRMTrain`` are:
 
-- :class:`RetrievalConfig`: tables, loss and sampling settings.
-- :class:`HyTRecRetrieval` ``(config, encoder, device=None)``; ``forward(batch: SequenceBatch)``
-  returns ``(loss, aux)``, the contract of TorchRec's train pipelines (``TrainPipelineBase``
-  drives it; ``TrainPipelineSparseDist`` cannot, as it fx-traces ``forward`` and needs the
-  table input to be a field of the batch, while this forward branches on the batch kind and
-  appends the softmax candidates to the KJT itself):
+- :class:`HyTRecRetrieval` maps a :class:`~torchrec_hytrec.data.batch.SequenceBatch` to user
+  representations and their scores against items (:class:`RetrievalOutput`). In training mode
+  (``model.train()``) every event but a user's last is a query whose positive is the next event;
+  in evaluation mode (``model.eval()``) each user's last event, read at the request time
+  ``batch.target_timestamps``, is the query and the held-out target the positive.
+- :class:`HyTRecRetrievalTrain` adds the loss (full or sampled softmax, with in-batch negatives)
+  and returns ``(loss, RetrievalTrainOutput)``, the contract of TorchRec's train pipelines.
 
-  * a training batch (``batch.targets`` all ``-1``): every position but a user's last predicts the
-    next event; ``aux = {"num_positions": [1]}``.
-  * an evaluation batch (``batch.targets`` the held-out items): the encoder's last state, read at
-    the request time ``batch.target_timestamps`` when given, predicts the target;
-    ``aux = {"query": [B, d], "target_score": [B]}``, what
-    :class:`torchrec_hytrec.models.evaluation.RetrievalEvaluator` ranks against the catalogue.
+``TrainPipelineSparseDist`` drives the wrapper: its forward reads the table input straight from
+``batch.features`` (so the sharded lookup of the next batch is distributed while this one
+computes) and everything after the lookup runs in submodules without tables, which the pipeline's
+tracer treats as leaves. Uniform negatives and the catalogue are put into the batch by the reader
+(``ReaderConfig.negatives``) for the same reason: a sharded table's input must be a batch field.
 
-Scores are dot products ``user . item``; item id 0 is padding and never scored.
+Scores are dot products ``user . item``; the temperature belongs to the loss. Item id 0 is padding.
 """
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingCollection
+from torchrec.sparse.jagged_tensor import JaggedTensor
 
-from torchrec_hytrec.data.batch import ITEM_KEY, SequenceBatch
-from torchrec_hytrec.models.embeddings import ItemSequenceArch, sequence_table_configs
+from torchrec_hytrec.data.batch import CANDIDATE_KEY, ITEM_KEY, TARGET_KEY, SequenceBatch
+from torchrec_hytrec.models.embeddings import (
+    check_sequence_collection,
+    event_embeddings,
+    sequence_embedding_collection,
+)
 from torchrec_hytrec.models.losses import full_softmax_loss, sampled_softmax_loss
 
-# Feature name of the item table's second input: softmax candidates and held-out targets.
-SCORED_ITEM_KEY = "scored_item_id"
+LOSSES = ("full", "sampled")
 
 
 @dataclass
 class RetrievalConfig:
-    """Settings of :class:`HyTRecRetrieval`.
+    """Settings of :class:`HyTRecRetrieval` and :class:`HyTRecRetrievalTrain`.
 
     Args:
         num_items: item ids are ``1..num_items`` (0 is padding).
         embedding_dim: table width; must equal the encoder's ``embedding_dim``.
         side_features: side-feature key -> number of rows, in the batch KJT's key order after
             ``"item_id"``; each side embedding is added to the item embedding.
-        loss: ``"full"``: softmax over the whole catalogue (looks up every item each step: for
-            catalogues that fit); ``"sampled"``: in-batch plus uniform negatives, logQ-corrected.
-        num_uniform_negatives: items drawn uniformly per batch for ``"sampled"``.
+        loss: ``"full"``: softmax over the whole catalogue (the batch carries every item as
+            candidates: for catalogues that fit); ``"sampled"``: in-batch plus the batch's uniform
+            negatives, logQ-corrected.
+        num_uniform_negatives: uniform negatives per batch for ``"sampled"`` (drawn by the reader).
         num_in_batch_negatives: most in-batch positives shared as candidates for ``"sampled"``.
         temperature: logits are ``user . item / temperature``.
         embedding_init_std: standard deviation of the initial table rows; ``None`` gives
@@ -55,7 +60,10 @@ class RetrievalConfig:
 
     Example::
 
-        config = RetrievalConfig(num_items=12101, embedding_dim=64, loss="full")
+        >>> from torchrec_hytrec import RetrievalConfig
+        >>> config = RetrievalConfig(num_items=12101, embedding_dim=64, loss="full")
+        >>> config.reader_negatives()
+        ('catalogue', 0)
     """
 
     num_items: int
@@ -69,35 +77,169 @@ class RetrievalConfig:
     use_request_time: bool = True
 
     def __post_init__(self) -> None:
-        if self.loss not in ("full", "sampled"):
-            raise ValueError(f"RetrievalConfig.loss must be 'full' or 'sampled', got {self.loss!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"RetrievalConfig.loss must be one of {LOSSES}, got {self.loss!r}")
         if self.temperature <= 0:
             raise ValueError(f"RetrievalConfig.temperature must be > 0, got {self.temperature}")
+        if self.num_items < 1 or self.embedding_dim < 1:
+            raise ValueError(
+                f"RetrievalConfig needs num_items >= 1 and embedding_dim >= 1, got "
+                f"{self.num_items} and {self.embedding_dim}"
+            )
+        if self.loss == "sampled" and (self.num_uniform_negatives < 1 or self.num_in_batch_negatives < 0):
+            raise ValueError(
+                "RetrievalConfig: sampled softmax needs num_uniform_negatives >= 1 and "
+                f"num_in_batch_negatives >= 0, got {self.num_uniform_negatives} and {self.num_in_batch_negatives}"
+            )
+
+    def reader_negatives(self) -> Tuple[str, int]:
+        """``(ReaderConfig.negatives, ReaderConfig.num_negatives)`` this loss needs in its batches."""
+        if self.loss == "full":
+            return "catalogue", 0
+        return "uniform", self.num_uniform_negatives
+
+    @property
+    def init_std(self) -> float:
+        return self.embedding_init_std or self.embedding_dim**-0.5
 
 
-class HyTRecRetrieval(nn.Module):
-    """Next-item retrieval with a HyTRec encoder over sharded item and side-feature tables.
+class RetrievalOutput(NamedTuple):
+    """What :class:`HyTRecRetrieval` maps a batch to; ``Q`` queries, ``M`` shared candidates.
+
+    Attributes:
+        query: ``[Q, d]`` user representations.
+        query_user: ``[Q]`` batch row (user) of each query.
+        weights: ``[Q]`` weight of each query (its user's; 0 in padding batches).
+        positive_ids: ``[Q]`` the item each query should retrieve.
+        positive_emb: ``[Q, d]`` its item row.
+        positive_scores: ``[Q]`` ``query . positive``.
+        candidate_ids: ``[M]`` the batch's shared candidates (uniform negatives or the catalogue).
+        candidate_emb: ``[M, d]`` their item rows.
+    """
+
+    query: torch.Tensor
+    query_user: torch.Tensor
+    weights: torch.Tensor
+    positive_ids: torch.Tensor
+    positive_emb: torch.Tensor
+    positive_scores: torch.Tensor
+    candidate_ids: torch.Tensor
+    candidate_emb: torch.Tensor
+
+    def candidate_scores(self) -> torch.Tensor:
+        """``[Q, M]`` ``query . candidate``."""
+        return self.query @ self.candidate_emb.t()
+
+
+class RetrievalUserTower(nn.Module):
+    """Everything of :class:`HyTRecRetrieval` after the table lookup: no tables, so TorchRec's
+    pipeline tracer treats it as a leaf and it may branch on the training mode.
 
     Args:
-        config: tables and loss settings.
-        encoder: ``HyTRecEncoder`` (or any module with its ``forward(values, offsets,
-            timestamps) -> [sum(n), d]`` and ``forward_last(values, offsets, timestamps,
-            request_time=None) -> [B, d]``).
-        device: where the tables are built; ``torch.device("meta")`` defers allocation to
-            ``DistributedModelParallel``.
+        encoder: ``HyTRecEncoder`` (or a module with its ``forward`` and ``forward_last``).
+        side_features: side-feature keys, added to the item rows.
+        use_request_time: see :class:`RetrievalConfig`.
 
     Example::
 
-        model = HyTRecRetrieval(
-            RetrievalConfig(num_items=1000, embedding_dim=64, loss="full"),
-            HyTRecEncoder(HyTRecConfig.hytrec(embedding_dim=64)),
+        >>> import torch
+        >>> from torchrec_hytrec import HyTRecConfig, HyTRecEncoder
+        >>> from torchrec_hytrec.models.retrieval import RetrievalUserTower
+        >>> tower = RetrievalUserTower(HyTRecEncoder(HyTRecConfig.hytrec(embedding_dim=8, num_heads=2)), [])
+        >>> isinstance(tower, torch.nn.Module)
+        True
+    """
+
+    def __init__(self, encoder: nn.Module, side_features: List[str], use_request_time: bool = True) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self._side_features = list(side_features)
+        self._use_request_time = use_request_time
+
+    def forward(self, embeddings: Dict[str, JaggedTensor], batch: SequenceBatch) -> RetrievalOutput:
+        """
+        Args:
+            embeddings: the collection's output for ``batch.features``.
+            batch: the batch (training or evaluation, as the mode says).
+
+        Returns:
+            :class:`RetrievalOutput`.
+        """
+        offsets = batch.offsets()
+        lengths = offsets[1:] - offsets[:-1]
+        events = event_embeddings(embeddings, self._side_features)
+        items = embeddings[ITEM_KEY].values()
+        candidate_ids = batch.candidates
+        candidate_emb = embeddings[CANDIDATE_KEY].values()
+        if self.training:
+            states = self.encoder(events, offsets, batch.timestamps)
+            # Every event but a user's last is a query; its positive is the next event. Rows
+            # after a user's last event belong to the next user, hence the mask.
+            is_query = torch.ones(states.shape[0], dtype=torch.bool, device=states.device)
+            is_query[offsets[1:][lengths > 0] - 1] = False
+            query_rows = torch.nonzero(is_query).flatten()
+            if query_rows.numel() == 0:
+                raise ValueError("training batch has no user with 2 or more events: nothing to predict")
+            users = torch.repeat_interleave(torch.arange(lengths.numel(), device=offsets.device), lengths)
+            query_user = users[query_rows]
+            query = states[query_rows]
+            positive_ids = batch.item_ids[query_rows + 1]
+            positive_emb = items[query_rows + 1]
+        else:
+            targets = embeddings[TARGET_KEY]
+            if targets.values().shape[0] != lengths.numel():
+                raise ValueError(
+                    f"evaluation batch needs one target_item_id per user, got {targets.values().shape[0]} "
+                    f"for {lengths.numel()} users (a training batch in eval mode?)"
+                )
+            request_time = batch.target_timestamps if self._use_request_time else None
+            query = self.encoder.forward_last(events, offsets, batch.timestamps, request_time=request_time)
+            query_user = torch.arange(lengths.numel(), device=offsets.device)
+            positive_ids = batch.targets
+            positive_emb = targets.values()
+        return RetrievalOutput(
+            query=query,
+            query_user=query_user,
+            weights=batch.weights[query_user],
+            positive_ids=positive_ids,
+            positive_emb=positive_emb,
+            positive_scores=(query * positive_emb).sum(-1),
+            candidate_ids=candidate_ids,
+            candidate_emb=candidate_emb,
         )
-        loss, aux = model(train_batch)
-        loss.backward()
+
+
+class HyTRecRetrieval(nn.Module):
+    """Next-item retrieval with a HyTRec encoder over (shardable) item and side-feature tables.
+
+    Args:
+        config: tables and loss settings.
+        encoder: ``HyTRecEncoder`` of width ``config.embedding_dim``.
+        embedding_collection: the tables, injected; built from
+            :func:`~torchrec_hytrec.models.embeddings.sequence_table_configs` when ``None``. It must
+            look up ``"item_id"``, ``"target_item_id"``, ``"candidate_item_id"`` and the side features.
+        device: where the tables are built when not injected; ``torch.device("meta")`` defers
+            allocation to ``DistributedModelParallel``.
+
+    Example::
+
+        >>> import torch
+        >>> from torchrec_hytrec import HyTRecConfig, HyTRecEncoder, HyTRecRetrieval, RetrievalConfig
+        >>> model = HyTRecRetrieval(
+        ...     RetrievalConfig(num_items=1000, embedding_dim=16, loss="full"),
+        ...     HyTRecEncoder(HyTRecConfig.hytrec(embedding_dim=16, num_heads=2)),
+        ...     device=torch.device("meta"),
+        ... )
+        >>> model.embedding_collection.embeddings["item"].weight.shape
+        torch.Size([1001, 16])
     """
 
     def __init__(
-        self, config: RetrievalConfig, encoder: nn.Module, device: Optional[torch.device] = None
+        self,
+        config: RetrievalConfig,
+        encoder: nn.Module,
+        embedding_collection: Optional[EmbeddingCollection] = None,
+        device: Optional[torch.device] = None,
     ) -> None:
         super().__init__()
         encoder_dim = getattr(getattr(encoder, "config", None), "embedding_dim", config.embedding_dim)
@@ -106,122 +248,155 @@ class HyTRecRetrieval(nn.Module):
                 f"encoder embedding_dim {encoder_dim} != RetrievalConfig.embedding_dim {config.embedding_dim}"
             )
         self.config = config
-        tables = sequence_table_configs(
-            num_items=config.num_items,
-            embedding_dim=config.embedding_dim,
-            side_features=config.side_features,
-            extra_item_feature=SCORED_ITEM_KEY,
-            init_std=config.embedding_init_std or config.embedding_dim**-0.5,
+        side = list(config.side_features)
+        if embedding_collection is None:
+            embedding_collection = sequence_embedding_collection(
+                num_items=config.num_items,
+                embedding_dim=config.embedding_dim,
+                side_features=config.side_features,
+                extra_item_features=[TARGET_KEY, CANDIDATE_KEY],
+                init_std=config.init_std,
+                device=device,
+            )
+        check_sequence_collection(
+            embedding_collection, config.embedding_dim, [ITEM_KEY, TARGET_KEY, CANDIDATE_KEY, *side]
         )
-        self.sequence_arch = ItemSequenceArch(
-            EmbeddingCollection(tables=tables, device=device),
-            config.num_items,
-            config.side_features,
-            SCORED_ITEM_KEY,
-        )
-        self.encoder = encoder
+        self.embedding_collection = embedding_collection
+        self.user_tower = RetrievalUserTower(encoder, side, config.use_request_time)
 
     @property
-    def embedding_collection(self) -> nn.Module:
-        """The (possibly sharded) collection holding the item table ``"item"``."""
-        return self.sequence_arch.embedding_collection
+    def encoder(self) -> nn.Module:
+        return self.user_tower.encoder
 
-    def _candidate_pool(self, device: torch.device) -> torch.Tensor:
-        if self.config.loss == "full":
-            return torch.arange(1, self.config.num_items + 1, device=device)
-        return torch.randint(
-            1, self.config.num_items + 1, (self.config.num_uniform_negatives,), device=device
-        )
-
-    def _loss(
-        self,
-        query: torch.Tensor,
-        positive_ids: torch.Tensor,
-        positive_emb: torch.Tensor,
-        pool_ids: torch.Tensor,
-        pool_emb: torch.Tensor,
-    ) -> torch.Tensor:
-        if self.config.loss == "full":
-            return full_softmax_loss(
-                query=query,
-                catalogue=pool_emb,
-                positive_ids=positive_ids,
-                temperature=self.config.temperature,
-            )
-        return sampled_softmax_loss(
-            query=query,
-            positive_ids=positive_ids,
-            positive_emb=positive_emb,
-            uniform_ids=pool_ids,
-            uniform_emb=pool_emb,
-            num_items=self.config.num_items,
-            num_in_batch=self.config.num_in_batch_negatives,
-            temperature=self.config.temperature,
-        )
-
-    def forward(self, batch: SequenceBatch) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    def forward(self, batch: SequenceBatch) -> RetrievalOutput:
         """
         Args:
-            batch: a training batch (``targets`` all ``-1``) or an evaluation batch (``targets``
-                the held-out items, every user with at least one event).
+            batch: a training batch in training mode, an evaluation batch in evaluation mode.
 
         Returns:
-            ``(loss, aux)``; see the module docstring.
+            :class:`RetrievalOutput`.
         """
-        offsets = batch.offsets()
-        lengths = offsets[1:] - offsets[:-1]
-        is_eval = bool((batch.targets >= 0).any())
-        if is_eval and bool((batch.targets < 0).any()):
-            raise ValueError("batch mixes training rows (target -1) and evaluation rows")
-        pool_ids = self._candidate_pool(offsets.device)
-        extra_lengths = torch.zeros_like(lengths)
-        extra_lengths[-1] = pool_ids.numel()
-        if is_eval:
-            empty = torch.nonzero(lengths == 0).flatten()
-            if empty.numel():
+        return self.user_tower(self.embedding_collection(batch.features), batch)
+
+
+class RetrievalTrainOutput(NamedTuple):
+    """Detached outputs of :class:`HyTRecRetrievalTrain`, what evaluation and logging read.
+
+    Attributes:
+        loss: the batch's loss.
+        query: ``[Q, d]`` user representations.
+        weights: ``[Q]`` query weights (0 for padding).
+        positive_ids: ``[Q]`` positives (the held-out targets in evaluation mode).
+        positive_scores: ``[Q]`` ``query . positive``.
+        lengths: ``[B]`` events of every user of the batch.
+        seen_ids: ``[sum(n)]`` the users' history items (for rankings that remove seen items).
+    """
+
+    loss: torch.Tensor
+    query: torch.Tensor
+    weights: torch.Tensor
+    positive_ids: torch.Tensor
+    positive_scores: torch.Tensor
+    lengths: torch.Tensor
+    seen_ids: torch.Tensor
+
+
+class RetrievalLoss(nn.Module):
+    """The softmax loss of :class:`RetrievalConfig` on a :class:`RetrievalOutput` (a leaf of the
+    pipeline's trace: it samples in-batch negatives and checks shapes in Python).
+
+    Args:
+        config: loss settings.
+
+    Example::
+
+        >>> import torch
+        >>> from torchrec_hytrec import RetrievalConfig
+        >>> from torchrec_hytrec.models.retrieval import RetrievalLoss, RetrievalOutput
+        >>> loss = RetrievalLoss(RetrievalConfig(num_items=3, embedding_dim=2, loss="full"))
+        >>> q, table = torch.tensor([[1.0, 0.0]]), torch.eye(3, 2)
+        >>> out = RetrievalOutput(q, torch.tensor([0]), torch.ones(1), torch.tensor([1]), table[:1],
+        ...                       torch.tensor([1.0]), torch.arange(1, 4), table)
+        >>> round(float(loss(out)), 4)
+        0.5514
+    """
+
+    def __init__(self, config: RetrievalConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    def forward(self, output: RetrievalOutput) -> torch.Tensor:
+        config = self.config
+        if config.loss == "full":
+            if output.candidate_ids.shape[0] != config.num_items:
                 raise ValueError(
-                    f"evaluation users without history: user_ids {batch.user_ids[empty].tolist()}"
+                    f"full softmax needs the whole catalogue ({config.num_items} items) as the batch's "
+                    f"candidates, got {output.candidate_ids.shape[0]}: read with ReaderConfig.negatives='catalogue'"
                 )
-            extra_ids = torch.cat([batch.targets, pool_ids])
-            extra_lengths = extra_lengths + 1
-        else:
-            extra_ids = pool_ids
-        looked_up = self.sequence_arch(batch.features, extra_ids, extra_lengths)
-
-        if is_eval:
-            request_time = self._request_time(batch)
-            query = self.encoder.forward_last(
-                looked_up.events, offsets, batch.timestamps, request_time=request_time
+            return full_softmax_loss(
+                scores=output.candidate_scores(),
+                positive_ids=output.positive_ids,
+                weights=output.weights,
+                temperature=config.temperature,
             )
-            positive_emb = looked_up.extra[: batch.batch_size]
-            loss = self._loss(
-                query, batch.targets, positive_emb, pool_ids, looked_up.extra[batch.batch_size :]
-            )
-            target_score = (query * positive_emb).sum(-1)
-            return loss, {"query": query.detach(), "target_score": target_score.detach()}
-
-        states = self.encoder(looked_up.events, offsets, batch.timestamps)
-        # Every event but a user's last is a query; its target is the next event.
-        is_query = torch.ones(states.shape[0], dtype=torch.bool, device=states.device)
-        is_query[offsets[1:][lengths > 0] - 1] = False
-        query_idx = torch.nonzero(is_query).flatten()
-        if query_idx.numel() == 0:
-            raise ValueError("training batch has no user with 2 or more events: nothing to predict")
-        positive_ids = batch.features[ITEM_KEY].values()[query_idx + 1]
-        loss = self._loss(
-            states[query_idx], positive_ids, looked_up.items[query_idx + 1], pool_ids, looked_up.extra
+        if output.candidate_ids.shape[0] == 0:
+            raise ValueError("sampled softmax needs uniform negatives in the batch: ReaderConfig.negatives='uniform'")
+        return sampled_softmax_loss(
+            query=output.query,
+            positive_ids=output.positive_ids,
+            positive_emb=output.positive_emb,
+            uniform_ids=output.candidate_ids,
+            uniform_emb=output.candidate_emb,
+            weights=output.weights,
+            num_items=config.num_items,
+            num_in_batch=config.num_in_batch_negatives,
+            temperature=config.temperature,
         )
-        return loss, {"num_positions": torch.tensor([query_idx.numel()], device=states.device)}
 
-    def _request_time(self, batch: SequenceBatch) -> Optional[torch.Tensor]:
-        if not self.config.use_request_time:
-            return None
-        known = batch.target_timestamps >= 0
-        if bool(known.all()):
-            return batch.target_timestamps
-        if bool(known.any()):
-            raise ValueError(
-                f"target_timestamps known for some users only; unknown for user_ids "
-                f"{batch.user_ids[~known].tolist()}"
-            )
-        return None
+
+class HyTRecRetrievalTrain(nn.Module):
+    """:class:`HyTRecRetrieval` plus its loss: ``forward(batch) -> (loss, RetrievalTrainOutput)``.
+
+    The module TorchRec's ``TrainPipelineSparseDist`` (or ``DistributedModelParallel`` and a plain
+    loop) drives; ``train()`` / ``eval()`` select training or evaluation batches' semantics.
+
+    Args:
+        model: the core model.
+
+    Example::
+
+        >>> import torch
+        >>> from torchrec_hytrec import HyTRecConfig, HyTRecEncoder, HyTRecRetrieval, RetrievalConfig
+        >>> from torchrec_hytrec.models.retrieval import HyTRecRetrievalTrain
+        >>> config = RetrievalConfig(num_items=50, embedding_dim=16, loss="sampled", num_uniform_negatives=8)
+        >>> train_model = HyTRecRetrievalTrain(
+        ...     HyTRecRetrieval(config, HyTRecEncoder(HyTRecConfig.hytrec(embedding_dim=16, num_heads=2))))
+        >>> [name for name, _ in train_model.named_children()]
+        ['model', 'loss']
+    """
+
+    def __init__(self, model: HyTRecRetrieval) -> None:
+        super().__init__()
+        self.model = model
+        self.loss = RetrievalLoss(model.config)
+
+    def forward(self, batch: SequenceBatch) -> Tuple[torch.Tensor, RetrievalTrainOutput]:
+        """
+        Args:
+            batch: a training batch in training mode, an evaluation batch in evaluation mode.
+
+        Returns:
+            ``(loss, outputs)``: the weighted mean loss, and :class:`RetrievalTrainOutput`.
+        """
+        output = self.model(batch)
+        loss = self.loss(output)
+        offsets = batch.offsets()
+        return loss, RetrievalTrainOutput(
+            loss=loss.detach(),
+            query=output.query.detach(),
+            weights=output.weights,
+            positive_ids=output.positive_ids,
+            positive_scores=output.positive_scores.detach(),
+            lengths=offsets[1:] - offsets[:-1],
+            seen_ids=batch.item_ids,
+        )
