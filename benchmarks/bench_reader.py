@@ -1,6 +1,6 @@
 """Events per second read from Parquet into SequenceBatch es on one core.
 
-    python benchmarks/bench_reader.py [--num-users 5200] [--repeats 5]
+    python benchmarks/bench_reader.py [--num-users 5200] [--repeats 5] [--negatives uniform --num-negatives N]
 
 Generates the "long" synthetic dataset (>= 5M events, histories up to 12k), writes it to a
 temporary directory, then times full passes of :class:`SequenceReader` over the train split with
@@ -16,7 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
-from torchrec_hytrec.data.reader import ReaderConfig, SequenceReader
+from torchrec_hytrec.data.reader import NEGATIVES, ReaderConfig, SequenceReader
 from torchrec_hytrec.data.schema import write_sequences
 from torchrec_hytrec.data.synthetic import SyntheticConfig, generate
 
@@ -29,6 +29,8 @@ def main() -> None:
     p.add_argument("--max-seq-len", type=int, default=16_384)
     p.add_argument("--row-group-size", type=int, default=256)
     p.add_argument("--shuffle", action="store_true")
+    p.add_argument("--negatives", choices=NEGATIVES, default="none", help="softmax candidates per batch")
+    p.add_argument("--num-negatives", type=int, default=0, help="candidates with --negatives uniform")
     args = p.parse_args()
     torch.set_num_threads(1)
     pa.set_cpu_count(1)
@@ -48,9 +50,10 @@ def main() -> None:
             f"({info.num_events / t_gen / 1e6:.2f} M events/s), written in {t_write:.2f} s, "
             f"{path.stat().st_size / 2**20:.0f} MiB"
         )
-        reader = SequenceReader(
-            ReaderConfig(paths=[path], max_tokens=args.max_tokens, max_seq_len=args.max_seq_len, shuffle=args.shuffle)
-        )
+        reader = SequenceReader(ReaderConfig(
+            paths=[path], max_tokens=args.max_tokens, max_seq_len=args.max_seq_len, shuffle=args.shuffle,
+            negatives=args.negatives, num_negatives=args.num_negatives,
+        ))
         rates = []
         for epoch in range(args.repeats):
             reader.set_epoch(epoch)
@@ -61,7 +64,8 @@ def main() -> None:
                 batches += 1
             rates.append(events / (time.perf_counter() - t0))
         print(
-            f"reader (train split, 1 thread, max_tokens={args.max_tokens}, shuffle={args.shuffle}): "
+            f"reader (train split, 1 thread, max_tokens={args.max_tokens}, shuffle={args.shuffle}, "
+            f"negatives={args.negatives}): "
             f"{events} events in {batches} batches per pass; median {statistics.median(rates) / 1e6:.2f} M events/s "
             f"over {args.repeats} passes (min {min(rates) / 1e6:.2f}, max {max(rates) / 1e6:.2f}); target >= 1 M events/s"
         )

@@ -1,11 +1,13 @@
-"""SequenceReader: batches against the source, token budget, sharding, shuffling, resumption,
-DataLoader workers, 2 real gloo ranks, and the Pipelineable contract."""
+"""SequenceReader: batches against the source, token budget, sharding, equal steps on every rank
+(padding batches), softmax candidates, shuffling, resumption, DataLoader workers, 2 real gloo
+ranks, and the Pipelineable contract."""
 
 import logging
 import os
 import socket
 from pathlib import Path
-from typing import List, Tuple
+from types import SimpleNamespace
+from typing import List, Optional, Tuple
 
 import numpy as np
 import pytest
@@ -15,8 +17,15 @@ import torch.multiprocessing as mp
 from torch.utils.data import DataLoader
 from torchrec.streamable import Pipelineable
 
-from torchrec_hytrec.data.batch import ITEM_KEY, SequenceBatch
-from torchrec_hytrec.data.reader import ReaderConfig, SequenceReader, _worker_skip
+from torchrec_hytrec.data.batch import CANDIDATE_KEY, ITEM_KEY, TARGET_KEY, SequenceBatch, sequence_keys
+from torchrec_hytrec.data.reader import (
+    ReaderConfig,
+    SequenceReader,
+    _count_packed,
+    _pack,
+    _stream_index,
+    _worker_skip,
+)
 from torchrec_hytrec.data.schema import DataValidationError, SequenceDatasetInfo, Sequences, write_sequences
 from torchrec_hytrec.data.splits import Split, split_positions
 from torchrec_hytrec.data.synthetic import SyntheticConfig, generate
@@ -36,7 +45,8 @@ def _config(path: Path, **kwargs) -> ReaderConfig:
 
 
 def _users(batches: List[SequenceBatch]) -> List[int]:
-    return [u for b in batches for u in b.user_ids.tolist()]
+    """Real (weight 1) users of the batches, in order."""
+    return [u for b in batches for u, w in zip(b.user_ids.tolist(), b.weights.tolist()) if w]
 
 
 def test_batches_match_the_source_within_the_token_budget(synthetic) -> None:
@@ -48,10 +58,14 @@ def test_batches_match_the_source_within_the_token_budget(synthetic) -> None:
     for batch in reader:
         kjt = batch.features
         lengths = kjt[ITEM_KEY].lengths()
-        assert kjt.keys() == reader.keys
+        assert kjt.keys() == sequence_keys(["category"]) and kjt.lengths().dtype == torch.int32
+        assert kjt.values().dtype == torch.int64 and batch.timestamps.dtype == torch.int64
         assert torch.equal(kjt["category"].lengths(), lengths)
         assert int(lengths.sum()) <= 512 and batch.timestamps.numel() == int(lengths.sum())
-        assert (batch.targets == -1).all() and (batch.target_timestamps == -1).all()
+        # Training batches hold no target and, with negatives="none", no candidate.
+        assert (kjt[TARGET_KEY].lengths() == 0).all() and (kjt[CANDIDATE_KEY].lengths() == 0).all()
+        assert (batch.target_timestamps == -1).all()
+        assert batch.weights.dtype == torch.float32 and (batch.weights == 1).all()
         items = kjt[ITEM_KEY].to_dense()
         cats = kjt["category"].to_dense()
         times = batch.timestamps.split(lengths.tolist())
@@ -161,6 +175,18 @@ def test_worker_skip_follows_dataloader_order() -> None:
     for consumed in range(len(order) + 1):
         for w in range(3):
             assert _worker_skip(consumed, [3, 1, 2], w) == order[:consumed].count(w)
+    positions = [(w, k) for k in range(3) for w in range(3) if k < [3, 1, 2][w]]
+    assert [_stream_index([3, 1, 2], w, k) for w, k in positions] == list(range(len(order)))
+
+
+def test_count_packed_matches_pack() -> None:
+    rng = np.random.default_rng(0)
+    for max_batch_size in (None, 1, 3):
+        for size in (0, 1, 50):
+            lengths = rng.integers(1, 65, size)
+            blocks = [SimpleNamespace(lengths=part) for part in np.array_split(lengths, 4)]
+            packed = sum(1 for _ in _pack(iter(blocks), 64, max_batch_size))
+            assert _count_packed(lengths, 64, max_batch_size) == packed
 
 
 def test_dataloader_workers_split_the_rank_share_and_resume(synthetic) -> None:
@@ -169,8 +195,9 @@ def test_dataloader_workers_split_the_rank_share_and_resume(synthetic) -> None:
     reader = SequenceReader(config, rank=1, world_size=2)
     direct = _users(list(reader))
     loader = DataLoader(reader, batch_size=None, num_workers=2)
-    full = [b.user_ids.tolist() for b in loader]
-    assert sorted(u for b in full for u in b) == sorted(direct)
+    batches = list(loader)
+    full = [b.user_ids.tolist() for b in batches]
+    assert sorted(_users(batches)) == sorted(direct)
     # The share of rank 1 is split between the two workers by row group.
     resumed = SequenceReader(config, rank=1, world_size=2)
     resumed.load_state_dict({"epoch": 0, "batches": len(full) - 3})
@@ -187,6 +214,7 @@ def test_time_unit_is_converted_to_seconds(tmp_path: Path) -> None:
     write_sequences(path, seqs, SequenceDatasetInfo(num_items=2, time_unit="ms"))
     (batch,) = SequenceReader(_config(path, split="test"))
     assert batch.timestamps.tolist() == [1, 2] and batch.target_timestamps.tolist() == [4]
+    assert batch.targets.tolist() == [1] and batch.features[TARGET_KEY].lengths().tolist() == [1]
 
 
 def test_config_and_file_errors(synthetic, tmp_path: Path) -> None:
@@ -201,13 +229,19 @@ def test_config_and_file_errors(synthetic, tmp_path: Path) -> None:
         SequenceReader(ReaderConfig(paths=[path, other]))
     with pytest.raises(ValueError, match="15 row groups cannot be shared by 16 ranks"):
         SequenceReader(_config(path), rank=0, world_size=16)
+    names = r"\['none', 'uniform', 'catalogue'\]"
+    with pytest.raises(ValueError, match=rf"negatives must be one of {names}, got 'hard'"):
+        _config(path, negatives="hard")
+    for negatives, num_negatives in (("uniform", 0), ("none", -1)):
+        with pytest.raises(ValueError, match=f"num_negatives must be >= 1 .*, got {num_negatives}"):
+            _config(path, negatives=negatives, num_negatives=num_negatives)
 
 
 def test_item_only_features_and_directory_paths(synthetic, tmp_path: Path) -> None:
     path, _ = synthetic
     reader = SequenceReader(ReaderConfig(paths=[path.parent], features=[], max_tokens=512, max_seq_len=128))
     batch = next(iter(reader))
-    assert batch.features.keys() == [ITEM_KEY]
+    assert reader.keys == [ITEM_KEY] and batch.features.keys() == sequence_keys([])
 
 
 def test_pipelineable_to(synthetic) -> None:
@@ -232,6 +266,239 @@ def test_pipelineable_pin_memory_and_record_stream(synthetic) -> None:
     on_gpu.record_stream(torch.cuda.current_stream())
     torch.cuda.synchronize()
     assert torch.equal(on_gpu.features.values().cpu(), batch.features.values())
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory: pytest.TempPathFactory) -> Tuple[Path, Sequences]:
+    """8 row groups, the last of 6 users: neither 2 nor 3 ranks get equal shares."""
+    data = generate(SyntheticConfig(num_users=230, median_length=30, max_length=700, seed=8))
+    path = tmp_path_factory.mktemp("uneven") / "uneven.parquet"
+    write_sequences(path, data.sequences, data.info, row_group_size=32)
+    return path, data.sequences
+
+
+def _check_real_users(batches: List[SequenceBatch], seqs: Sequences, split: Split) -> List[int]:
+    """Real users of ``batches`` after checking each one's events and target against the source.
+
+    Uses ``_config``'s ``max_seq_len`` (128); synthetic user ids are row numbers.
+    """
+    end, target = split_positions(seqs.lengths, split)
+    users = []
+    for batch in batches:
+        # A batch is all real users or all padding.
+        assert batch.weights.unique().tolist() in ([0.0], [1.0])
+        if not batch.weights[0]:
+            continue
+        kjt = batch.features
+        lengths = kjt[ITEM_KEY].lengths().tolist()
+        items, cats = kjt[ITEM_KEY].values().split(lengths), kjt["category"].values().split(lengths)
+        times = batch.timestamps.split(lengths)
+        for b, uid in enumerate(batch.user_ids.tolist()):
+            user = seqs.rows(uid, uid + 1)
+            window = slice(max(0, int(end[uid]) - 128), int(end[uid]))
+            np.testing.assert_array_equal(items[b].numpy(), user.item_ids[window])
+            np.testing.assert_array_equal(cats[b].numpy(), user.features["category"][window])
+            np.testing.assert_array_equal(times[b].numpy(), user.timestamps[window])
+            if split is not Split.TRAIN:
+                t = int(target[uid])
+                assert int(batch.targets[b]) == user.item_ids[t]
+                assert int(batch.target_timestamps[b]) == user.timestamps[t]
+            users.append(uid)
+    return users
+
+
+def _split_users(seqs: Sequences, split: Split) -> List[int]:
+    end, _ = split_positions(seqs.lengths, split)
+    return np.flatnonzero(end >= (2 if split is Split.TRAIN else 1)).tolist()
+
+
+def _same(a: SequenceBatch, b: SequenceBatch) -> bool:
+    return all(
+        torch.equal(x, y)
+        for x, y in [
+            (a.features.values(), b.features.values()), (a.features.lengths(), b.features.lengths()),
+            (a.user_ids, b.user_ids), (a.target_timestamps, b.target_timestamps), (a.weights, b.weights),
+        ]
+    )
+
+
+def _same_users(a: SequenceBatch, b: SequenceBatch) -> bool:
+    """Same users with the same events and targets (candidates may differ)."""
+    keys = [k for k in a.features.keys() if k != CANDIDATE_KEY]
+    return torch.equal(a.user_ids, b.user_ids) and all(
+        torch.equal(a.features[k].values(), b.features[k].values())
+        and torch.equal(a.features[k].lengths(), b.features[k].lengths())
+        for k in keys
+    )
+
+
+def _check_equal_steps(
+    per_rank: List[List[SequenceBatch]], readers: List[SequenceReader], seqs: Sequences, split: Split,
+    num_workers: Optional[int] = None,
+) -> None:
+    """Same steps on every rank, every split user once with its events, padding of weight 0."""
+    steps = readers[0].num_batches(num_workers)
+    assert [len(batches) for batches in per_rank] == [steps] * len(per_rank)
+    assert [r.num_batches(num_workers) for r in readers] == [steps] * len(readers)
+    users = [u for batches in per_rank for u in _check_real_users(batches, seqs, split)]
+    assert sorted(users) == _split_users(seqs, split)
+    padding = [b for batches in per_rank for b in batches if not b.weights.any()]
+    # The shares are uneven, so some rank pads; every padding batch copies rank 0's first batch
+    # (with candidates of its own). Padding is packed as without workers, which here makes the
+    # same first batch: it does not reach rank 0's second row group.
+    assert padding
+    for b in padding:
+        assert _same_users(b, per_rank[0][0])
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("split", [Split.TRAIN, Split.VALID])
+def test_every_rank_takes_the_same_number_of_steps(uneven, world_size: int, split: Split) -> None:
+    path, seqs = uneven
+    for epoch in (0, 1):
+        readers = [
+            SequenceReader(_config(path, split=split, shuffle=True, seed=6), rank=r, world_size=world_size)
+            for r in range(world_size)
+        ]
+        for reader in readers:
+            reader.set_epoch(epoch)
+        per_rank = [list(reader) for reader in readers]
+        _check_equal_steps(per_rank, readers, seqs, split)
+        assert [r.stats.padding_batches for r in readers] == [
+            sum(not b.weights.any() for b in batches) for batches in per_rank
+        ]
+        assert sum(r.stats.users for r in readers) == len(_split_users(seqs, split))
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_every_rank_takes_the_same_number_of_steps_with_dataloader_workers(uneven, world_size: int) -> None:
+    path, seqs = uneven
+    config = _config(path, shuffle=True, seed=6, negatives="uniform", num_negatives=3)
+    readers = [SequenceReader(config, rank=r, world_size=world_size) for r in range(world_size)]
+    per_rank = [list(DataLoader(reader, batch_size=None, num_workers=2)) for reader in readers]
+    _check_equal_steps(per_rank, readers, seqs, Split.TRAIN, num_workers=2)
+    # Candidates follow the batch's place in the rank's stream, however many workers made it.
+    for reader, batches in zip(readers, per_rank):
+        direct = list(reader)
+        for a, b in zip(direct, batches):
+            assert torch.equal(a.candidates, b.candidates)
+
+
+def test_padding_when_a_rank_has_no_batch(tmp_path: Path) -> None:
+    # Row groups of 5 users; in rank 0's (0 and 2) every user is too short to evaluate.
+    lengths = np.repeat([2, 6, 2, 6], 5)
+    offsets = np.r_[0, np.cumsum(lengths)]
+    seqs = Sequences(
+        user_ids=np.arange(lengths.size), offsets=offsets, item_ids=np.ones(offsets[-1], np.int64),
+        timestamps=np.arange(offsets[-1]), features={},
+    )
+    path = tmp_path / "short.parquet"
+    write_sequences(path, seqs, SequenceDatasetInfo(num_items=1), row_group_size=5)
+    config = _config(path, split="valid", max_tokens=16, max_seq_len=8)
+    readers = [SequenceReader(config, rank=r, world_size=2) for r in range(2)]
+    per_rank = [list(reader) for reader in readers]
+    steps = readers[0].num_batches()
+    assert steps > 0 and [len(b) for b in per_rank] == [steps, steps]
+    # Rank 0 only pads, with the first batch of rank 1 (the first rank with a batch).
+    assert all(not b.weights.any() and _same_users(b, per_rank[1][0]) for b in per_rank[0])
+    assert readers[0].stats.padding_batches == steps and readers[0].stats.users == 0
+    assert sorted(_users(per_rank[1])) == [*range(5, 10), *range(15, 20)]
+    loaded = list(DataLoader(SequenceReader(config, rank=0, world_size=2), batch_size=None, num_workers=2))
+    # Rank 1's workers each pack one of its row groups, so batches no longer span them: 4 steps.
+    assert len(loaded) == readers[0].num_batches(2) == 4 and not any(b.weights.any() for b in loaded)
+    # Nothing to read on any rank: no step at all.
+    short = tmp_path / "shorter.parquet"
+    write_sequences(short, seqs.rows(0, 5), SequenceDatasetInfo(num_items=1), row_group_size=3)
+    empty = [SequenceReader(_config(short, split="valid"), rank=r, world_size=2) for r in range(2)]
+    assert [r.num_batches() for r in empty] == [0, 0] and not list(empty[0]) + list(empty[1])
+
+
+def _key(batch: SequenceBatch) -> Tuple:
+    return tuple(batch.features.values().tolist()), tuple(batch.user_ids.tolist()), float(batch.weights[0])
+
+
+def _check_resume(
+    config: ReaderConfig, rank: int, world_size: int, num_workers: int, stops: List[int], unordered: List[int]
+) -> None:
+    """Resuming after ``stops`` batches gives the rest of the pass; after ``unordered``, in some order."""
+
+    def read(reader: SequenceReader) -> List[SequenceBatch]:
+        if num_workers:
+            return list(DataLoader(reader, batch_size=None, num_workers=num_workers))
+        return list(reader)
+
+    reader = SequenceReader(config, rank=rank, world_size=world_size)
+    reader.set_epoch(2)
+    full = read(reader)
+    assert not full[-1].weights.any()  # the pass ends with padding, which resuming must keep
+    for stop in stops + unordered:
+        resumed = SequenceReader(config, rank=rank, world_size=world_size)
+        resumed.load_state_dict({"epoch": 2, "batches": stop})
+        rest = read(resumed)
+        assert len(rest) == len(full) - stop
+        if stop in stops:
+            assert all(_same(a, b) for a, b in zip(rest, full[stop:]))
+        else:
+            assert sorted(map(_key, rest)) == sorted(map(_key, full[stop:]))
+
+
+def test_resume_keeps_the_padding(uneven) -> None:
+    path, _ = uneven
+    config = _config(path, split="valid", shuffle=True, seed=9, negatives="uniform", num_negatives=4)
+    padding = []
+    for r in range(3):
+        reader = SequenceReader(config, rank=r, world_size=3)
+        reader.set_epoch(2)
+        padding.append(sum(not b.weights.any() for b in reader))
+    # Resume on the rank that pads most: at the start, inside its own batches, inside the padding.
+    rank = int(np.argmax(padding))
+    reader = SequenceReader(config, rank=rank, world_size=3)
+    reader.set_epoch(2)
+    steps = reader.num_batches()
+    own = steps - padding[rank]
+    assert 0 < own < steps - 1
+    _check_resume(config, rank, 3, 0, [0, 1, own - 1, own, steps - 1, steps], [])
+    partial = SequenceReader(config, rank=rank, world_size=3)
+    partial.set_epoch(2)
+    for n, _ in enumerate(partial):
+        if n == own:  # the first padding batch
+            break
+    assert partial.state_dict() == {"epoch": 2, "batches": own + 1}
+    # A new DataLoader starts its round of workers at worker 0: resumed inside a round (after
+    # worker 0's first batch, before worker 1's), the same batches come in another order.
+    _check_resume(config, rank, 3, 2, [2, reader.num_batches(2) - 1], [1])
+
+
+def test_uniform_candidates(uneven) -> None:
+    path, seqs = uneven
+    num_items = SequenceReader(_config(path)).info.num_items
+    config = _config(path, shuffle=True, negatives="uniform", num_negatives=50)
+    first = list(SequenceReader(config, rank=1, world_size=2))
+    again = list(SequenceReader(config, rank=1, world_size=2))
+    for batch, twin in zip(first, again):
+        cands = batch.candidates
+        assert cands.dtype == torch.int64 and cands.numel() == 50
+        assert 1 <= int(cands.min()) and int(cands.max()) <= num_items
+        lengths = batch.features[CANDIDATE_KEY].lengths()
+        assert lengths[:-1].eq(0).all() and int(lengths[-1]) == 50
+        assert torch.equal(cands, twin.candidates)
+    assert len({tuple(b.candidates.tolist()) for b in first}) == len(first)  # a fresh draw per batch
+    other_rank = SequenceReader(config, rank=0, world_size=2)
+    other_epoch = SequenceReader(config, rank=1, world_size=2)
+    other_epoch.set_epoch(1)
+    for reader in (other_rank, other_epoch):
+        assert not torch.equal(next(iter(reader)).candidates, first[0].candidates)
+
+
+def test_catalogue_candidates_in_every_split(uneven) -> None:
+    path, _ = uneven
+    for split in Split:
+        reader = SequenceReader(_config(path, split=split, negatives="catalogue"))
+        catalogue = torch.arange(1, reader.info.num_items + 1)
+        for batch in reader:
+            assert torch.equal(batch.candidates, catalogue)
+            lengths = batch.features[CANDIDATE_KEY].lengths()
+            assert lengths[:-1].eq(0).all() and int(lengths[-1]) == catalogue.numel()
 
 
 def _free_port() -> int:

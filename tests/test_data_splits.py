@@ -48,9 +48,11 @@ def _read(path: Path, split: Split, max_seq_len: int) -> Dict[int, Tuple[np.ndar
     for batch in reader:
         items = batch.features[ITEM_KEY].to_dense()
         times = list(batch.timestamps.split(batch.features[ITEM_KEY].lengths().tolist()))
+        # Training batches carry no target: report -1 like their target times.
+        targets = batch.targets.tolist() if split is not Split.TRAIN else [-1] * batch.batch_size
         for b, uid in enumerate(batch.user_ids.tolist()):
             assert uid not in out
-            out[uid] = (items[b].numpy(), times[b].numpy(), int(batch.targets[b]), int(batch.target_timestamps[b]))
+            out[uid] = (items[b].numpy(), times[b].numpy(), targets[b], int(batch.target_timestamps[b]))
     return out
 
 

@@ -1,17 +1,13 @@
 import json
-import os
-import socket
 from pathlib import Path
 from typing import List
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from torchrec_hytrec.data import convert
-from torchrec_hytrec.train import build_parser, config_from_args, lockstep, main, popularity_ranks
+from torchrec_hytrec.train import build_parser, config_from_args, main, popularity_ranks
 from torchrec_hytrec.training.checkpoint import COMPLETE_MARKER, CheckpointManager
 
 TINY = [
@@ -25,12 +21,6 @@ TINY = [
     "--set", "model.encoder.dropout=0.1",
     "--set", "checkpoint.every_n_steps=3",
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_flags_win_over_overrides_and_file(tmp_path: Path) -> None:
@@ -47,22 +37,6 @@ def test_flags_win_over_overrides_and_file(tmp_path: Path) -> None:
 def test_popularity_ranks_order_by_count_then_id() -> None:
     counts = torch.tensor([0, 5, 9, 5, 1])
     assert popularity_ranks(counts)[1:].tolist() == [1, 0, 2, 3]
-
-
-def _lockstep_worker(rank: int, port: int) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    mine = ["a", "b", "c"] if rank == 0 else ["x"]
-    steps = list(lockstep(mine, filler="FILL"))  # type: ignore[arg-type]
-    expected = [("a", True), ("b", True), ("c", True)] if rank == 0 else [("x", True), ("FILL", False), ("FILL", False)]
-    assert steps == expected, steps
-    dist.destroy_process_group()
-
-
-@pytest.mark.slow
-def test_lockstep_keeps_ranks_with_fewer_batches_stepping() -> None:
-    mp.spawn(_lockstep_worker, args=(_free_port(),), nprocs=2, join=True)
 
 
 def _metrics(out_dir: Path) -> List[dict]:

@@ -3,7 +3,16 @@
 Sharding: the row groups of all files form one list; each epoch it is optionally shuffled
 (same order on every rank), rank ``r`` of ``W`` takes positions ``r, r + W, ...`` and, inside
 a ``DataLoader``, worker ``w`` of ``K`` takes every ``K``-th of those. Shares are disjoint and
-together cover every row group; ranks may get different numbers of batches.
+together cover every row group.
+
+Equal steps: every sharded step is a collective, so a rank that ran out of batches early would
+deadlock the others. Each rank therefore counts, from per-user lengths cached at construction,
+the batches of every rank's share this epoch (a pure function of the files, the config, the
+epoch and the number of ``DataLoader`` workers, which must be the same on all ranks) and ends
+its epoch (in a ``DataLoader``: worker 0's share) with as many *padding batches* as it lacks to
+the largest count: copies, with all ``weights`` zero, of the first batch of the first rank
+that has any, packed as without workers (so every rank builds the same one). No batch is dropped;
+:meth:`SequenceReader.num_batches` is the per-rank count, padding included.
 
 Batching: users are packed greedily, in (optionally shuffled) order, while the batch holds at
 most ``max_tokens`` events (and ``max_batch_size`` users, if set); batches may span row groups.
@@ -12,17 +21,22 @@ so a 10k-event user never makes a batch explode. Truncation is a configured choi
 :attr:`SequenceReader.stats` and logged once per epoch.
 
 Splits (see :mod:`torchrec_hytrec.data.splits`): training batches hold all but each user's last
-two events (targets ``-1``); evaluation batches hold the history before the held-out event and
-its item / time in ``targets`` / ``target_timestamps``. Users without a row in the split (e.g.
-fewer than 3 events in valid / test, fewer than 2 input events in train) are skipped and
-counted in the stats.
+two events (no ``target_item_id``, ``target_timestamps`` ``-1``); evaluation batches hold the
+history before the held-out event and its item / time in ``target_item_id`` (one per user) /
+``target_timestamps``. Users without a row in the split (e.g. fewer than 3 events in valid /
+test, fewer than 2 input events in train) are skipped and counted in the stats.
+
+Softmax candidates (``ReaderConfig.negatives``, every split): none, ``num_negatives`` uniform
+item ids, or the whole catalogue, all in the last user's slot of ``candidate_item_id``. Uniform
+draws are seeded by ``(seed, epoch, rank, b)``, ``b`` the batch's position in the rank's stream,
+so they do not depend on the number of ``DataLoader`` workers.
 
 Shuffling is two-level (row-group order, then users within a row group), seeded by
 ``(seed, epoch)``, so an epoch's batch stream is a pure function of the config, the epoch, the
 rank and the number of workers. That is what makes resumption exact: :meth:`state_dict` records
-the epoch and how many batches were consumed, and a reader given it by :meth:`load_state_dict`
-skips exactly those batches (without building their tensors), including the share each
-``DataLoader`` worker had already produced.
+the epoch and how many batches (padding included) were consumed, and a reader given it by
+:meth:`load_state_dict` skips exactly those batches (without building their tensors), including
+the share each ``DataLoader`` worker had already produced.
 """
 
 import logging
@@ -31,6 +45,7 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
@@ -38,7 +53,7 @@ import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from torchrec_hytrec.data.batch import ITEM_KEY, SequenceBatch
+from torchrec_hytrec.data.batch import ITEM_KEY, SequenceBatch, sequence_keys
 from torchrec_hytrec.data.schema import (
     ITEM_IDS,
     TIME_UNITS,
@@ -53,6 +68,11 @@ from torchrec_hytrec.data.splits import Split, split_positions
 
 logger = logging.getLogger(__name__)
 
+NEGATIVES = ("none", "uniform", "catalogue")
+# Appended to the candidates' seed so their stream never coincides with a row group's shuffle
+# (seeded by ``[seed, epoch, file, row_group]``, also four integers).
+_CANDIDATE_STREAM = 1
+
 
 @dataclass(frozen=True)
 class ReaderConfig:
@@ -65,12 +85,19 @@ class ReaderConfig:
         max_seq_len: most recent events kept per user (older ones are not read).
         max_batch_size: most users in one batch (``None``: bounded by tokens only).
         shuffle: shuffle row groups and users within row groups each epoch.
-        seed: shuffling seed.
+        seed: shuffling and uniform-candidate seed.
         features: side features to load (``None``: all in the file metadata).
+        negatives: softmax candidates of every batch (``candidate_item_id``): ``"none"``,
+            ``"uniform"`` (``num_negatives`` item ids drawn uniformly, with replacement, from
+            ``[1, num_items]``) or ``"catalogue"`` (every item id, ``1 .. num_items``).
+        num_negatives: candidates per batch with ``negatives="uniform"`` (>= 1); unused otherwise.
 
     Example::
 
-        config = ReaderConfig(paths=["train.parquet"], max_tokens=32768, max_seq_len=2048)
+        config = ReaderConfig(
+            paths=["train.parquet"], max_tokens=32768, max_seq_len=2048,
+            negatives="uniform", num_negatives=4096,
+        )
     """
 
     paths: Sequence[PathLike]
@@ -81,6 +108,8 @@ class ReaderConfig:
     shuffle: bool = False
     seed: int = 0
     features: Optional[Sequence[str]] = None
+    negatives: str = "none"
+    num_negatives: int = 0
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_seq_len <= self.max_tokens:
@@ -89,6 +118,13 @@ class ReaderConfig:
             )
         if self.max_batch_size is not None and self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.negatives not in NEGATIVES:
+            raise ValueError(f"negatives must be one of {list(NEGATIVES)}, got {self.negatives!r}")
+        if self.num_negatives < 0 or (self.negatives == "uniform" and self.num_negatives < 1):
+            raise ValueError(
+                f"num_negatives must be >= 1 with negatives='uniform' (>= 0 otherwise), "
+                f"got {self.num_negatives}"
+            )
         object.__setattr__(self, "split", Split(self.split))
 
 
@@ -97,11 +133,12 @@ class ReaderStats:
     """Counts of one pass of a reader (one worker).
 
     Args:
-        users: users yielded.
-        events: events yielded.
+        users: real (weight 1) users yielded.
+        events: events of those users yielded.
         truncated_users: users cut to ``max_seq_len``.
         truncated_events: older events those users lost.
         skipped_users: users with no row in the split.
+        padding_batches: padding (all-zero weight) batches yielded.
 
     Example::
 
@@ -113,6 +150,7 @@ class ReaderStats:
     truncated_users: int = 0
     truncated_events: int = 0
     skipped_users: int = 0
+    padding_batches: int = 0
 
 
 @dataclass(frozen=True)
@@ -120,19 +158,23 @@ class _RowGroup:
     file: int
     index: int
     first_row: int
+    # Events of every row, cached so batches can be counted without reading the data.
+    lengths: np.ndarray = field(compare=False, repr=False)
 
 
 @dataclass
 class _Block:
-    """Users of one row group ready for batching: inputs gathered, in batching order."""
+    """Users of one row group ready for batching: inputs gathered, in batching order.
+
+    ``values`` are the timestamps (seconds), the item ids and the side features, in key order.
+    """
 
     lengths: np.ndarray
-    offsets: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))
-    user_ids: Optional[np.ndarray] = None
-    values: Optional[List[np.ndarray]] = None
-    timestamps: Optional[np.ndarray] = None
-    targets: Optional[np.ndarray] = None
-    target_timestamps: Optional[np.ndarray] = None
+    offsets: np.ndarray
+    user_ids: np.ndarray
+    values: List[np.ndarray]
+    targets: np.ndarray
+    target_timestamps: np.ndarray
 
 
 def _gather_index(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -162,6 +204,22 @@ def _pack(
         yield pending
 
 
+def _count_packed(lengths: np.ndarray, max_tokens: int, max_batch_size: Optional[int]) -> int:
+    """Batches :func:`_pack` makes of users with these lengths (each ``<= max_tokens``).
+
+    Every rank counts every rank's batches each epoch, so this jumps a whole batch per step
+    (a binary search on the token prefix sums) instead of walking the users like :func:`_pack`.
+    """
+    prefix = np.r_[0, np.cumsum(lengths)]
+    max_users = max_batch_size or lengths.size
+    start = batches = 0
+    while start < lengths.size:
+        fits = int(np.searchsorted(prefix, prefix[start] + max_tokens, side="right")) - 1
+        start = min(fits, start + max_users)
+        batches += 1
+    return batches
+
+
 def _worker_skip(consumed: int, counts: Sequence[int], worker: int) -> int:
     """Batches of ``worker`` among the first ``consumed`` batches a ``DataLoader`` yields.
 
@@ -181,11 +239,18 @@ def _worker_skip(consumed: int, counts: Sequence[int], worker: int) -> int:
     return skip
 
 
+def _stream_index(counts: Sequence[int], worker: int, k: int) -> int:
+    """Position of ``worker``'s ``k``-th batch in the ``DataLoader``'s output (see :func:`_worker_skip`)."""
+    return sum(min(count, k) for count in counts) + sum(count > k for count in counts[:worker])
+
+
 class SequenceReader(IterableDataset):
     """Iterable of :class:`SequenceBatch` over Parquet sequence files (see module docstring).
 
     Usable directly (``for batch in reader``) or in a ``torch.utils.data.DataLoader`` with
-    ``batch_size=None`` and any number of workers.
+    ``batch_size=None`` and any number of workers (the same on every rank). Every rank yields
+    :meth:`num_batches` batches per epoch; the last ones of a rank may be padding batches, whose
+    ``weights`` are all zero.
 
     Args:
         config: what to read and how to batch it.
@@ -194,11 +259,13 @@ class SequenceReader(IterableDataset):
 
     Example::
 
-        reader = SequenceReader(ReaderConfig(paths=["data.parquet"], shuffle=True))
+        reader = SequenceReader(ReaderConfig(paths=["data.parquet"], shuffle=True, negatives="catalogue"))
         for epoch in range(2):
             reader.set_epoch(epoch)
-            for batch in reader:
+            for batch in reader:  # reader.num_batches() of them, on every rank
                 embeddings = ec(batch.features)
+                # A padding batch still runs every collective but must not move the model.
+                loss = (per_user_loss(embeddings, batch.candidates) * batch.weights).sum()
     """
 
     def __init__(
@@ -222,13 +289,7 @@ class SequenceReader(IterableDataset):
         if unknown:
             raise ValueError(f"features {unknown} not in {self._files[0]} (has {self._info.feature_names})")
         self._features = names
-        self._row_groups: List[_RowGroup] = []
-        for f, path in enumerate(self._files):
-            meta = open_parquet(path).metadata
-            first_row = 0
-            for i in range(meta.num_row_groups):
-                self._row_groups.append(_RowGroup(f, i, first_row))
-                first_row += meta.row_group(i).num_rows
+        self._row_groups = [g for f in range(len(self._files)) for g in self._read_row_groups(f)]
         if len(self._row_groups) < self._world_size:
             raise ValueError(
                 f"{len(self._row_groups)} row groups cannot be shared by {self._world_size} ranks; "
@@ -238,6 +299,9 @@ class SequenceReader(IterableDataset):
         self._warned_truncation = False
         self._consumed = 0
         self._skip = 0
+        # (epoch, workers) -> batches of every (rank, worker): counting reads no data but visits
+        # every row group, so do it once per epoch.
+        self._counts: Dict[Tuple[int, int], List[List[int]]] = {}
         self.stats = ReaderStats()
 
     @staticmethod
@@ -270,6 +334,23 @@ class SequenceReader(IterableDataset):
             source=", ".join(map(str, self._files)),
         )
 
+    def _read_row_groups(self, file: int) -> List[_RowGroup]:
+        """The row groups of one file with their users' lengths (only ``item_ids`` is read)."""
+        path = self._files[file]
+        pf = open_parquet(path)
+        groups = []
+        first_row = 0
+        for i in range(pf.num_row_groups):
+            try:
+                column = pf.read_row_group(i, columns=[ITEM_IDS]).column(ITEM_IDS)
+            except (OSError, pa.ArrowException) as e:
+                raise DataValidationError(f"{path}: row group {i} is unreadable ({e})") from e
+            # int32 halves what every DataLoader worker receives a copy of.
+            lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int32)
+            groups.append(_RowGroup(file, i, first_row, lengths))
+            first_row += lengths.size
+        return groups
+
     @property
     def info(self) -> SequenceDatasetInfo:
         """Dataset facts of all files together (timestamps as read are always seconds)."""
@@ -277,7 +358,11 @@ class SequenceReader(IterableDataset):
 
     @property
     def keys(self) -> List[str]:
-        """KeyedJaggedTensor keys of the batches: ``item_id`` then the side features."""
+        """Per-event keys of the batches: ``item_id`` then the side features.
+
+        The batches' KeyedJaggedTensor has ``sequence_keys(keys[1:])``: these between the
+        timestamps and the target / candidate keys.
+        """
         return [ITEM_KEY] + self._features
 
     def set_epoch(self, epoch: int) -> None:
@@ -286,7 +371,7 @@ class SequenceReader(IterableDataset):
             self._epoch, self._consumed, self._skip = epoch, 0, 0
 
     def state_dict(self) -> Dict[str, int]:
-        """``{"epoch", "batches"}``: batches consumed this epoch by iterating this object.
+        """``{"epoch", "batches"}``: batches consumed this epoch (padding included) by iterating this object.
 
         When batches come through a ``DataLoader`` with workers, the iteration happens in the
         workers: count the batches you consumed and pass that number to :meth:`load_state_dict`.
@@ -297,20 +382,50 @@ class SequenceReader(IterableDataset):
         """Resumes after ``state["batches"]`` batches of ``state["epoch"]``.
 
         Every iteration of that epoch (a peek at the first batch included) starts at this
-        position, until :meth:`set_epoch` moves to another epoch.
+        position, until :meth:`set_epoch` moves to another epoch. Through a ``DataLoader`` with
+        workers the remaining batches are exactly those not consumed, but a new ``DataLoader``
+        starts its round of workers at worker 0: resumed inside a round, the first few come in
+        another order.
         """
         self._epoch, self._consumed, self._skip = int(state["epoch"]), int(state["batches"]), int(state["batches"])
 
-    def _shares(self) -> Tuple[List[List[_RowGroup]], int]:
-        """Row groups of every worker of this rank for this epoch, and this worker's index."""
+    def num_batches(self, num_workers: Optional[int] = None) -> int:
+        """Batches every rank yields this epoch, padding included (the same on all ranks).
+
+        Args:
+            num_workers: workers of the ``DataLoader`` the reader is iterated in (0 or 1: none).
+                Default: this worker's ``DataLoader``'s inside a worker, else none. Batches do not
+                span the row groups of different workers, so the count depends on it.
+        """
+        if num_workers is None:
+            worker = get_worker_info()
+            num_workers = 1 if worker is None else worker.num_workers
+        return max(sum(c) for c in self._batch_counts(max(num_workers, 1)))
+
+    def _rank_share(self, rank: int) -> List[_RowGroup]:
+        """Row groups of ``rank`` this epoch."""
         order = list(self._row_groups)
         if self._config.shuffle:
             perm = np.random.default_rng([self._config.seed, self._epoch]).permutation(len(order))
             order = [order[i] for i in perm]
-        mine = order[self._rank :: self._world_size]
-        worker = get_worker_info()
-        workers, wid = (1, 0) if worker is None else (worker.num_workers, worker.id)
-        return [mine[w::workers] for w in range(workers)], wid
+        return order[rank :: self._world_size]
+
+    def _batch_counts(self, num_workers: int) -> List[List[int]]:
+        """``[W][K]`` batches of every worker of every rank this epoch, padding excluded."""
+        key = (self._epoch, num_workers)
+        if key not in self._counts:
+            c = self._config
+
+            def count(groups: List[_RowGroup]) -> int:
+                kept = [np.zeros(0, np.int64)]
+                kept += [self._input_ranges(g.lengths, self._row_order(g, g.lengths.size))[2] for g in groups]
+                return _count_packed(np.concatenate(kept), c.max_tokens, c.max_batch_size)
+
+            self._counts[key] = [
+                [count(share[w::num_workers]) for w in range(num_workers)]
+                for share in map(self._rank_share, range(self._world_size))
+            ]
+        return self._counts[key]
 
     def _row_order(self, group: _RowGroup, num_rows: int) -> Optional[np.ndarray]:
         if not self._config.shuffle:
@@ -330,18 +445,12 @@ class SequenceReader(IterableDataset):
         start = np.maximum(end[rows] - self._config.max_seq_len, 0)
         return rows, start, end[rows] - start, target[rows]
 
-    def _blocks(self, groups: List[_RowGroup], stats: Optional[ReaderStats]) -> Iterator[_Block]:
-        """Reads each row group into a :class:`_Block`; ``stats=None`` reads lengths only."""
+    def _blocks(self, groups: List[_RowGroup], stats: ReaderStats) -> Iterator[_Block]:
+        """Reads each row group into a :class:`_Block`."""
         files: Dict[int, pq.ParquetFile] = {}
         for group in groups:
             path = self._files[group.file]
             pf = files.setdefault(group.file, open_parquet(path))
-            if stats is None:
-                raw = pf.read_row_group(group.index, columns=[ITEM_IDS]).column(ITEM_IDS)
-                lengths = pc.list_value_length(raw).to_numpy(zero_copy_only=False).astype(np.int64)
-                _, _, kept, _ = self._input_ranges(lengths, self._row_order(group, len(lengths)))
-                yield _Block(lengths=kept)
-                continue
             seqs = read_row_group(pf, group.index, self._info, str(path), group.first_row)
             rows, start, kept, target = self._input_ranges(seqs.lengths, self._row_order(group, seqs.num_users))
             first = seqs.offsets[:-1][rows]
@@ -356,51 +465,95 @@ class SequenceReader(IterableDataset):
                 lengths=kept,
                 offsets=np.r_[0, np.cumsum(kept)],
                 user_ids=seqs.user_ids[rows],
-                values=[seqs.item_ids[index]] + [seqs.features[k][index] for k in self._features],
-                timestamps=seqs.timestamps[index] // scale,
+                values=[seqs.timestamps[index] // scale, seqs.item_ids[index]]
+                + [seqs.features[k][index] for k in self._features],
                 targets=np.where(has_target, seqs.item_ids[target_index], -1),
                 target_timestamps=np.where(has_target, seqs.timestamps[target_index] // scale, -1),
             )
 
-    def _to_batch(self, parts: List[Tuple[_Block, int, int]]) -> SequenceBatch:
+    def _candidates(self, index: int) -> np.ndarray:
+        """Softmax candidates of the rank's ``index``-th batch this epoch."""
+        c = self._config
+        if c.negatives == "uniform":
+            rng = np.random.default_rng([c.seed, self._epoch, self._rank, index, _CANDIDATE_STREAM])
+            return rng.integers(1, self._info.num_items + 1, size=c.num_negatives, dtype=np.int64)
+        if c.negatives == "catalogue":
+            return np.arange(1, self._info.num_items + 1, dtype=np.int64)
+        return np.zeros(0, np.int64)
+
+    def _to_batch(self, parts: List[Tuple[_Block, int, int]], index: int, weight: float) -> SequenceBatch:
         blocks = [b for b, _, _ in parts]
         rows = [slice(i, j) for _, i, j in parts]
         spans = [slice(b.offsets[i], b.offsets[j]) for b, i, j in parts]
 
-        def per_user(name: str) -> torch.Tensor:
-            return torch.from_numpy(np.concatenate([getattr(b, name)[r] for b, r in zip(blocks, rows)]))
+        def per_user(name: str) -> np.ndarray:
+            return np.concatenate([getattr(b, name)[r] for b, r in zip(blocks, rows)])
 
-        values = [b.values[k][s] for k in range(len(self.keys)) for b, s in zip(blocks, spans)]
-        lengths = per_user("lengths").to(torch.int32)
+        lengths = torch.from_numpy(per_user("lengths")).to(torch.int32)
+        batch_size = lengths.numel()
+        evaluation = self._config.split is not Split.TRAIN
+        targets = per_user("targets") if evaluation else np.zeros(0, np.int64)
+        candidates = self._candidates(index)
+        candidate_lengths = torch.zeros(batch_size, dtype=torch.int32)
+        candidate_lengths[-1] = candidates.size
+        values = [b.values[k][s] for k in range(len(self._features) + 2) for b, s in zip(blocks, spans)]
         return SequenceBatch(
             features=KeyedJaggedTensor(
-                keys=self.keys,
-                values=torch.from_numpy(np.concatenate(values)),
-                lengths=lengths.repeat(len(self.keys)),
+                keys=sequence_keys(self._features),
+                values=torch.from_numpy(np.concatenate(values + [targets, candidates])),
+                lengths=torch.cat([
+                    lengths.repeat(len(self._features) + 2),
+                    torch.full((batch_size,), int(evaluation), dtype=torch.int32),
+                    candidate_lengths,
+                ]),
             ),
-            timestamps=torch.from_numpy(np.concatenate([b.timestamps[s] for b, s in zip(blocks, spans)])),
-            user_ids=per_user("user_ids"),
-            targets=per_user("targets"),
-            target_timestamps=per_user("target_timestamps"),
+            user_ids=torch.from_numpy(per_user("user_ids")),
+            target_timestamps=torch.from_numpy(per_user("target_timestamps")),
+            weights=torch.full((batch_size,), weight, dtype=torch.float32),
         )
 
-    def _count_batches(self, groups: List[_RowGroup]) -> int:
-        blocks = self._blocks(groups, stats=None)
-        return sum(1 for _ in _pack(blocks, self._config.max_tokens, self._config.max_batch_size))
+    def _parts(
+        self, groups: List[_RowGroup], stats: ReaderStats, padding: int, source: int
+    ) -> Iterator[Tuple[List[Tuple[_Block, int, int]], float]]:
+        """``(users, weight)`` of a worker's batches: its own, then ``padding`` padding batches.
+
+        A padding batch is the first batch of rank ``source``'s share: every rank can read every
+        row group, so all ranks pad with the same batch. Its reading is not counted in ``stats``.
+        """
+        c = self._config
+        for parts in _pack(self._blocks(groups, stats), c.max_tokens, c.max_batch_size):
+            yield parts, 1.0
+        if padding:
+            blocks = self._blocks(self._rank_share(source), ReaderStats())
+            parts = next(_pack(blocks, c.max_tokens, c.max_batch_size))
+            for _ in range(padding):
+                yield parts, 0.0
 
     def __iter__(self) -> Iterator[SequenceBatch]:
-        shares, wid = self._shares()
+        worker = get_worker_info()
+        workers, wid = (1, 0) if worker is None else (worker.num_workers, worker.id)
+        every = self._batch_counts(workers)
+        totals = [sum(c) for c in every]
+        own = every[self._rank]
+        # One worker pads for the whole rank; any would do, as long as all workers agree which.
+        counts = list(own)
+        counts[0] += max(totals) - totals[self._rank]
+        # Only used when padding, i.e. when some rank has a batch.
+        source = next((r for r, total in enumerate(totals) if total), 0)
         skip = self._consumed = self._skip
-        if skip and len(shares) > 1:
-            skip = _worker_skip(skip, [self._count_batches(s) for s in shares], wid)
+        if skip and workers > 1:
+            skip = _worker_skip(skip, counts, wid)
         stats = self.stats = ReaderStats()
-        blocks = self._blocks(shares[wid], stats)
-        for n, parts in enumerate(_pack(blocks, self._config.max_tokens, self._config.max_batch_size)):
-            if n < skip:
+        groups = self._rank_share(self._rank)[wid::workers]
+        for k, (parts, weight) in enumerate(self._parts(groups, stats, counts[wid] - own[wid], source)):
+            if k < skip:
                 continue
-            batch = self._to_batch(parts)
-            stats.users += batch.batch_size
-            stats.events += batch.timestamps.numel()
+            batch = self._to_batch(parts, _stream_index(counts, wid, k), weight)
+            if weight:
+                stats.users += batch.batch_size
+                stats.events += batch.timestamps.numel()
+            else:
+                stats.padding_batches += 1
             self._consumed += 1
             yield batch
         if stats.truncated_users:

@@ -170,8 +170,8 @@ class HyTRecRanker(nn.Module):
         ...     HyTRecEncoder(HyTRecConfig.hytrec(embedding_dim=16, num_heads=2)),
         ...     device=torch.device("meta"),
         ... )
-        >>> ranker.over_arch.model[0].in_features  # 16 dense + 4 * 5 / 2 interactions of 4 vectors
-        26
+        >>> [name for name, _ in ranker.named_children()]
+        ['sparse_arch', 'dense_arch', 'sequence_embedding_collection', 'sequence_arch', 'inter_arch', 'over_arch']
     """
 
     def __init__(

@@ -125,6 +125,12 @@ def make_optimizer(model: DistributedModelParallel, config: OptimizerConfig) -> 
     Args:
         model: returned by :func:`shard_model` after :func:`apply_sparse_optimizer`.
         config: ``dense_*`` fields are used (the sparse ones were applied before sharding).
+
+    Example (see :func:`shard_model` for ``sharded``)::
+
+        optimizer = make_optimizer(sharded, OptimizerConfig(dense_lr=1e-3))
+        loss.backward()
+        optimizer.step()  # AdamW; the tables were updated inside the backward
     """
     if not isinstance(model, DistributedModelParallel):
         raise TypeError(
@@ -187,6 +193,24 @@ def shard_model(
 
     Returns:
         The DMP-wrapped model: sharded tables, DDP-wrapped dense parameters.
+
+    Example (a process group of one; under torchrun every rank runs the same)::
+
+        >>> import tempfile, torch, torch.distributed as dist
+        >>> from torchrec_hytrec import (HyTRecConfig, HyTRecEncoder, HyTRecRetrieval, OptimizerConfig,
+        ...                              RetrievalConfig, make_optimizer, shard_model)
+        >>> from torchrec_hytrec.models import HyTRecRetrievalTrain, apply_sparse_optimizer
+        >>> dist.init_process_group("gloo", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1)
+        >>> model = HyTRecRetrievalTrain(HyTRecRetrieval(
+        ...     RetrievalConfig(num_items=100, embedding_dim=16),
+        ...     HyTRecEncoder(HyTRecConfig.hytrec(embedding_dim=16, num_heads=2)), device=torch.device("meta")))
+        >>> config = OptimizerConfig(sparse_lr=0.05, dense_lr=1e-3)
+        >>> apply_sparse_optimizer(model, config)
+        >>> sharded = shard_model(model, "row_wise", device=torch.device("cpu"))
+        >>> optimizer = make_optimizer(sharded, config)
+        >>> sorted(sharded.plan.plan)
+        ['model.embedding_collection']
+        >>> dist.destroy_process_group()
     """
     if device.type == "cpu":
         for module in _table_modules(model):
