@@ -238,6 +238,26 @@ class HyTRecRanker(nn.Module):
         return self.over_arch(interactions).squeeze(-1)
 
 
+class WeightedBCELoss(nn.Module):
+    """Mean BCE with logits, weighted per row (zero-weight padding rows count for nothing).
+
+    A module rather than a function: TorchRec's pipeline tracer treats it as a leaf, so the
+    weighting runs as ordinary Python.
+
+    Example::
+
+        >>> import torch
+        >>> from torchrec_hytrec.models.ranking import WeightedBCELoss
+        >>> loss = WeightedBCELoss()(torch.tensor([0.0, 9.0]), torch.tensor([1.0, 0.0]), torch.tensor([1.0, 0.0]))
+        >>> round(float(loss), 4)  # log 2: the second row has no weight
+        0.6931
+    """
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        per_row = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+        return weighted_mean(per_row, weights)
+
+
 class HyTRecRankerTrain(nn.Module):
     """:class:`HyTRecRanker` plus the weighted BCE loss, as TorchRec's ``DLRMTrain``.
 
@@ -259,6 +279,7 @@ class HyTRecRankerTrain(nn.Module):
     def __init__(self, model: HyTRecRanker) -> None:
         super().__init__()
         self.model = model
+        self.loss = WeightedBCELoss()
 
     def forward(
         self, batch: RankingBatch
@@ -272,8 +293,7 @@ class HyTRecRankerTrain(nn.Module):
             copies; ``ranking_metric_inputs`` turns them into a ``RecMetricModule`` update.
         """
         logits = self.model(batch)
-        per_row = F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none")
-        loss = weighted_mean(per_row, batch.weights)
+        loss = self.loss(logits, batch.labels, batch.weights)
         return loss, (loss.detach(), logits.detach(), batch.labels, batch.weights)
 
 
