@@ -21,3 +21,13 @@ def test_import_prints_no_warnings_of_its_own() -> None:
     assert proc.stdout == ""
     assert proc.stderr == ""
 
+
+
+def test_public_names_resolve_and_carry_runnable_examples() -> None:
+    """Every name ``torchrec_hytrec`` exports resolves, and its docstring has a ``>>>`` example
+    (pytest runs those as doctests)."""
+    names = [n for n in torchrec_hytrec.__all__ if n != "__version__"]
+    assert {"HyTRecEncoder", "HyTRecRetrieval", "HyTRecRanker", "SequenceReader", "shard_model"} <= set(names)
+    for name in names:
+        obj = getattr(torchrec_hytrec, name)
+        assert ">>>" in (obj.__doc__ or ""), f"{name} has no runnable example"

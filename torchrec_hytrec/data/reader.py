@@ -94,10 +94,11 @@ class ReaderConfig:
 
     Example::
 
-        config = ReaderConfig(
-            paths=["train.parquet"], max_tokens=32768, max_seq_len=2048,
-            negatives="uniform", num_negatives=4096,
-        )
+        >>> from torchrec_hytrec import ReaderConfig
+        >>> config = ReaderConfig(paths=["train.parquet"], max_tokens=32768, max_seq_len=2048,
+        ...                       negatives="uniform", num_negatives=4096)
+        >>> config.split.value
+        'train'
     """
 
     paths: Sequence[PathLike]
@@ -259,13 +260,23 @@ class SequenceReader(IterableDataset):
 
     Example::
 
-        reader = SequenceReader(ReaderConfig(paths=["data.parquet"], shuffle=True, negatives="catalogue"))
-        for epoch in range(2):
-            reader.set_epoch(epoch)
-            for batch in reader:  # reader.num_batches() of them, on every rank
-                embeddings = ec(batch.features)
-                # A padding batch still runs every collective but must not move the model.
-                loss = (per_user_loss(embeddings, batch.candidates) * batch.weights).sum()
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from torchrec_hytrec import ReaderConfig, SequenceReader
+        >>> from torchrec_hytrec.data.schema import write_sequences
+        >>> from torchrec_hytrec.data.synthetic import SyntheticConfig, generate
+        >>> data = generate(SyntheticConfig(num_users=40, median_length=10, max_length=30, seed=0))
+        >>> path = Path(tempfile.mkdtemp()) / "seq.parquet"
+        >>> _ = write_sequences(path, data.sequences, data.info, row_group_size=8)
+        >>> reader = SequenceReader(ReaderConfig(paths=[path], max_tokens=256, max_seq_len=64,
+        ...                                      negatives="uniform", num_negatives=16), rank=1, world_size=2)
+        >>> reader.set_epoch(0)
+        >>> batches = list(reader)  # every rank yields reader.num_batches() of them
+        >>> len(batches) == reader.num_batches(), batches[0].candidates.numel()
+        (True, 16)
+        >>> # Padding batches (weights 0) keep this rank stepping while the other still has data.
+        >>> sorted({float(b.weights.sum()) > 0 for b in batches})
+        [False, True]
     """
 
     def __init__(

@@ -126,11 +126,22 @@ def make_optimizer(model: DistributedModelParallel, config: OptimizerConfig) -> 
         model: returned by :func:`shard_model` after :func:`apply_sparse_optimizer`.
         config: ``dense_*`` fields are used (the sparse ones were applied before sharding).
 
-    Example (see :func:`shard_model` for ``sharded``)::
+    Example (a process group of one)::
 
-        optimizer = make_optimizer(sharded, OptimizerConfig(dense_lr=1e-3))
-        loss.backward()
-        optimizer.step()  # AdamW; the tables were updated inside the backward
+        >>> import tempfile, torch, torch.distributed as dist
+        >>> from torchrec_hytrec import HyTRecConfig, HyTRecEncoder, HyTRecRanker, RankerConfig
+        >>> from torchrec_hytrec import OptimizerConfig, make_optimizer, shard_model
+        >>> from torchrec_hytrec.models import HyTRecRankerTrain, apply_sparse_optimizer
+        >>> dist.init_process_group("gloo", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1)
+        >>> model = HyTRecRankerTrain(HyTRecRanker(
+        ...     RankerConfig(num_items=50, embedding_dim=8, dense_in_features=2, sparse_features={"user_bucket": 10}),
+        ...     HyTRecEncoder(HyTRecConfig.hytrec(embedding_dim=8, num_heads=2)), device=torch.device("meta")))
+        >>> config = OptimizerConfig(sparse_lr=0.05, dense_lr=1e-3)
+        >>> apply_sparse_optimizer(model, config)
+        >>> optimizer = make_optimizer(shard_model(model, "row_wise", device=torch.device("cpu")), config)
+        >>> any("embeddings.item.weight" in key for key in optimizer.state_dict()["state"])  # fused table state
+        True
+        >>> dist.destroy_process_group()
     """
     if not isinstance(model, DistributedModelParallel):
         raise TypeError(
