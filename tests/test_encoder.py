@@ -260,6 +260,19 @@ def test_config_errors(kwargs, match) -> None:
         HyTRecConfig(**kwargs)
 
 
+def test_max_len_bounds_the_users_and_changes_nothing() -> None:
+    encoder = _encoder("hytrec")
+    values, offsets, timestamps = _batch([5, 23, 9], seed=8)
+    with torch.no_grad():
+        for form in (encoder, encoder.forward_last):
+            plain = form(values, offsets, timestamps)
+            for max_len in (23, 64):
+                bounded = form(values, offsets, timestamps, max_len=max_len)
+                torch.testing.assert_close(bounded, plain, rtol=0, atol=0)
+            with pytest.raises(ValueError, match="max_len is 22, but user 1 has 23 events"):
+                form(values, offsets, timestamps, max_len=22)
+
+
 def test_bad_input_errors_name_the_user_and_event() -> None:
     encoder = _encoder("hytrec")
     values, offsets, timestamps = _batch([5, 6], seed=7)

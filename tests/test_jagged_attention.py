@@ -4,7 +4,9 @@ from typing import List, Optional
 import pytest
 import torch
 
+from torchrec_hytrec.ops import jagged_attention
 from torchrec_hytrec.ops.jagged_attention import (
+    JaggedLayout,
     attention_key_rows,
     causal_attention_at,
     causal_window_starts,
@@ -183,3 +185,47 @@ def test_many_users_one_call_per_length_group(window, monkeypatch) -> None:
     grad = torch.randn_like(out)
     for g, w in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
         torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("window,block_size", [(None, 64), (10, 4)])
+def test_a_shared_layout_plans_once_and_changes_nothing(window, block_size, monkeypatch) -> None:
+    offsets, (q, k, v), timestamps = _batch(LENGTHS, seed=8)
+    alone = jagged_causal_attention(q=q, k=k, v=v, offsets=offsets, window=window, block_size=block_size)
+    plans = []
+    build = jagged_attention._plan_length_groups if window is None else jagged_attention._plan_window_slots
+
+    def counting(*args):
+        plans.append(build(*args))
+        return plans[-1]
+
+    monkeypatch.setattr(jagged_attention, build.__name__, counting)
+    layout = JaggedLayout(offsets)
+    for _ in range(2):
+        shared = jagged_causal_attention(
+            q=q, k=k, v=v, offsets=offsets, window=window, block_size=block_size, layout=layout
+        )
+        torch.testing.assert_close(shared, alone, rtol=0, atol=0)
+    assert len(plans) == 1
+    starts = causal_window_starts(offsets=offsets, timestamps=timestamps, window=8, window_seconds=120.0)
+    shared_starts = causal_window_starts(
+        offsets=offsets, timestamps=timestamps, window=8, window_seconds=120.0, layout=layout
+    )
+    assert torch.equal(shared_starts, starts)
+    assert torch.equal(layout.positions, jagged_positions(offsets))
+
+
+def test_layout_counts_and_checks() -> None:
+    offsets = torch.tensor([0, 5, 5, 12])
+    layout = JaggedLayout(offsets)
+    assert (layout.num_users, layout.num_events, layout.max_len) == (3, 12, 7)
+    assert layout.host_lengths.tolist() == [5, 0, 7] and layout.users.tolist() == [0] * 5 + [2] * 7
+    assert JaggedLayout(offsets, max_len=100).max_len == 100
+    with pytest.raises(ValueError, match="max_len is 6, but user 2 has 7 events"):
+        JaggedLayout(offsets, max_len=6).num_events
+    with pytest.raises(ValueError, match="start at 0"):
+        JaggedLayout(torch.tensor([1, 3])).num_events
+    with pytest.raises(ValueError, match="user 1 has length -2"):
+        JaggedLayout(torch.tensor([0, 4, 2])).num_events
+    q = torch.randn(12, 2, 8)
+    with pytest.raises(ValueError, match="layout must be the JaggedLayout of the offsets"):
+        jagged_causal_attention(q=q, k=q, v=q, offsets=offsets.clone(), layout=layout)

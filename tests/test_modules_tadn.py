@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from torchrec_hytrec.modules import HyTRecConfig, RotaryEmbedding, SequenceContext, TADNLayer
+from torchrec_hytrec.ops.jagged_attention import JaggedLayout
 from torchrec_hytrec.ops.tadn import naive_recurrent_tadn
 
 CONFIG = HyTRecConfig(embedding_dim=8, num_heads=2, gate_gap_dim=4)
@@ -110,10 +111,10 @@ def test_rotary_rotates_each_channel_pair_by_its_angle() -> None:
 def test_chunk_size_shrinks_for_short_users_only() -> None:
     layer = TADNLayer(HyTRecConfig(embedding_dim=16, tadn_chunk_size=64))
 
-    def offsets(*lengths: int) -> torch.Tensor:
-        return torch.tensor([0, *lengths]).cumsum(0)
+    def layout(*lengths: int) -> JaggedLayout:
+        return JaggedLayout(torch.tensor([0, *lengths]).cumsum(0))
 
-    assert layer._chunk_size_for(offsets(9, 12, 3)) == 16
-    assert layer._chunk_size_for(offsets(20, 25)) == 32
-    assert layer._chunk_size_for(offsets(10_000, *[100] * 99)) == 64
-    assert layer._chunk_size_for(offsets(0)) == 16
+    assert layer._chunk_size_for(layout(9, 12, 3)) == 16
+    assert layer._chunk_size_for(layout(20, 25)) == 32
+    assert layer._chunk_size_for(layout(10_000, *[100] * 99)) == 64
+    assert layer._chunk_size_for(layout(0)) == 16

@@ -12,6 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import torchrec_hytrec.ops.tadn.chunk as chunk_module
+from torchrec_hytrec.ops.jagged_attention import JaggedLayout
 from torchrec_hytrec.ops.tadn import chunk_tadn, naive_recurrent_tadn
 from torchrec_hytrec.ops.tadn.chunk import _exp_or_zero
 
@@ -114,6 +116,26 @@ def test_each_user_equals_running_alone() -> None:
         o_b, s_b = chunk_tadn(**alone, offsets=torch.tensor([0, hi - lo]), output_final_state=True)
         torch.testing.assert_close(o[lo:hi], o_b, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(s[b : b + 1], s_b, rtol=1e-6, atol=1e-6)
+
+
+def test_a_shared_layout_plans_once_and_changes_nothing(monkeypatch) -> None:
+    inputs, offsets = make_inputs([5, 70, 0, 129], 2, 16, seed=4)
+    fp32 = {n: x.float() for n, x in inputs.items()}
+    o, s = chunk_tadn(**fp32, offsets=offsets, output_final_state=True, chunk_size=16)
+    plans, build = [], chunk_module._plan_chunks
+
+    def counting(*args):
+        plans.append(build(*args))
+        return plans[-1]
+
+    monkeypatch.setattr(chunk_module, "_plan_chunks", counting)
+    layout = JaggedLayout(offsets)
+    for _ in range(2):
+        o_l, s_l = chunk_tadn(**fp32, offsets=offsets, output_final_state=True, chunk_size=16, layout=layout)
+        assert torch.equal(o_l, o) and torch.equal(s_l, s)
+    assert len(plans) == 1
+    chunk_tadn(**fp32, offsets=offsets, chunk_size=32, layout=layout)  # another plan
+    assert len(plans) == 2
 
 
 def test_gradients_of_each_user_are_independent_of_the_batch() -> None:

@@ -12,7 +12,6 @@ from torchrec_hytrec.modules.config import HyTRecConfig
 from torchrec_hytrec.ops.jagged_attention import (
     attention_key_rows,
     causal_attention_at,
-    causal_window_starts,
     jagged_causal_attention,
 )
 
@@ -91,9 +90,7 @@ class SoftmaxAttentionLayer(nn.Module):
     def _window_starts(self, ctx: SequenceContext) -> Optional[torch.Tensor]:
         if self.window_seconds is None:
             return None
-        return causal_window_starts(
-            offsets=ctx.offsets, timestamps=ctx.timestamps, window=self.window, window_seconds=self.window_seconds
-        )
+        return ctx.window_starts(self.window, self.window_seconds)
 
     def input_rows(self, ctx: SequenceContext, rows: torch.Tensor) -> Optional[torch.Tensor]:
         """The rows of its input the layer reads to produce its outputs at ``rows``.
@@ -150,6 +147,7 @@ class SoftmaxAttentionLayer(nn.Module):
                     window=self.window,
                     window_starts=starts,
                     block_size=self.block_size,
+                    layout=ctx.layout,
                 )
             else:
                 local = rows if input_rows is None else torch.searchsorted(input_rows, rows)

@@ -1,24 +1,32 @@
 """Building blocks shared by the HyTRec layers."""
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from torchrec_hytrec.ops.jagged_attention import jagged_positions
+from torchrec_hytrec.ops.jagged_attention import JaggedLayout, causal_window_starts
 
 
 @dataclass
 class SequenceContext:
-    """Per-event facts every layer of one forward pass reads, computed once.
+    """Everything the layers of one forward pass read about the batch, computed once.
+
+    Built once per batch from HSTU's jagged ``(offsets, max_len)`` and the timestamps
+    (:meth:`from_jagged`) and passed to every layer. Its :class:`JaggedLayout` copies the offsets
+    to the host once and keeps what is derived from them (lengths, ``max_len``, positions, the
+    kernels' plans); the causal window starts are kept per window here. On a GPU each layer
+    planning for itself would wait for the device again, so a forward pass would synchronise in
+    proportion to its depth.
 
     A streaming step is the special case of a batch with one event per user
-    (``offsets = arange(B + 1)``) whose ``positions`` count the user's earlier events.
+    (``offsets = arange(B + 1)``) whose ``positions`` count the user's earlier events; it plans
+    nothing, so its layout never copies anything to the host.
 
     Args:
-        offsets: ``[B + 1]`` int64 start of every user's rows.
+        layout: the batch's offsets and what is planned from them.
         positions: ``[T]`` int64 index of each event inside its user's history.
         timestamps: ``[T]`` int64 event times in seconds.
         gaps: ``[T]`` fp32 seconds since the user's previous event (``0`` for the first).
@@ -28,20 +36,60 @@ class SequenceContext:
     Example::
 
         ctx = SequenceContext.from_jagged(offsets, timestamps)
+        starts = ctx.window_starts(64)
     """
 
-    offsets: torch.Tensor
+    layout: JaggedLayout
     positions: torch.Tensor
     timestamps: torch.Tensor
     gaps: torch.Tensor
     elapsed: Optional[torch.Tensor] = None
+    _window_starts: Dict[Tuple[int, Optional[float]], torch.Tensor] = field(
+        default_factory=dict, init=False, repr=False
+    )
 
     @classmethod
-    def from_jagged(cls, offsets: torch.Tensor, timestamps: torch.Tensor) -> "SequenceContext":
-        positions = jagged_positions(offsets)
+    def from_jagged(
+        cls, offsets: torch.Tensor, timestamps: torch.Tensor, max_len: Optional[int] = None
+    ) -> "SequenceContext":
+        """The context of a jagged batch.
+
+        Args:
+            offsets: ``[B + 1]`` int64 start of every user's events.
+            timestamps: ``[sum(n)]`` int64 event times in seconds.
+            max_len: optional bound on every user's length (see :class:`JaggedLayout`).
+
+        Returns:
+            The batch's context; the offsets are checked and copied to the host.
+        """
+        layout = JaggedLayout(offsets, max_len)
+        if layout.num_events != timestamps.shape[0]:
+            raise ValueError(
+                f"offsets must run from 0 to sum(n) = {timestamps.shape[0]}, got 0..{layout.num_events}"
+            )
+        positions = layout.positions
         previous = torch.cat([timestamps[:1], timestamps[:-1]])
         gaps = torch.where(positions > 0, timestamps - previous, torch.zeros_like(timestamps))
-        return cls(offsets=offsets, positions=positions, timestamps=timestamps, gaps=gaps.float())
+        return cls(layout=layout, positions=positions, timestamps=timestamps, gaps=gaps.float())
+
+    @property
+    def offsets(self) -> torch.Tensor:
+        """``[B + 1]`` int64 start of every user's events."""
+        return self.layout.offsets
+
+    def window_starts(self, window: int, window_seconds: Optional[float] = None) -> torch.Tensor:
+        """:func:`~torchrec_hytrec.ops.jagged_attention.causal_window_starts` of the batch, computed
+        once per ``(window, window_seconds)``."""
+        key = (window, window_seconds)
+        if key not in self._window_starts:
+            self._window_starts[key] = causal_window_starts(
+                offsets=self.offsets,
+                timestamps=self.timestamps,
+                window=window,
+                window_seconds=window_seconds,
+                layout=self.layout,
+            )
+        return self._window_starts[key]
 
 
 def gap_buckets(gaps: torch.Tensor, num_buckets: int, scale: float) -> torch.Tensor:

@@ -11,7 +11,7 @@ from torchrec_hytrec.modules.attention import KVCache, SoftmaxAttentionLayer
 from torchrec_hytrec.modules.blocks import SequenceContext, gap_buckets
 from torchrec_hytrec.modules.config import TADN, HyTRecConfig
 from torchrec_hytrec.modules.tadn import TADNLayer
-from torchrec_hytrec.ops.jagged_attention import causal_window_starts
+from torchrec_hytrec.ops.jagged_attention import JaggedLayout
 
 
 @dataclass
@@ -108,12 +108,16 @@ class HyTRecEncoder(nn.Module):
     take one new event per user at ``O(d^2 + softmax window)`` cost (full-causal softmax
     layers keep their whole KV cache), with outputs equal to the full forward.
 
+    Host synchronisations: each call builds one :class:`SequenceContext`, which copies the
+    offsets to the host once; every layer reads its plans (TADN chunks, softmax length groups
+    and block layouts, window starts) from it, so the device is read back a fixed number of
+    times per call, whatever the depth (``tests/test_host_syncs.py`` counts them).
+
     Export: :meth:`stream_step` exports with ``torch.export`` (once the windows are full the
     state's shapes stop changing, so one program serves every later step; full-causal softmax
     layers grow their caches). :meth:`forward` and :meth:`forward_last` do not: the jagged
-    layout drives host-side control flow (the per-user SDPA loop over ``offsets.tolist()``,
-    block and chunk plans sized by ``int()`` of offset-derived tensors in the windowed kernel and
-    in ``chunk_tadn``), which export rejects as data-dependent guards.
+    layout drives host-side control flow (length groups, block and chunk plans sized from the
+    host copy of the offsets), which export rejects as data-dependent guards.
 
     Args:
         config: the encoder's :class:`HyTRecConfig`.
@@ -177,12 +181,7 @@ class HyTRecEncoder(nn.Module):
         out_rows = rows if rows is not None else torch.arange(x.shape[0], device=x.device)
         long_rows = out_rows
         if self.fusion is not None:
-            starts = causal_window_starts(
-                offsets=ctx.offsets,
-                timestamps=ctx.timestamps,
-                window=self.config.short_window,
-                window_seconds=self.config.short_window_seconds,
-            )[out_rows]
+            starts = ctx.window_starts(self.config.short_window, self.config.short_window_seconds)[out_rows]
             has_long = starts > 0
             # Row of the last event before each short window.
             long_rows = torch.where(has_long, out_rows - ctx.positions[out_rows] + starts - 1, out_rows)
@@ -229,19 +228,25 @@ class HyTRecEncoder(nn.Module):
             held = wanted
         return x
 
-    def forward(self, values: torch.Tensor, offsets: torch.Tensor, timestamps: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        values: torch.Tensor,
+        offsets: torch.Tensor,
+        timestamps: torch.Tensor,
+        max_len: Optional[int] = None,
+    ) -> torch.Tensor:
         """Per-position user states of a jagged batch.
 
         Args:
             values: ``[sum(n), d]`` event embeddings (item plus side features).
             offsets: ``[B + 1]`` int64 start of every user's events.
             timestamps: ``[sum(n)]`` int64 event times in seconds, non-decreasing per user.
+            max_len: optional bound on every user's length (HSTU's ``max_seq_len``), checked.
 
         Returns:
             ``[sum(n), d]``: row ``j`` depends only on its user's events up to ``j``.
         """
-        _check_inputs(values, offsets, timestamps)
-        return self._encode(values, SequenceContext.from_jagged(offsets, timestamps))
+        return self._encode(values, _context(values, offsets, timestamps, max_len))
 
     def forward_last(
         self,
@@ -249,6 +254,7 @@ class HyTRecEncoder(nn.Module):
         offsets: torch.Tensor,
         timestamps: torch.Tensor,
         request_time: Optional[torch.Tensor] = None,
+        max_len: Optional[int] = None,
     ) -> torch.Tensor:
         """State of every user after its latest event, optionally read at a request time.
 
@@ -258,16 +264,16 @@ class HyTRecEncoder(nn.Module):
             timestamps: ``[sum(n)]`` int64 event times in seconds.
             request_time: optional ``[B]`` int64 time of the request, ``>=`` each user's last
                 event; TADN readouts decay by ``exp(-(t* - t_last) / T_h)``.
+            max_len: optional bound on every user's length (HSTU's ``max_seq_len``), checked.
 
         Returns:
             ``[B, d]`` user states.
         """
-        _check_inputs(values, offsets, timestamps)
+        ctx = _context(values, offsets, timestamps, max_len)
+        empty = (ctx.layout.host_lengths == 0).nonzero()
+        if empty.numel():
+            raise ValueError(f"forward_last: user {int(empty[0])} of the batch has no events")
         last = offsets[1:] - 1
-        if not torch.compiler.is_compiling() and bool((offsets[1:] == offsets[:-1]).any()):
-            user = int((offsets[1:] == offsets[:-1]).nonzero()[0])
-            raise ValueError(f"forward_last: user {user} of the batch has no events")
-        ctx = SequenceContext.from_jagged(offsets, timestamps)
         if request_time is not None:
             elapsed = request_time - timestamps[last]
             if not torch.compiler.is_compiling() and bool((elapsed < 0).any()):
@@ -276,8 +282,8 @@ class HyTRecEncoder(nn.Module):
                     f"forward_last: request_time of user {user} ({int(request_time[user])}) is before "
                     f"its last event ({int(timestamps[last[user]])})"
                 )
-            lengths = offsets[1:] - offsets[:-1]
-            ctx.elapsed = torch.repeat_interleave(elapsed, lengths, output_size=values.shape[0]).float()
+            per_event = torch.repeat_interleave(elapsed, ctx.layout.lengths, output_size=values.shape[0])
+            ctx.elapsed = per_event.float()
         return self._encode(values, ctx, rows=last)
 
     def init_stream(self, batch_size: int, device: Optional[torch.device] = None) -> HyTRecStreamState:
@@ -325,7 +331,7 @@ class HyTRecEncoder(nn.Module):
                 f"previous one ({int(state.last_timestamps[user])})"
             )
         ctx = SequenceContext(
-            offsets=torch.arange(batch + 1, device=values.device),
+            layout=JaggedLayout(torch.arange(batch + 1, device=values.device)),
             positions=state.num_events,
             timestamps=timestamps,
             gaps=gaps.float(),
@@ -381,26 +387,26 @@ class HyTRecEncoder(nn.Module):
         return self.final_norm(out), new_state
 
 
-def _check_inputs(values: torch.Tensor, offsets: torch.Tensor, timestamps: torch.Tensor) -> None:
+def _context(
+    values: torch.Tensor, offsets: torch.Tensor, timestamps: torch.Tensor, max_len: Optional[int]
+) -> SequenceContext:
+    """The batch's context, once the inputs are checked against each other."""
     if values.dim() != 2 or timestamps.shape != values.shape[:1]:
         raise ValueError(
-            f"values must be [sum(n), d] and timestamps [sum(n)], got {tuple(values.shape)} and {tuple(timestamps.shape)}"
+            f"values must be [sum(n), d] and timestamps [sum(n)], "
+            f"got {tuple(values.shape)} and {tuple(timestamps.shape)}"
         )
+    ctx = SequenceContext.from_jagged(offsets, timestamps, max_len)  # checks the offsets on the host
     if torch.compiler.is_compiling():
-        return
-    if int(offsets[0]) != 0 or int(offsets[-1]) != values.shape[0]:
+        return ctx
+    # A decrease at a user's first row is only the boundary between two users. One read of the
+    # device; the error path may read more.
+    backwards = (timestamps[1:] < timestamps[:-1]) & (ctx.positions[1:] > 0)
+    if bool(backwards.any()):
+        row = int(backwards.nonzero()[0]) + 1
         raise ValueError(
-            f"offsets must run from 0 to sum(n) = {values.shape[0]}, got {offsets[0]}..{offsets[-1]}"
+            f"timestamps must be non-decreasing within each user: user {int(ctx.layout.users[row])}, "
+            f"event {int(ctx.positions[row])} (row {row}) at {int(timestamps[row])} "
+            f"follows {int(timestamps[row - 1])}"
         )
-    backwards = (timestamps[1:] < timestamps[:-1]).nonzero().flatten() + 1
-    if backwards.numel():
-        # A decrease at a user's first row is only the boundary between two users.
-        firsts = torch.isin(backwards, offsets)
-        backwards = backwards[~firsts]
-    if backwards.numel():
-        row = int(backwards[0])
-        user = int(torch.searchsorted(offsets, torch.tensor(row), right=True)) - 1
-        raise ValueError(
-            f"timestamps must be non-decreasing within each user: user {user}, event {row - int(offsets[user])} "
-            f"(row {row}) at {int(timestamps[row])} follows {int(timestamps[row - 1])}"
-        )
+    return ctx

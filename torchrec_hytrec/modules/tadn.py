@@ -10,6 +10,7 @@ from torch.profiler import record_function
 
 from torchrec_hytrec.modules.blocks import SequenceContext, SwiGLU, gap_buckets
 from torchrec_hytrec.modules.config import HyTRecConfig
+from torchrec_hytrec.ops.jagged_attention import JaggedLayout
 from torchrec_hytrec.ops.tadn import chunk_tadn, tadn_step
 
 # Gates start near 1 so that, before training, forgetting is driven by the time gaps.
@@ -114,14 +115,15 @@ class TADNLayer(nn.Module):
         y = self.head_norm(o.to(x.dtype)).flatten(-2) * F.silu(self.output_gate(e))
         return self.ffn(x + self.dropout(self.out(y)))
 
-    def _chunk_size_for(self, offsets: torch.Tensor) -> int:
+    def _chunk_size_for(self, layout: JaggedLayout) -> int:
         """The configured chunk size, shrunk for batches of short users.
 
         Every user is padded to a multiple of the chunk, so a batch of 10-event users at C = 64
-        would spend most of its work on padding; the result is exact for any chunk size.
+        would spend most of its work on padding; the result is exact for any chunk size. Read from
+        the layout's host counts, so it costs no device read.
         """
-        users = max(offsets.numel() - 1, 1)
-        mean_length = -(-int(offsets[-1]) // users)
+        users = max(layout.num_users, 1)
+        mean_length = -(-layout.num_events // users)
         fitting = 1 << max(mean_length - 1, 0).bit_length()
         return min(self.chunk_size, max(_MIN_CHUNK_SIZE, fitting))
 
@@ -143,7 +145,7 @@ class TADNLayer(nn.Module):
         with record_function("## hytrec_tadn ##"):
             o, _ = chunk_tadn(
                 q=q, k=k, v=v, log_alpha=log_alpha, beta=beta, offsets=ctx.offsets,
-                chunk_size=self._chunk_size_for(ctx.offsets),
+                chunk_size=self._chunk_size_for(ctx.layout), layout=ctx.layout,
             )
         elapsed = ctx.elapsed
         if rows is not None:

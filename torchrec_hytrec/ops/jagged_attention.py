@@ -13,26 +13,131 @@ Two paths, both exact:
   ``sum_b (ceil(n_b / C) + ceil(W / C)) * C * (W + C)``.
 
 Tensors follow the jagged convention of the rest of the package: ``[T, H, D]`` rows
-grouped by user through ``offsets`` ``[B + 1]``.
+grouped by user through ``offsets`` ``[B + 1]``. Both paths are planned from a host copy of the
+offsets; a :class:`JaggedLayout` shared by the calls of one batch takes that copy once and keeps
+the plans.
 """
 
-from typing import Optional, Tuple
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, Callable, Dict, Hashable, List, Optional, Tuple, TypeVar
 
 import torch
 import torch.nn.functional as F
 
+_Plan = TypeVar("_Plan")
 
-def jagged_positions(offsets: torch.Tensor) -> torch.Tensor:
+
+class JaggedLayout:
+    """The host-side view of a jagged batch's offsets, and the kernel plans built from it.
+
+    On a GPU every read of a device tensor's value on the host (a length, a count that sizes a
+    tensor) waits for the device. A layout copies the offsets to the host once, on first use, and
+    answers every such question from that copy; each plan a kernel derives from the offsets is built
+    once per key and kept. Layers that share one layout therefore read the device back a fixed
+    number of times per batch, whatever their number.
+
+    Args:
+        offsets: ``[B + 1]`` int64 start of every user's rows, on the device of the data.
+        max_len: optional bound on every user's length (HSTU's ``max_seq_len``), checked against
+            the offsets; the longest user's length when ``None``.
+
+    Example::
+
+        layout = JaggedLayout(offsets)
+        out = jagged_causal_attention(q=q, k=k, v=v, offsets=offsets, layout=layout)
+    """
+
+    def __init__(self, offsets: torch.Tensor, max_len: Optional[int] = None) -> None:
+        self.offsets = offsets
+        self._max_len = max_len
+        self._plans: Dict[Hashable, Any] = {}
+
+    @classmethod
+    def of(cls, offsets: torch.Tensor, layout: Optional["JaggedLayout"]) -> "JaggedLayout":
+        """``layout`` when given (it must be the layout of ``offsets``), else a new one of ``offsets``."""
+        if layout is None:
+            return cls(offsets)
+        if layout.offsets is not offsets:
+            raise ValueError("layout must be the JaggedLayout of the offsets passed with it")
+        return layout
+
+    @cached_property
+    def host_offsets(self) -> torch.Tensor:
+        """The offsets on the host (the layout's one device-to-host copy), checked."""
+        if self.offsets.dim() != 1 or self.offsets.numel() < 1:
+            raise ValueError(f"offsets must be a 1-D tensor [B + 1], got shape {tuple(self.offsets.shape)}")
+        host = self.offsets.detach().to("cpu", torch.int64)
+        if int(host[0]) != 0:
+            raise ValueError(f"offsets must start at 0, got offsets[0]={int(host[0])}")
+        lengths = host[1:] - host[:-1]
+        if bool((lengths < 0).any()):
+            bad = int(torch.nonzero(lengths < 0)[0])
+            raise ValueError(f"offsets must be non-decreasing; user {bad} has length {int(lengths[bad])}")
+        if self._max_len is not None and bool((lengths > self._max_len).any()):
+            user = int(lengths.argmax())
+            raise ValueError(f"max_len is {self._max_len}, but user {user} has {int(lengths[user])} events")
+        return host
+
+    @cached_property
+    def host_lengths(self) -> torch.Tensor:
+        """``[B]`` int64 events of every user, on the host."""
+        return self.host_offsets[1:] - self.host_offsets[:-1]
+
+    @property
+    def num_users(self) -> int:
+        """``B``, from the offsets' shape."""
+        return self.offsets.numel() - 1
+
+    @cached_property
+    def num_events(self) -> int:
+        """``T = offsets[-1]``, from the host copy."""
+        return int(self.host_offsets[-1])
+
+    @cached_property
+    def max_len(self) -> int:
+        """The ``max_len`` given, else the longest user's length (``0`` for a batch of no users)."""
+        if self._max_len is not None:
+            return self._max_len
+        return int(self.host_lengths.max()) if self.num_users else 0
+
+    @cached_property
+    def lengths(self) -> torch.Tensor:
+        """``[B]`` int64 events of every user, on the offsets' device."""
+        return self.offsets[1:] - self.offsets[:-1]
+
+    @cached_property
+    def users(self) -> torch.Tensor:
+        """``[T]`` int64 user of every row, on the offsets' device."""
+        users = torch.arange(self.num_users, device=self.offsets.device)
+        return torch.repeat_interleave(users, self.lengths, output_size=self.num_events)
+
+    @cached_property
+    def positions(self) -> torch.Tensor:
+        """``[T]`` int64 index of every row inside its user's sequence (:func:`jagged_positions`)."""
+        return jagged_positions(self.offsets, num_events=self.num_events)
+
+    def plan(self, key: Hashable, build: Callable[[], _Plan]) -> _Plan:
+        """The plan kept under ``key``, made by ``build`` on the first request."""
+        if key not in self._plans:
+            self._plans[key] = build()
+        return self._plans[key]
+
+
+def jagged_positions(offsets: torch.Tensor, num_events: Optional[int] = None) -> torch.Tensor:
     """Index of every event inside its own user's sequence.
 
     Args:
         offsets: ``[B + 1]`` int64 start of every user's rows.
+        num_events: ``offsets[-1]`` when the caller knows it on the host (it is read back from the
+            offsets otherwise).
 
     Returns:
         ``[T]`` int64, ``0`` at each user's first event.
     """
+    total = int(offsets[-1]) if num_events is None else num_events
     lengths = offsets[1:] - offsets[:-1]
-    starts = torch.repeat_interleave(offsets[:-1], lengths, output_size=int(offsets[-1]))
+    starts = torch.repeat_interleave(offsets[:-1], lengths, output_size=total)
     return torch.arange(starts.numel(), device=offsets.device) - starts
 
 
@@ -42,6 +147,7 @@ def causal_window_starts(
     timestamps: torch.Tensor,
     window: int,
     window_seconds: Optional[float] = None,
+    layout: Optional[JaggedLayout] = None,
 ) -> torch.Tensor:
     """Position of the first event each query may see under a causal window.
 
@@ -54,20 +160,18 @@ def causal_window_starts(
         timestamps: ``[T]`` int64 seconds, non-decreasing within each user.
         window: most events a window holds.
         window_seconds: optional time span of the window.
+        layout: optional :class:`JaggedLayout` of ``offsets``, whose positions it reuses.
 
     Returns:
         ``[T]`` int64 local position (``0`` = the user's first event) of the first event in
         each query's window.
     """
-    positions = jagged_positions(offsets)
-    starts = (positions - window + 1).clamp(min=0)
+    layout = JaggedLayout.of(offsets, layout)
+    starts = (layout.positions - window + 1).clamp(min=0)
     total = starts.numel()
     if window_seconds is None or total == 0:
         return starts
-    lengths = offsets[1:] - offsets[:-1]
-    user = torch.repeat_interleave(
-        torch.arange(lengths.numel(), device=offsets.device), lengths, output_size=total
-    )
+    user = layout.users
     # One sorted key for all users: user index in the high part, time since the user's first
     # event in the low part, so a single searchsorted never crosses into another user.
     first_time = timestamps[offsets[:-1].clamp(max=total - 1)]
@@ -90,6 +194,7 @@ def jagged_causal_attention(
     window_starts: Optional[torch.Tensor] = None,
     block_size: int = 64,
     scale: Optional[float] = None,
+    layout: Optional[JaggedLayout] = None,
 ) -> torch.Tensor:
     """Causal multi-head softmax attention of every user's events over its own past.
 
@@ -104,6 +209,8 @@ def jagged_causal_attention(
             (from :func:`causal_window_starts`); narrows ``window`` further. Needs ``window``.
         block_size: queries per block of the windowed path.
         scale: score scale, ``D ** -0.5`` by default.
+        layout: optional :class:`JaggedLayout` of ``offsets``: its length groups or block layout
+            are then planned once and reused by every call that shares it.
 
     Returns:
         ``[T, H, D]`` attention outputs, in ``q``'s dtype.
@@ -112,13 +219,14 @@ def jagged_causal_attention(
 
         out = jagged_causal_attention(q=q, k=k, v=v, offsets=offsets, window=64)
     """
+    layout = JaggedLayout.of(offsets, layout)
     if window is None:
         if window_starts is not None:
             raise ValueError("window_starts needs a window: full causal attention has no start bound")
-        return _full_causal(q, k, v, offsets, scale)
+        return _full_causal(q, k, v, layout, scale)
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
-    return _windowed_causal(q, k, v, offsets, window, window_starts, min(block_size, window), scale)
+    return _windowed_causal(q, k, v, layout, window, window_starts, min(block_size, window), scale)
 
 
 def _window_keys(
@@ -157,8 +265,10 @@ def attention_key_rows(
     Returns:
         ``[R']`` int64 sorted distinct rows, at most ``R * W``.
     """
-    keys, valid = _window_keys(offsets, rows, window, window_starts)
-    return torch.unique(keys[valid])
+    # Padding keys repeat their query's own row, which every window holds: no need to drop them
+    # (a boolean selection would be one more read of the device).
+    keys, _ = _window_keys(offsets, rows, window, window_starts)
+    return torch.unique(keys)
 
 
 def causal_attention_at(
@@ -208,46 +318,116 @@ def causal_attention_at(
     return torch.einsum("rhl,rlhd->rhd", probs, v[keys])
 
 
+@dataclass
+class _LengthGroup:
+    """The users of one ``ceil(log2(n))`` group, padded to the group's longest."""
+
+    num_users: int
+    longest: int
+    # [num_users * longest] row read at every padded position (row 0 for padding).
+    rows: torch.Tensor
+    # The padded positions holding real rows, in order.
+    keep: torch.Tensor
+
+
+@dataclass
+class _LengthGroups:
+    groups: List[_LengthGroup]
+    # [T] row of every kept output, group after group.
+    rows: torch.Tensor
+
+
+def _length_group(lengths: torch.Tensor) -> torch.Tensor:
+    """``ceil(log2(n))`` of every length (``0`` for ``n = 1``), ``-1`` for empty users.
+
+    ``frexp``'s exponent of ``n - 1`` is exact, so the host and the device agree on every group.
+    """
+    return torch.where(lengths > 0, torch.frexp((lengths - 1).double()).exponent.long(), -1)
+
+
+def _plan_length_groups(layout: JaggedLayout) -> _LengthGroups:
+    """Sizes come from the host copy, index tensors are built on the device: no copy either way."""
+    host_lengths, lengths = layout.host_lengths, layout.lengths
+    host_group = _length_group(host_lengths)
+    # Users by group, each group in user order (as nonzero(group == g) lists them), on both sides.
+    host_order = torch.argsort(host_group, stable=True)
+    order = torch.argsort(_length_group(lengths), stable=True)
+    start = int((host_group < 0).sum())
+    groups = []
+    for count in torch.bincount(host_group[host_group >= 0]).tolist():
+        if count == 0:
+            continue
+        n_host = host_lengths[host_order[start : start + count]]
+        users = order[start : start + count]
+        start += count
+        longest = int(n_host.max())
+        span = torch.arange(longest, device=lengths.device)
+        valid = span < lengths[users, None]
+        # Padding rows read row 0; causality keeps them out of every real row's keys, and their
+        # own outputs are dropped, so no gradient reaches row 0 through them.
+        rows = torch.where(valid, layout.offsets[users, None] + span, 0).flatten()
+        keep = torch.nonzero_static(valid.flatten(), size=int(n_host.sum())).flatten()
+        groups.append(_LengthGroup(num_users=count, longest=longest, rows=rows, keep=keep))
+    kept = torch.cat([group.rows.index_select(0, group.keep) for group in groups])
+    return _LengthGroups(groups=groups, rows=kept)
+
+
 def _full_causal(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, scale: Optional[float]
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: JaggedLayout, scale: Optional[float]
 ) -> torch.Tensor:
     T, H, D = q.shape
-    lengths = offsets[1:] - offsets[:-1]
     if T == 0:
         return q.new_zeros(q.shape)
     # Users are grouped by ceil(log2(n)) and every group is padded to its longest user: one SDPA
     # call per group (a few dozen at most, instead of one per user, which costs more than the
     # attention itself on batches of short histories), and padding at most 4x sum n^2 of work.
-    group = torch.where(lengths > 1, torch.log2((lengths - 1).clamp(min=1).double()).floor().long() + 1, 0)
-    group = torch.where(lengths > 0, group, -1)
+    plan = layout.plan(("length_groups",), lambda: _plan_length_groups(layout))
     flat_q, flat_k, flat_v = (x.reshape(T, H * D) for x in (q, k, v))
-    outputs, rows_out = [], []
-    for g in torch.unique(group[group >= 0]).tolist():
-        users = torch.nonzero(group == g).flatten()
-        n = lengths[users]
-        longest = int(n.max())
-        span = torch.arange(longest, device=q.device)
-        valid = span < n[:, None]
-        # Padding rows read row 0; causality keeps them out of every real row's keys, and their
-        # own outputs are dropped, so no gradient reaches row 0 through them.
-        rows = torch.where(valid, offsets[users, None] + span, 0).flatten()
+    outputs = []
+    for group in plan.groups:
 
         def gather(x: torch.Tensor) -> torch.Tensor:
             # [G, H, L, D]; 4-D inputs, as SDPA sends 3-D ones to its quadratic-memory math path on CPU.
-            return x.index_select(0, rows).view(users.numel(), longest, H, D).transpose(1, 2)
+            return x.index_select(0, group.rows).view(group.num_users, group.longest, H, D).transpose(1, 2)
 
         o = F.scaled_dot_product_attention(gather(flat_q), gather(flat_k), gather(flat_v), is_causal=True, scale=scale)
-        keep = torch.nonzero(valid.flatten()).flatten()
-        outputs.append(o.transpose(1, 2).reshape(-1, H, D).index_select(0, keep))
-        rows_out.append(rows.index_select(0, keep))
-    return q.new_empty(q.shape).index_copy(0, torch.cat(rows_out), torch.cat(outputs))
+        outputs.append(o.transpose(1, 2).reshape(-1, H, D).index_select(0, group.keep))
+    return q.new_empty(q.shape).index_copy(0, plan.rows, torch.cat(outputs))
+
+
+@dataclass
+class _WindowSlots:
+    """The windowed kernel's layout: every user gets ``before`` zero slots of ``block`` rows, then
+    its own blocks."""
+
+    num_slots: int
+    # [T] row of every event in the padded [num_slots * block] layout.
+    rows: torch.Tensor
+    # [num_slots - before] key column of local position 0, for every query slot.
+    first_key: torch.Tensor
+
+
+def _plan_window_slots(layout: JaggedLayout, before: int, block: int) -> _WindowSlots:
+    def slot_counts(lengths: torch.Tensor) -> torch.Tensor:
+        return (lengths + block - 1) // block + before
+
+    device = layout.offsets.device
+    num_slots = int(slot_counts(layout.host_lengths).sum())
+    slots = slot_counts(layout.lengths)
+    slot_base = torch.cumsum(slots, 0) - slots
+    rows = (slot_base[layout.users] + before) * block + layout.positions
+    # Local block index of each query slot (< 0 for padding slots).
+    users = torch.arange(layout.num_users, device=device)
+    slot_user = torch.repeat_interleave(users, slots, output_size=num_slots)
+    local_block = (torch.arange(num_slots, device=device) - slot_base[slot_user] - before)[before:]
+    return _WindowSlots(num_slots=num_slots, rows=rows, first_key=(before - local_block) * block)
 
 
 def _windowed_causal(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    offsets: torch.Tensor,
+    layout: JaggedLayout,
     window: int,
     window_starts: Optional[torch.Tensor],
     block: int,
@@ -258,16 +438,10 @@ def _windowed_causal(
         return q.new_zeros(q.shape)
     device = q.device
     before = -(-window // block)  # key blocks preceding each query block
-    lengths = offsets[1:] - offsets[:-1]
-    num_users = lengths.numel()
-    # Layout: every user gets `before` zero slots of `block` rows, then its own blocks. Query
-    # slot s then finds its keys in slots s - before .. s, so the keys of all query slots are
+    # Query slot s finds its keys in slots s - before .. s, so the keys of all query slots are
     # windows of `before + 1` consecutive slots of one tensor (`unfold`): no gather, and a cheap backward.
-    slots = (lengths + block - 1) // block + before
-    slot_base = torch.cumsum(slots, 0) - slots
-    num_slots = int(slots.sum())
-    user = torch.repeat_interleave(torch.arange(num_users, device=device), lengths, output_size=T)
-    rows = (slot_base[user] + before) * block + jagged_positions(offsets)
+    plan = layout.plan(("window_slots", before, block), lambda: _plan_window_slots(layout, before, block))
+    num_slots, rows = plan.num_slots, plan.rows
 
     def pad(x: torch.Tensor) -> torch.Tensor:
         return x.new_zeros(num_slots * block, H, D).index_copy(0, rows, x).view(num_slots, block, H, D)
@@ -285,16 +459,12 @@ def _windowed_causal(
     j = torch.arange(span, device=device)
     relative = j - before * block - i
     band = (relative <= 0) & (relative > -window)
-    # Local block index of each query slot (< 0 for padding slots); keys with a negative local
-    # position are padding, as are keys before the query's window start.
-    slot_user = torch.repeat_interleave(torch.arange(num_users, device=device), slots, output_size=num_slots)
-    local_block = (torch.arange(num_slots, device=device) - slot_base[slot_user] - before)[before:]
-    first_key = (before - local_block) * block  # column of local position 0
+    # Keys with a negative local position are padding, as are keys before the query's window start.
     if window_starts is None:
-        threshold = first_key[:, None].expand(num_queries, block)
+        threshold = plan.first_key[:, None].expand(num_queries, block)
     else:
         starts = torch.zeros(num_slots * block, dtype=torch.long, device=device).index_copy(0, rows, window_starts)
-        threshold = first_key[:, None] + starts.view(num_slots, block)[before:]
+        threshold = plan.first_key[:, None] + starts.view(num_slots, block)[before:]
     # The diagonal is always allowed, so padding query rows (outputs dropped) never have an
     # empty row, whose NaN would leak into the gradients.
     mask = (band & (j >= threshold[:, :, None])) | (relative == 0)

@@ -32,6 +32,8 @@ import torch
 from torch.autograd.function import FunctionCtx, once_differentiable
 from torch.profiler import record_function
 
+from torchrec_hytrec.ops.jagged_attention import JaggedLayout
+
 
 @dataclass
 class _JaggedChunks:
@@ -64,21 +66,9 @@ def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(x, 0) - x
 
 
-def _plan_chunks(
-    offsets: torch.Tensor, num_tokens: int, num_heads: int, chunk_size: int
-) -> _JaggedChunks:
-    if offsets.dim() != 1 or offsets.numel() < 1:
-        raise ValueError(f"offsets must be a 1-D tensor [B + 1], got shape {tuple(offsets.shape)}")
-    off = offsets.detach().to("cpu", torch.int64)
-    lengths = off[1:] - off[:-1]
-    if int(off[0]) != 0 or int(off[-1]) != num_tokens:
-        raise ValueError(
-            f"offsets must start at 0 and end at the number of events {num_tokens}, "
-            f"got offsets[0]={int(off[0])}, offsets[-1]={int(off[-1])}"
-        )
-    if bool((lengths < 0).any()):
-        bad = int(torch.nonzero(lengths < 0)[0])
-        raise ValueError(f"offsets must be non-decreasing; user {bad} has length {int(lengths[bad])}")
+def _plan_chunks(layout: JaggedLayout, num_heads: int, chunk_size: int) -> _JaggedChunks:
+    """Built on the host from the layout's copy of the offsets."""
+    off, lengths, num_tokens = layout.host_offsets, layout.host_lengths, layout.num_events
     C, H = chunk_size, num_heads
     B = lengths.numel()
     counts = (lengths + C - 1) // C
@@ -107,16 +97,20 @@ def _plan_chunks(
     enter_slot = torch.repeat_interleave(enter_start, steps) + rank_of_row
     last_row = chunk_start[(counts - 1).clamp(min=0)] if max_chunks > 0 else counts
     final_slot = torch.where(counts > 0, B + last_row + rank, rank)
-    device = offsets.device
+    # One copy to the device for all of them: a copy from pageable host memory waits for the device.
+    indices = (dest, source, enter_slot, rank, final_slot)
+    dest, source, enter_slot, rank, final_slot = (
+        torch.cat(indices).to(layout.offsets.device).split([x.numel() for x in indices])
+    )
     return _JaggedChunks(
         chunk_size=C,
         num_chunks=num_chunks,
         steps=steps.tolist(),
-        dest=dest.to(device),
-        source=source.to(device),
-        enter_slot=enter_slot.to(device),
-        init_slot=rank.to(device),
-        final_slot=final_slot.to(device),
+        dest=dest,
+        source=source,
+        enter_slot=enter_slot,
+        init_slot=rank,
+        final_slot=final_slot,
     )
 
 
@@ -405,6 +399,7 @@ def chunk_tadn(
     output_final_state: bool = False,
     scale: Optional[float] = None,
     chunk_size: int = 64,
+    layout: Optional[JaggedLayout] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Chunkwise TADN over a jagged batch; same semantics as
     :func:`~torchrec_hytrec.ops.tadn.naive.naive_recurrent_tadn`, differentiable in every tensor
@@ -426,6 +421,9 @@ def chunk_tadn(
         output_final_state: also return every user's state after its last event.
         scale: readout scale, ``K ** -0.5`` by default.
         chunk_size: positions per chunk ``C``.
+        layout: optional :class:`~torchrec_hytrec.ops.jagged_attention.JaggedLayout` of
+            ``offsets``: the chunk plan is then made once per ``(chunk_size, H)`` and reused by
+            every call that shares it.
 
     Returns:
         ``(o, final_state)``: ``o`` ``[T, H, V]`` in ``q``'s dtype; ``final_state`` ``[B, H, K, V]``
@@ -453,8 +451,11 @@ def chunk_tadn(
             raise ValueError(f"{name} must be [T, H] = [{T}, {H}], got {tuple(x.shape)}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    plan = _plan_chunks(offsets, T, H, chunk_size)
-    B = offsets.numel() - 1
+    layout = JaggedLayout.of(offsets, layout)
+    if layout.num_events != T:
+        raise ValueError(f"offsets must end at the number of events {T}, got offsets[-1]={layout.num_events}")
+    plan = layout.plan(("tadn_chunks", chunk_size, H), lambda: _plan_chunks(layout, H, chunk_size))
+    B = layout.num_users
     if initial_state is not None and initial_state.shape != (B, H, K, v.shape[2]):
         raise ValueError(
             f"initial_state must be [B, H, K, V] = [{B}, {H}, {K}, {v.shape[2]}], "
