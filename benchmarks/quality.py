@@ -37,9 +37,10 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from torchrec_hytrec.modules.config import PRESETS
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
-PRESETS = ("hytrec", "sasrec_like", "pure_linear")
 REPORTED = ("hr@10", "ndcg@10", "mrr")
 BUCKETS = ("len<100", "len100-1k", "len1k-5k", "len>=5k")
 PUBLISHED = {"beauty": {"SASRec (TIGER, NeurIPS 2023, Table 1)": {"hr@10": 0.0605, "ndcg@10": 0.0318}}}
@@ -70,7 +71,7 @@ class DatasetSpec:
 
 # One recipe for every preset; only data-dependent sizes differ between datasets.
 COMMON = {
-    "model.embedding_dim": 64,
+    "model.encoder.embedding_dim": 64,
     "model.encoder.dropout": 0.2,
     "optim.dense_lr": 0.002,
     "optim.sparse_lr": 0.05,
@@ -110,7 +111,7 @@ TINY = {
     "synthetic_long": DatasetSpec(
         name="synthetic_long", synthetic_users=40, epochs=1,
         overrides={"data.max_seq_len": 12_000, "data.token_budget": 16_384, "model.encoder.short_window": 16,
-                   "model.embedding_dim": 16, "data.row_group_size": 8},
+                   "model.encoder.embedding_dim": 16, "data.row_group_size": 8},
         synthetic_overrides={"max_length": 3000},
     ),
 }

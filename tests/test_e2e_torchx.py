@@ -36,7 +36,7 @@ def _torchx(tmp_path: Path, extra: List[str], overrides: List[str]) -> dict:
 def test_two_rank_local_launch_beats_popularity(tmp_path: Path) -> None:
     result = _torchx(
         tmp_path, ["--epochs", "3"],
-        ["data.synthetic.num_users=600", "data.row_group_size=32", "model.embedding_dim=32"],
+        ["data.synthetic.num_users=600", "data.row_group_size=32", "model.encoder.embedding_dim=32"],
     )
     rows = result["rows"]
     assert [r["epoch"] for r in rows] == [0, 1, 2]
@@ -52,7 +52,7 @@ def test_two_nodes_of_one_process_rendezvous_and_train(tmp_path: Path) -> None:
     # Two "nodes" on one machine: the c10d rendezvous path a multi-node cluster job takes.
     result = _torchx(
         tmp_path, ["--epochs", "1", "-j", "2x1", "--rdzv_port", str(_free_port())],
-        ["data.synthetic.num_users=120", "data.row_group_size=16", "model.embedding_dim=16"],
+        ["data.synthetic.num_users=120", "data.row_group_size=16", "model.encoder.embedding_dim=16"],
     )
     assert [r["epoch"] for r in result["rows"]] == [0]
     assert result["checkpoints"]

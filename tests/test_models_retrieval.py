@@ -32,10 +32,8 @@ def make_encoder(seed: int = 0) -> HyTRecEncoder:
 
 def make_retrieval(loss: str = "full", seed: int = 0, **overrides: object) -> HyTRecRetrievalTrain:
     encoder = make_encoder(seed)
-    config = RetrievalConfig(
-        num_items=NUM_ITEMS, embedding_dim=DIM, side_features=SIDE, loss=loss, **overrides
-    )
-    return HyTRecRetrievalTrain(HyTRecRetrieval(config, encoder))
+    config = RetrievalConfig(loss=loss, **overrides)
+    return HyTRecRetrievalTrain(HyTRecRetrieval(config, encoder, num_items=NUM_ITEMS, side_features=SIDE))
 
 
 def test_sampled_softmax_training_reduces_loss() -> None:
@@ -123,17 +121,20 @@ def test_meta_construction_and_injected_tables() -> None:
     from torchrec_hytrec.data.batch import CANDIDATE_KEY, TARGET_KEY
     from torchrec_hytrec.models.embeddings import sequence_embedding_collection
 
-    config = RetrievalConfig(num_items=NUM_ITEMS, embedding_dim=DIM, side_features=SIDE)
-    meta = HyTRecRetrieval(config, make_encoder(), device=torch.device("meta"))
+    config = RetrievalConfig()
+    meta = HyTRecRetrieval(config, make_encoder(), num_items=NUM_ITEMS, side_features=SIDE,
+                           device=torch.device("meta"))
     assert meta.embedding_collection.embeddings["item"].weight.is_meta
     tables = sequence_embedding_collection(num_items=NUM_ITEMS, embedding_dim=DIM, side_features=SIDE,
                                            extra_item_features=[TARGET_KEY, CANDIDATE_KEY], init_std=0.1)
-    injected = HyTRecRetrieval(config, make_encoder(), embedding_collection=tables)
+    injected = HyTRecRetrieval(config, make_encoder(), num_items=NUM_ITEMS, side_features=SIDE,
+                               embedding_collection=tables)
     assert injected.embedding_collection is tables
     wrong = sequence_embedding_collection(num_items=NUM_ITEMS, embedding_dim=DIM, side_features={},
                                           extra_item_features=[TARGET_KEY], init_std=0.1)
     with pytest.raises(ValueError, match="no table for features"):
-        HyTRecRetrieval(config, make_encoder(), embedding_collection=wrong)
+        HyTRecRetrieval(config, make_encoder(), num_items=NUM_ITEMS, side_features=SIDE,
+                        embedding_collection=wrong)
 
 
 def test_metrics_by_hand() -> None:

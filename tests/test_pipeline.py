@@ -67,10 +67,15 @@ def _reader(path: Path, split: Split, retrieval: RetrievalConfig = None) -> Sequ
 def _retrieval(path: Path, loss: str) -> Tuple[Callable[[], nn.Module], List]:
     plain = _reader(path, Split.TRAIN)
     side = {k: plain.info.feature_cardinalities[k] + 1 for k in plain.keys[1:]}
-    config = RetrievalConfig(num_items=plain.info.num_items, embedding_dim=DIM, side_features=side, loss=loss,
-                             num_uniform_negatives=32, num_in_batch_negatives=4096)
+    config = RetrievalConfig(loss=loss, num_uniform_negatives=32, num_in_batch_negatives=4096)
     batches = list(_reader(path, Split.TRAIN, config))[:STEPS]
-    return (lambda: HyTRecRetrievalTrain(HyTRecRetrieval(config, _encoder(), device=torch.device("meta")))), batches
+
+    def build() -> nn.Module:
+        model = HyTRecRetrieval(config, _encoder(), num_items=plain.info.num_items, side_features=side,
+                                device=torch.device("meta"))
+        return HyTRecRetrievalTrain(model)
+
+    return build, batches
 
 
 def _ranker(path: Path) -> Tuple[Callable[[], nn.Module], List]:

@@ -16,7 +16,7 @@ TINY = [
     "--set", "data.row_group_size=16",
     "--set", "data.token_budget=512",
     "--set", "data.max_seq_len=50",
-    "--set", "model.embedding_dim=16",
+    "--set", "model.encoder.embedding_dim=16",
     "--set", "model.encoder.short_window=8",
     "--set", "model.encoder.dropout=0.1",
     "--set", "checkpoint.every_n_steps=3",
@@ -92,6 +92,6 @@ def test_trains_on_a_converted_interactions_log(tmp_path: Path) -> None:
 
 
 def test_unknown_preset_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="model.preset must be one of"):
+    with pytest.raises(ValueError, match="model.preset. must be one of"):
         main([*TINY, "--set", "model.preset=hstu", "--set", f"data.cache_dir={tmp_path}",
               "--out-dir", str(tmp_path / "o")])

@@ -2,7 +2,10 @@ from pathlib import Path
 
 import pytest
 
-from torchrec_hytrec.training.config import TrainConfig, load_config
+from torchrec_hytrec.data.synthetic import SyntheticConfig
+from torchrec_hytrec.models.retrieval import RetrievalConfig
+from torchrec_hytrec.modules.config import HyTRecConfig
+from torchrec_hytrec.training.config import TrainConfig, config_reference, load_config
 from torchrec_hytrec.training.metrics_log import MetricsLogger, format_table
 
 DEFAULT_YAML = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
@@ -11,19 +14,41 @@ DEFAULT_YAML = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 def test_defaults_file_and_overrides_compose(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("epochs: 7\nmodel:\n  preset: sasrec_like\noptim:\n  dense_lr: 1\n")
-    cfg = load_config(str(path), ["model.embedding_dim=32", "epochs=2", "eval_ks=[10, 50]"])
+    cfg = load_config(str(path), ["model.encoder.embedding_dim=32", "epochs=2", "eval_ks=[10, 50]"])
     assert cfg.epochs == 2
     assert cfg.model.preset == "sasrec_like"
-    assert cfg.model.embedding_dim == 32
+    assert cfg.model.encoder == HyTRecConfig.sasrec_like(embedding_dim=32)
     assert cfg.optim.dense_lr == 1.0 and isinstance(cfg.optim.dense_lr, float)
     assert cfg.eval_ks == [10, 50]
     assert cfg.data == TrainConfig().data
 
 
-def test_free_form_sections_take_nested_overrides() -> None:
-    cfg = load_config(overrides=["data.synthetic.num_users=50", "model.encoder.short_window=8"])
-    assert cfg.data.synthetic == {"num_users": 50}
-    assert cfg.model.encoder == {"short_window": 8}
+def test_nested_sections_are_typed_and_apply_over_the_preset() -> None:
+    cfg = load_config(overrides=["data.synthetic.num_users=50", "model.encoder.short_window=8",
+                                 "model.retrieval.temperature=0.5"])
+    assert cfg.data.synthetic == SyntheticConfig(num_users=50)
+    assert cfg.model.encoder == HyTRecConfig.hytrec(short_window=8)
+    assert cfg.model.retrieval == RetrievalConfig(loss="full", temperature=0.5)
+    # The encoder's width is the tables' width: it is stored once, in the encoder.
+    assert not hasattr(cfg.model, "embedding_dim")
+
+
+def test_readme_override_with_an_exponent_parses() -> None:
+    assert load_config(overrides=["optim.dense_lr=3e-4"]).optim.dense_lr == 3e-4
+
+
+def test_every_key_is_documented_in_help() -> None:
+    from torchrec_hytrec.train import build_parser
+
+    text = build_parser().format_help()
+    for key in ("data.synthetic.num_users", "model.encoder.embedding_dim", "model.retrieval.loss",
+                "optim.dense_lr", "checkpoint.keep_last", "data.max_seq_len"):
+        assert f"  {key} = " in text, key
+    lines = config_reference().splitlines()
+    # Each key line is followed by its indented description.
+    missing = [line for i, line in enumerate(lines) if not line.startswith("      ")
+               and (i + 1 == len(lines) or not lines[i + 1].startswith("      "))]
+    assert not missing, f"keys without a description: {missing}"
 
 
 def test_shipped_default_config_is_the_built_in_default() -> None:
@@ -39,6 +64,14 @@ def test_shipped_default_config_is_the_built_in_default() -> None:
         (["epochs"], "section.key=value"),
         (["epochs=3", "epochs.x=1"], "'epochs' is not a section"),
         (["model=3"], "'model' must be a mapping"),
+        (["epochs=0"], "'epochs' must be >= 1"),
+        (["model.encoder.embedding_dim=0"], "model.encoder: embedding_dim"),
+        (["data.token_budget=0"], "'data.token_budget' must be >= 1"),
+        (["data.max_seq_len=9000"], r"data.max_seq_len \(9000\) must be <= data.token_budget"),
+        (["checkpoint.every_n_steps=-1"], "'checkpoint.every_n_steps' must be >= 0"),
+        (["eval_ks=[]"], "eval_ks must be a non-empty list"),
+        (["model.preset=hstu"], "model.preset' must be one of"),
+        (["model.sharding=diagonal"], "model.sharding must be one of"),
     ],
 )
 def test_bad_overrides_name_the_key(overrides: list, message: str) -> None:

@@ -37,23 +37,27 @@ from tqdm import tqdm
 from torchrec_hytrec.data.reader import ReaderConfig, SequenceReader
 from torchrec_hytrec.data.schema import write_sequences
 from torchrec_hytrec.data.splits import Split
-from torchrec_hytrec.data.synthetic import SyntheticConfig, generate
+from torchrec_hytrec.data.synthetic import generate
 from torchrec_hytrec.models.evaluation import RetrievalEvaluator, RetrievalMetrics
 from torchrec_hytrec.models.retrieval import HyTRecRetrieval, HyTRecRetrievalTrain, RetrievalConfig
+from torchrec_hytrec.models.embeddings import side_feature_rows
 from torchrec_hytrec.models.sharding import apply_sparse_optimizer, make_optimizer, shard_model
-from torchrec_hytrec.modules import HyTRecConfig, HyTRecEncoder
+from torchrec_hytrec.modules import HyTRecEncoder
 from torchrec_hytrec.training.checkpoint import CheckpointManager, rng_state, set_rng_state
-from torchrec_hytrec.training.config import TrainConfig, config_to_dict, load_config
+from torchrec_hytrec.training.config import TrainConfig, config_reference, config_to_dict, load_config
 from torchrec_hytrec.training.distributed import DistEnv, init_distributed
 from torchrec_hytrec.training.metrics_log import MetricsLogger
 from torchrec_hytrec.training.pipeline import make_pipeline, pipeline_outputs
 
 
-PRESETS = ("hytrec", "sasrec_like", "pure_linear")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m torchrec_hytrec.train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m torchrec_hytrec.train",
+        description=__doc__.split("\n\n")[0],
+        epilog="config keys (--set KEY=VALUE, or the same nesting in --config YAML), with their defaults:\n"
+        + config_reference(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", help="YAML config (default: the built-in one, as in configs/default.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, repeatable: --set model.preset=sasrec_like --set optim.dense_lr=3e-4")
@@ -78,11 +82,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def synthetic_dataset(cfg: TrainConfig, env: DistEnv) -> Path:
     """Generates the synthetic dataset once per generator config; every rank gets the same path."""
-    synth = SyntheticConfig.small(seed=cfg.seed)
-    try:
-        synth = dataclasses.replace(synth, **cfg.data.synthetic)
-    except TypeError as e:
-        raise ValueError(f"data.synthetic: {e}; SyntheticConfig has {[f.name for f in dataclasses.fields(synth)]}")
+    synth = cfg.data.synthetic
     key = json.dumps({**dataclasses.asdict(synth), "row_group_size": cfg.data.row_group_size}, sort_keys=True)
     path = Path(cfg.data.cache_dir) / f"synthetic-{hashlib.sha1(key.encode()).hexdigest()[:12]}.parquet"
     if env.is_main and not path.exists():
@@ -115,22 +115,16 @@ def make_reader(
     ))
 
 
-def retrieval_config(cfg: TrainConfig, reader: SequenceReader) -> RetrievalConfig:
-    """The model's :class:`RetrievalConfig` for the dataset ``reader`` reads."""
-    info = reader.info
-    # Side-feature ids lie in [1, cardinality]; row 0 stays padding.
-    side = {name: info.feature_cardinalities[name] + 1 for name in reader.keys[1:]}
-    return RetrievalConfig(
-        num_items=info.num_items, embedding_dim=cfg.model.embedding_dim, side_features=side, **cfg.model.retrieval
+def build_model(cfg: TrainConfig, reader: SequenceReader) -> HyTRecRetrievalTrain:
+    """The unsharded train wrapper for ``reader``'s dataset, tables on ``meta`` (``shard_model``
+    materialises them)."""
+    model = HyTRecRetrieval(
+        cfg.model.retrieval,
+        HyTRecEncoder(cfg.model.encoder),
+        num_items=reader.info.num_items,
+        side_features=side_feature_rows(reader.info, reader.keys[1:]),
+        device=torch.device("meta"),
     )
-
-
-def build_model(cfg: TrainConfig, retrieval: RetrievalConfig) -> HyTRecRetrievalTrain:
-    """The unsharded train wrapper, tables on ``meta`` (``shard_model`` materialises them)."""
-    if cfg.model.preset not in PRESETS:
-        raise ValueError(f"model.preset must be one of {PRESETS}, got {cfg.model.preset!r}")
-    encoder_cfg = getattr(HyTRecConfig, cfg.model.preset)(embedding_dim=cfg.model.embedding_dim, **cfg.model.encoder)
-    model = HyTRecRetrieval(retrieval, HyTRecEncoder(encoder_cfg), device=torch.device("meta"))
     return HyTRecRetrievalTrain(model)
 
 
@@ -208,12 +202,12 @@ class Trainer:
         np.random.seed(cfg.seed)
         data_path = Path(cfg.data.path) if cfg.data.path else synthetic_dataset(cfg, env)
         plain = make_reader(cfg, data_path, Split.TRAIN)
-        self.retrieval = retrieval_config(cfg, plain)
-        self.train_reader = make_reader(cfg, data_path, Split.TRAIN, self.retrieval)
-        self.eval_readers = {s: make_reader(cfg, data_path, s, self.retrieval) for s in (Split.VALID, Split.TEST)}
+        retrieval = cfg.model.retrieval
+        self.train_reader = make_reader(cfg, data_path, Split.TRAIN, retrieval)
+        self.eval_readers = {s: make_reader(cfg, data_path, s, retrieval) for s in (Split.VALID, Split.TEST)}
         self.popularity_ranks = popularity_ranks(item_popularity(plain, plain.info.num_items))
 
-        model = build_model(cfg, self.retrieval)
+        model = build_model(cfg, plain)
         apply_sparse_optimizer(model, cfg.optim)
         self.model = shard_model(model, cfg.model.sharding, device=env.device)
         self.optimizer = make_optimizer(self.model, cfg.optim)

@@ -18,6 +18,7 @@ from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from torchrec_hytrec.data.batch import ITEM_KEY
+from torchrec_hytrec.data.schema import SequenceDatasetInfo
 
 ITEM_TABLE = "item"
 
@@ -120,3 +121,9 @@ def event_embeddings(embeddings: Dict[str, JaggedTensor], side_features: Sequenc
     for key in side_features:
         events = events + embeddings[key].values()
     return events
+
+
+def side_feature_rows(info: SequenceDatasetInfo, names: Sequence[str]) -> Dict[str, int]:
+    """Table rows of each side feature: its ids are ``1..cardinality`` in the data, 0 is padding,
+    as for items, so a table holds ``cardinality + 1`` rows (the one place the two meet)."""
+    return {name: info.feature_cardinalities[name] + 1 for name in names}

@@ -19,8 +19,8 @@ tracer treats as leaves. Uniform negatives and the catalogue are put into the ba
 Scores are dot products ``user . item``; the temperature belongs to the loss. Item id 0 is padding.
 """
 
-from dataclasses import dataclass, field
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -40,13 +40,10 @@ LOSSES = ("full", "sampled")
 
 @dataclass
 class RetrievalConfig:
-    """Settings of :class:`HyTRecRetrieval` and :class:`HyTRecRetrievalTrain`.
+    """Settings of :class:`HyTRecRetrieval` and :class:`HyTRecRetrievalTrain` (the tables' sizes
+    are the dataset's, given to the model; their width is the encoder's).
 
     Args:
-        num_items: item ids are ``1..num_items`` (0 is padding).
-        embedding_dim: table width; must equal the encoder's ``embedding_dim``.
-        side_features: side-feature key -> number of rows, in the batch KJT's key order after
-            ``"item_id"``; each side embedding is added to the item embedding.
         loss: ``"full"``: softmax over the whole catalogue (the batch carries every item as
             candidates: for catalogues that fit); ``"sampled"``: in-batch plus the batch's uniform
             negatives, logQ-corrected.
@@ -61,14 +58,11 @@ class RetrievalConfig:
     Example::
 
         >>> from torchrec_hytrec import RetrievalConfig
-        >>> config = RetrievalConfig(num_items=12101, embedding_dim=64, loss="full")
+        >>> config = RetrievalConfig(loss="full")
         >>> config.reader_negatives()
         ('catalogue', 0)
     """
 
-    num_items: int
-    embedding_dim: int
-    side_features: Dict[str, int] = field(default_factory=dict)
     loss: str = "sampled"
     num_uniform_negatives: int = 256
     num_in_batch_negatives: int = 2048
@@ -81,11 +75,6 @@ class RetrievalConfig:
             raise ValueError(f"RetrievalConfig.loss must be one of {LOSSES}, got {self.loss!r}")
         if self.temperature <= 0:
             raise ValueError(f"RetrievalConfig.temperature must be > 0, got {self.temperature}")
-        if self.num_items < 1 or self.embedding_dim < 1:
-            raise ValueError(
-                f"RetrievalConfig needs num_items >= 1 and embedding_dim >= 1, got "
-                f"{self.num_items} and {self.embedding_dim}"
-            )
         if self.loss == "sampled" and (self.num_uniform_negatives < 1 or self.num_in_batch_negatives < 0):
             raise ValueError(
                 "RetrievalConfig: sampled softmax needs num_uniform_negatives >= 1 and "
@@ -98,9 +87,6 @@ class RetrievalConfig:
             return "catalogue", 0
         return "uniform", self.num_uniform_negatives
 
-    @property
-    def init_std(self) -> float:
-        return self.embedding_init_std or self.embedding_dim**-0.5
 
 
 class RetrievalOutput(NamedTuple):
@@ -213,8 +199,11 @@ class HyTRecRetrieval(nn.Module):
     """Next-item retrieval with a HyTRec encoder over (shardable) item and side-feature tables.
 
     Args:
-        config: tables and loss settings.
-        encoder: ``HyTRecEncoder`` of width ``config.embedding_dim``.
+        config: loss and reading settings.
+        encoder: ``HyTRecEncoder``; the tables have its ``embedding_dim``.
+        num_items: item ids are ``1..num_items`` (0 is padding).
+        side_features: side-feature key -> table rows, in the batch KJT's key order after
+            ``"item_id"``; each side embedding is added to the item embedding.
         embedding_collection: the tables, injected; built from
             :func:`~torchrec_hytrec.models.embeddings.sequence_table_configs` when ``None``. It must
             look up ``"item_id"``, ``"target_item_id"``, ``"candidate_item_id"`` and the side features.
@@ -226,8 +215,9 @@ class HyTRecRetrieval(nn.Module):
         >>> import torch
         >>> from torchrec_hytrec import HyTRecConfig, HyTRecEncoder, HyTRecRetrieval, RetrievalConfig
         >>> model = HyTRecRetrieval(
-        ...     RetrievalConfig(num_items=1000, embedding_dim=16, loss="full"),
+        ...     RetrievalConfig(loss="full"),
         ...     HyTRecEncoder(HyTRecConfig.hytrec(embedding_dim=16, num_heads=2)),
+        ...     num_items=1000,
         ...     device=torch.device("meta"),
         ... )
         >>> model.embedding_collection.embeddings["item"].weight.shape
@@ -238,29 +228,28 @@ class HyTRecRetrieval(nn.Module):
         self,
         config: RetrievalConfig,
         encoder: nn.Module,
+        *,
+        num_items: int,
+        side_features: Optional[Mapping[str, int]] = None,
         embedding_collection: Optional[EmbeddingCollection] = None,
         device: Optional[torch.device] = None,
     ) -> None:
         super().__init__()
-        encoder_dim = getattr(getattr(encoder, "config", None), "embedding_dim", config.embedding_dim)
-        if encoder_dim != config.embedding_dim:
-            raise ValueError(
-                f"encoder embedding_dim {encoder_dim} != RetrievalConfig.embedding_dim {config.embedding_dim}"
-            )
+        dim = encoder.config.embedding_dim
         self.config = config
-        side = list(config.side_features)
+        self.num_items = num_items
+        side_features = dict(side_features or {})
+        side = list(side_features)
         if embedding_collection is None:
             embedding_collection = sequence_embedding_collection(
-                num_items=config.num_items,
-                embedding_dim=config.embedding_dim,
-                side_features=config.side_features,
+                num_items=num_items,
+                embedding_dim=dim,
+                side_features=side_features,
                 extra_item_features=[TARGET_KEY, CANDIDATE_KEY],
-                init_std=config.init_std,
+                init_std=config.embedding_init_std or dim**-0.5,
                 device=device,
             )
-        check_sequence_collection(
-            embedding_collection, config.embedding_dim, [ITEM_KEY, TARGET_KEY, CANDIDATE_KEY, *side]
-        )
+        check_sequence_collection(embedding_collection, dim, [ITEM_KEY, TARGET_KEY, CANDIDATE_KEY, *side])
         self.embedding_collection = embedding_collection
         self.user_tower = RetrievalUserTower(encoder, side, config.use_request_time)
 
@@ -307,13 +296,14 @@ class RetrievalLoss(nn.Module):
 
     Args:
         config: loss settings.
+        num_items: catalogue size.
 
     Example::
 
         >>> import torch
         >>> from torchrec_hytrec import RetrievalConfig
         >>> from torchrec_hytrec.models.retrieval import RetrievalLoss, RetrievalOutput
-        >>> loss = RetrievalLoss(RetrievalConfig(num_items=3, embedding_dim=2, loss="full"))
+        >>> loss = RetrievalLoss(RetrievalConfig(loss="full"), num_items=3)
         >>> q, table = torch.tensor([[1.0, 0.0]]), torch.eye(3, 2)
         >>> out = RetrievalOutput(q, torch.tensor([0]), torch.ones(1), torch.tensor([1]), table[:1],
         ...                       torch.tensor([1.0]), torch.arange(1, 4), table)
@@ -321,16 +311,17 @@ class RetrievalLoss(nn.Module):
         0.5514
     """
 
-    def __init__(self, config: RetrievalConfig) -> None:
+    def __init__(self, config: RetrievalConfig, num_items: int) -> None:
         super().__init__()
         self.config = config
+        self.num_items = num_items
 
     def forward(self, output: RetrievalOutput) -> torch.Tensor:
         config = self.config
         if config.loss == "full":
-            if output.candidate_ids.shape[0] != config.num_items:
+            if output.candidate_ids.shape[0] != self.num_items:
                 raise ValueError(
-                    f"full softmax needs the whole catalogue ({config.num_items} items) as the batch's "
+                    f"full softmax needs the whole catalogue ({self.num_items} items) as the batch's "
                     f"candidates, got {output.candidate_ids.shape[0]}: read with ReaderConfig.negatives='catalogue'"
                 )
             return full_softmax_loss(
@@ -348,7 +339,7 @@ class RetrievalLoss(nn.Module):
             uniform_ids=output.candidate_ids,
             uniform_emb=output.candidate_emb,
             weights=output.weights,
-            num_items=config.num_items,
+            num_items=self.num_items,
             num_in_batch=config.num_in_batch_negatives,
             temperature=config.temperature,
         )
@@ -368,9 +359,9 @@ class HyTRecRetrievalTrain(nn.Module):
         >>> import torch
         >>> from torchrec_hytrec import HyTRecConfig, HyTRecEncoder, HyTRecRetrieval, RetrievalConfig
         >>> from torchrec_hytrec.models.retrieval import HyTRecRetrievalTrain
-        >>> config = RetrievalConfig(num_items=50, embedding_dim=16, loss="sampled", num_uniform_negatives=8)
-        >>> train_model = HyTRecRetrievalTrain(
-        ...     HyTRecRetrieval(config, HyTRecEncoder(HyTRecConfig.hytrec(embedding_dim=16, num_heads=2))))
+        >>> config = RetrievalConfig(loss="sampled", num_uniform_negatives=8)
+        >>> encoder = HyTRecEncoder(HyTRecConfig.hytrec(embedding_dim=16, num_heads=2))
+        >>> train_model = HyTRecRetrievalTrain(HyTRecRetrieval(config, encoder, num_items=50))
         >>> [name for name, _ in train_model.named_children()]
         ['model', 'loss']
     """
@@ -378,7 +369,7 @@ class HyTRecRetrievalTrain(nn.Module):
     def __init__(self, model: HyTRecRetrieval) -> None:
         super().__init__()
         self.model = model
-        self.loss = RetrievalLoss(model.config)
+        self.loss = RetrievalLoss(model.config, model.num_items)
 
     def forward(self, batch: SequenceBatch) -> Tuple[torch.Tensor, RetrievalTrainOutput]:
         """

@@ -213,8 +213,8 @@ def shard_model(
         >>> from torchrec_hytrec.models import HyTRecRetrievalTrain, apply_sparse_optimizer
         >>> dist.init_process_group("gloo", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1)
         >>> model = HyTRecRetrievalTrain(HyTRecRetrieval(
-        ...     RetrievalConfig(num_items=100, embedding_dim=16),
-        ...     HyTRecEncoder(HyTRecConfig.hytrec(embedding_dim=16, num_heads=2)), device=torch.device("meta")))
+        ...     RetrievalConfig(), HyTRecEncoder(HyTRecConfig.hytrec(embedding_dim=16, num_heads=2)),
+        ...     num_items=100, device=torch.device("meta")))
         >>> config = OptimizerConfig(sparse_lr=0.05, dense_lr=1e-3)
         >>> apply_sparse_optimizer(model, config)
         >>> sharded = shard_model(model, "row_wise", device=torch.device("cpu"))

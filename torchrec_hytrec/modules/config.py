@@ -5,6 +5,8 @@ from typing import Any, Optional, Tuple
 
 TADN = "T"
 SOFTMAX = "A"
+# The named configurations of HyTRecConfig (its classmethods of these names).
+PRESETS = ("hytrec", "sasrec_like", "pure_linear")
 
 
 @dataclass
@@ -46,8 +48,10 @@ class HyTRecConfig:
 
     Example::
 
-        config = HyTRecConfig.hytrec(embedding_dim=128, long_attention_window=256)
-        encoder = HyTRecEncoder(config)
+        >>> from torchrec_hytrec import HyTRecConfig
+        >>> config = HyTRecConfig.hytrec(embedding_dim=128, long_attention_window=256)
+        >>> config.long_pattern, config.head_dim
+        ('TTTA', 64)
     """
 
     embedding_dim: int = 64
@@ -74,6 +78,10 @@ class HyTRecConfig:
             )
         if not self.long_pattern and not self.use_short_branch:
             raise ValueError("HyTRecConfig needs a long branch (long_pattern) or the short branch")
+        if self.embedding_dim < 1 or self.num_heads < 1:
+            raise ValueError(
+                f"embedding_dim and num_heads must be >= 1, got {self.embedding_dim} and {self.num_heads}"
+            )
         if self.embedding_dim % self.num_heads or (self.embedding_dim // self.num_heads) % 2:
             raise ValueError(
                 f"embedding_dim ({self.embedding_dim}) must split into num_heads ({self.num_heads}) "

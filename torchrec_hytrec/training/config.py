@@ -1,6 +1,7 @@
 """Training configuration: nested dataclasses, a YAML file and ``section.key=value`` overrides."""
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -9,62 +10,85 @@ from typing import Any, Dict, List, Optional, Sequence, Type, TypeVar
 
 import yaml
 
-from torchrec_hytrec.models.sharding import OptimizerConfig
+from torchrec_hytrec.data.synthetic import SyntheticConfig
+from torchrec_hytrec.models.retrieval import RetrievalConfig
+from torchrec_hytrec.models.sharding import PLAN_KINDS, OptimizerConfig
+from torchrec_hytrec.modules.config import PRESETS, HyTRecConfig
 
 T = TypeVar("T")
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 @dataclass
 class DataConfig:
-    """Where the sequences come from and how they are batched.
+    """Where the sequences come from and how the reader batches them.
 
     Args:
         path: a Parquet dataset written by ``python -m torchrec_hytrec.data.convert``; ``None``
             generates the seeded synthetic dataset instead.
         cache_dir: where the synthetic dataset is written once and reused (keyed by its config).
-        synthetic: overrides of the synthetic generator's config fields.
-        max_seq_len: keep at most the last ``max_seq_len`` events of each training input.
-        token_budget: events per training batch on each rank.
+        synthetic: the synthetic generator's settings (:class:`SyntheticConfig`).
+        max_seq_len: a training input keeps at most its last ``max_seq_len`` events (the reader's
+            ``ReaderConfig.max_seq_len``).
+        token_budget: events per training batch on each rank (``ReaderConfig.max_tokens``).
         eval_token_budget: events per evaluation batch on each rank.
         row_group_size: users per row group of the generated synthetic file (row groups are
             what ranks share out, so keep several per rank).
 
     Example::
 
-        DataConfig(path="beauty.parquet", token_budget=4096)
+        >>> from torchrec_hytrec.training.config import DataConfig
+        >>> DataConfig(path="beauty.parquet", token_budget=4096).synthetic.num_users
+        3000
     """
 
     path: Optional[str] = None
     cache_dir: str = "runs/data"
-    synthetic: Dict[str, Any] = field(default_factory=dict)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig.small)
     max_seq_len: int = 200
     token_budget: int = 4096
     eval_token_budget: int = 16384
     row_group_size: int = 128
 
+    def __post_init__(self) -> None:
+        _at_least(1, data_row_group_size=self.row_group_size, data_token_budget=self.token_budget,
+                  data_eval_token_budget=self.eval_token_budget, data_max_seq_len=self.max_seq_len)
+        for key, budget in (("data.token_budget", self.token_budget),
+                            ("data.eval_token_budget", self.eval_token_budget)):
+            if self.max_seq_len > budget:
+                raise ValueError(f"data.max_seq_len ({self.max_seq_len}) must be <= {key} ({budget})")
+
 
 @dataclass
 class ModelConfig:
-    """The retrieval model: an encoder preset plus field overrides.
+    """The retrieval model: an encoder preset with field overrides, the loss, the sharding.
 
     Args:
-        preset: ``"hytrec"``, ``"sasrec_like"`` or ``"pure_linear"`` (the ``HyTRecConfig`` presets).
-        embedding_dim: width of the item table and of the encoder.
-        encoder: overrides of ``HyTRecConfig`` fields applied on top of the preset.
-        retrieval: overrides of ``RetrievalConfig`` fields (``loss``, ``temperature``, ...).
+        preset: ``"hytrec"``, ``"sasrec_like"`` or ``"pure_linear"``: the ``HyTRecConfig`` preset
+            whose values ``encoder`` starts from.
+        encoder: the encoder (:class:`HyTRecConfig`); its ``embedding_dim`` is also the tables' width.
+        retrieval: loss and reading settings (:class:`RetrievalConfig`).
         sharding: table sharding for the planner: ``"row_wise"``, ``"table_wise"`` or ``"auto"``.
 
     Example::
 
-        ModelConfig(preset="sasrec_like", embedding_dim=32)
+        >>> from torchrec_hytrec.training.config import load_config
+        >>> cfg = load_config(overrides=["model.preset=sasrec_like", "model.encoder.embedding_dim=32"])
+        >>> cfg.model.encoder.long_pattern, cfg.model.encoder.embedding_dim
+        ('AAAA', 32)
     """
 
     preset: str = "hytrec"
-    embedding_dim: int = 64
-    encoder: Dict[str, Any] = field(default_factory=dict)
+    encoder: HyTRecConfig = field(default_factory=HyTRecConfig.hytrec)
     # Small catalogues train best with the full softmax (DESIGN §5).
-    retrieval: Dict[str, Any] = field(default_factory=lambda: {"loss": "full"})
+    retrieval: RetrievalConfig = field(default_factory=lambda: RetrievalConfig(loss="full"))
     sharding: str = "row_wise"
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"model.preset must be one of {list(PRESETS)}, got {self.preset!r}")
+        if self.sharding not in PLAN_KINDS:
+            raise ValueError(f"model.sharding must be one of {list(PLAN_KINDS)}, got {self.sharding!r}")
 
 
 @dataclass
@@ -77,24 +101,30 @@ class CheckpointConfig:
 
     Example::
 
-        CheckpointConfig(every_n_steps=20, keep_last=2)
+        >>> from torchrec_hytrec.training.config import CheckpointConfig
+        >>> CheckpointConfig(every_n_steps=20, keep_last=2).keep_last
+        2
     """
 
     every_n_steps: int = 50
     keep_last: int = 3
 
+    def __post_init__(self) -> None:
+        _at_least(0, checkpoint_every_n_steps=self.every_n_steps)
+        _at_least(1, checkpoint_keep_last=self.keep_last)
+
 
 @dataclass
 class TrainConfig:
-    """Everything one training run reads.
+    """Everything one training run reads: one typed tree, every leaf settable with ``--set``.
 
     Args:
         seed: seeds parameters, data order (per epoch: ``seed + epoch``) and dropout.
         epochs: passes over the training split.
         out_dir: metrics, TensorBoard events and checkpoints go under it.
         eval_ks: cut-offs reported for hit rate and NDCG.
-        fault_at_step: test knob: the last rank SIGKILLs itself before this global step on a
-            job's first attempt (``TORCHELASTIC_RESTART_COUNT`` 0). ``None`` disables it.
+        fault_at_step: test knob: the last rank SIGKILLs itself at this global step on a job's
+            first attempt (``TORCHELASTIC_RESTART_COUNT`` 0). ``None`` disables it.
         data: see :class:`DataConfig`.
         model: see :class:`ModelConfig`.
         optim: the table and dense optimizers
@@ -103,7 +133,10 @@ class TrainConfig:
 
     Example::
 
-        cfg = load_config("configs/default.yaml", overrides=["epochs=2"])
+        >>> from torchrec_hytrec.training.config import load_config
+        >>> cfg = load_config("configs/default.yaml", overrides=["epochs=2", "optim.dense_lr=3e-4"])
+        >>> cfg.epochs, cfg.optim.dense_lr
+        (2, 0.0003)
     """
 
     seed: int = 0
@@ -115,6 +148,19 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimizerConfig = field(default_factory=OptimizerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self) -> None:
+        _at_least(1, epochs=self.epochs)
+        if not self.eval_ks or min(self.eval_ks) < 1:
+            raise ValueError(f"eval_ks must be a non-empty list of cut-offs >= 1, got {self.eval_ks}")
+
+
+def _at_least(low: int, **values: int) -> None:
+    """Raises naming the config key (``data_token_budget`` -> ``data.token_budget``) below ``low``."""
+    for name, value in values.items():
+        if value < low:
+            key = name.replace("_", ".", 1) if name.split("_")[0] in ("data", "checkpoint") else name
+            raise ValueError(f"config key '{key}' must be >= {low}, got {value}")
 
 
 def _unwrap_optional(tp: Any) -> Any:
@@ -133,6 +179,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         raise ValueError(f"config key '{where}' must not be null")
     tp = _unwrap_optional(tp)
     if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
         if not isinstance(value, dict):
             raise ValueError(f"config key '{where}' must be a mapping, got {value!r}")
         return _from_dict(tp, value, where)
@@ -153,12 +201,18 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return dict(value)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    # YAML 1.1 reads exponents without a dot ("3e-4") as strings.
+    if tp is float and isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        return float(value)
     if tp in (int, float, str, bool) and (type(value) is not tp):
         raise ValueError(f"config key '{where}' must be {tp.__name__}, got {value!r}")
     return value
 
 
-def _from_dict(cls: Type[T], raw: Dict[str, Any], where: str = "") -> T:
+def _fields(cls: type, raw: Dict[str, Any], where: str) -> Dict[str, Any]:
+    """``raw``'s entries checked against ``cls``'s fields and coerced to their types."""
+    if cls is ModelConfig:
+        raw = _with_preset_encoder(raw, where)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
@@ -168,8 +222,51 @@ def _from_dict(cls: Type[T], raw: Dict[str, Any], where: str = "") -> T:
             f"unknown config key(s) {[prefix + k for k in unknown]}; "
             f"{cls.__name__} has {sorted(names)}"
         )
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in raw.items()}
-    return cls(**kwargs)
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            continue
+        key, value = f"{where}.{f.name}" if where else f.name, raw[f.name]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if isinstance(value, dict) and dataclasses.is_dataclass(default):
+            # A section overrides the field's own default (e.g. model.retrieval's loss "full"),
+            # not its class's defaults.
+            value = _replace(default, _fields(type(default), value, key), key)
+        out[f.name] = _coerce(value, hints[f.name], key)
+    return out
+
+
+def _with_preset_encoder(raw: Dict[str, Any], where: str) -> Dict[str, Any]:
+    """``model`` with its ``encoder`` section applied over the preset's config, not over
+    ``HyTRecConfig``'s own defaults."""
+    if "preset" not in raw and "encoder" not in raw:
+        return raw
+    preset = raw.get("preset", ModelConfig.preset)
+    if preset not in PRESETS:
+        raise ValueError(f"config key '{where}.preset' must be one of {list(PRESETS)}, got {preset!r}")
+    section = raw.get("encoder") or {}
+    if isinstance(section, HyTRecConfig):
+        return raw
+    if not isinstance(section, dict):
+        raise ValueError(f"config key '{where}.encoder' must be a mapping, got {section!r}")
+    overrides = _fields(HyTRecConfig, section, f"{where}.encoder")
+    return {**raw, "encoder": _replace(getattr(HyTRecConfig, preset)(), overrides, f"{where}.encoder")}
+
+
+def _replace(default: Any, changes: Dict[str, Any], where: str) -> Any:
+    try:
+        return dataclasses.replace(default, **changes)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: {e}" if where not in str(e) else str(e)) from e
+
+
+def _from_dict(cls: Type[T], raw: Dict[str, Any], where: str = "") -> T:
+    kwargs = _fields(cls, raw, where)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        prefix = f"{where}: " if where and where not in str(e) else ""
+        raise ValueError(f"{prefix}{e}") from e
 
 
 def _set_path(tree: Dict[str, Any], dotted: str, value: Any) -> None:
@@ -223,6 +320,50 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Tr
         return _from_dict(TrainConfig, raw)
     except ValueError as e:
         raise ValueError(f"{where}{e}") from e
+
+
+def _field_docs(cls: type) -> Dict[str, str]:
+    """The ``Args:`` entries of a dataclass's Google-style docstring, one line each."""
+    docs: Dict[str, str] = {}
+    lines = (cls.__doc__ or "").splitlines()
+    inside, name = False, None
+    for line in lines:
+        stripped = line.strip()
+        if stripped == "Args:":
+            inside = True
+            continue
+        if inside:
+            if not stripped or stripped.endswith("::") or stripped in ("Returns:", "Example:"):
+                if not stripped:
+                    continue
+                break
+            head, sep, rest = stripped.partition(": ")
+            if sep and " " not in head and head.isidentifier():
+                name = head
+                docs[name] = rest
+            elif name is not None:
+                docs[name] += " " + stripped
+    return docs
+
+
+def config_reference(cfg: Optional[TrainConfig] = None) -> str:
+    """Every ``--set`` path of the config tree with its default (from ``cfg``) and its meaning."""
+    cfg = cfg if cfg is not None else TrainConfig()
+    rows: List[str] = []
+
+    def walk(node: Any, prefix: str) -> None:
+        docs = _field_docs(type(node))
+        for f in dataclasses.fields(node):
+            value = getattr(node, f.name)
+            key = f"{prefix}{f.name}"
+            if dataclasses.is_dataclass(value):
+                walk(value, key + ".")
+            else:
+                doc = re.sub(r"``([^`]*)``", r"\1", docs.get(f.name, ""))
+                rows.append(f"  {key} = {value!r}\n      {doc}" if doc else f"  {key} = {value!r}")
+
+    walk(cfg, "")
+    return "\n".join(rows)
 
 
 def config_to_dict(cfg: TrainConfig) -> Dict[str, Any]:
