@@ -7,7 +7,7 @@ TORCHREC_VERSION := 1.9.2
 VARIANT ?= cpu
 STAMP := $(VENV)/.installed-$(VARIANT)
 
-.PHONY: install train test bench
+.PHONY: install train test test-fast lint bench
 
 install: $(STAMP)
 
@@ -22,5 +22,14 @@ $(STAMP): pyproject.toml
 train: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" torchx run -s local_cwd torchx_components/train.py:hytrec
 
-test: $(STAMP)
+# Everything, what CI runs: lint and format checks, then every test and docstring example.
+test: lint
 	$(PY) -m pytest
+
+# The unit tier: no multi-process, end-to-end or long-sequence tests.
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow and not e2e" -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .

@@ -35,6 +35,7 @@ from torchrec_hytrec.data.ranking import (
     RankingBatch,
     ranking_batch_from_sequences,
 )
+from torchrec_hytrec.models.embeddings import side_feature_rows
 from torchrec_hytrec.models.ranking import (
     HyTRecRanker,
     HyTRecRankerTrain,
@@ -50,7 +51,7 @@ from torchrec_hytrec.models.sharding import (
 )
 from torchrec_hytrec.modules import HyTRecConfig, HyTRecEncoder
 from torchrec_hytrec.training.distributed import init_distributed
-from torchrec_hytrec.training.pipeline import make_pipeline, pipeline_outputs
+from torchrec_hytrec.training.loop import evaluation_outputs, make_pipeline, train_epoch
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -90,14 +91,11 @@ def _evaluate(pipeline: TrainPipelineSparseDist, model: torch.nn.Module, batches
               world_size: int, rank: int) -> Dict[str, float]:
     """Validation AUC / NE over every rank's rows, on every rank."""
     metrics = None
-    model.eval()
-    with torch.no_grad():
-        for outputs in pipeline_outputs(pipeline, batches):
-            if metrics is None:
-                rows = outputs[1].numel()
-                metrics = ranking_metric_module(batch_size=rows, world_size=world_size, rank=rank)
-            metrics.update(ranking_metric_inputs(outputs))
-    model.train()
+    for outputs in evaluation_outputs(pipeline, model, batches):
+        if metrics is None:
+            rows = outputs[1].numel()
+            metrics = ranking_metric_module(batch_size=rows, world_size=world_size, rank=rank)
+        metrics.update(ranking_metric_inputs(outputs))
     # TorchRec reduces the metrics onto rank 0 only; every rank returns them.
     result = [{k: float(v) for k, v in metrics.compute().items()} if metrics is not None else {}]
     dist.broadcast_object_list(result, src=0)
@@ -127,7 +125,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, float]]:
             embedding_dim=d,
             dense_in_features=NUM_DERIVED_DENSE,
             sparse_features={USER_BUCKET_KEY: args.user_buckets, RECENT_ITEMS_KEY: info.num_items + 1},
-            side_features={name: card + 1 for name, card in info.feature_cardinalities.items()},
+            side_features=side_feature_rows(info, list(info.feature_cardinalities)),
         )
         encoder = HyTRecEncoder(
             HyTRecConfig.hytrec(embedding_dim=d, num_heads=2, short_window=16, long_pattern="TTA")
@@ -149,12 +147,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, float]]:
         if env.is_main:
             print(f"epoch 0  valid auc {history[0]['auc']:.4f}  ne {history[0]['ne']:.4f}", flush=True)
         for epoch in range(1, args.epochs + 1):
-            start, losses = time.perf_counter(), []
+            start = time.perf_counter()
             train_reader.set_epoch(epoch)
-            batches = _ranking_batches(train_reader, args, info.num_items, 1000 + epoch)
-            for loss, _, _, weights in pipeline_outputs(pipeline, batches):
-                if float(weights.sum()) > 0:  # not one of the reader's padding batches
-                    losses.append(float(loss))
+            losses = train_epoch(pipeline, model, _ranking_batches(train_reader, args, info.num_items, 1000 + epoch))
             history.append(valid())
             if env.is_main:
                 print(

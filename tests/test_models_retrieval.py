@@ -12,13 +12,13 @@ from torchrec_hytrec.models.evaluation import (
     RetrievalEvaluator,
     RetrievalMetrics,
     catalogue_ranks,
-    evaluate,
     item_table_shards,
     retrieve_topk,
 )
 from torchrec_hytrec.models.losses import full_softmax_loss, sampled_softmax_loss
 from torchrec_hytrec.models.retrieval import HyTRecRetrieval, HyTRecRetrievalTrain, RetrievalConfig
 from torchrec_hytrec.modules import HyTRecConfig, HyTRecEncoder
+from torchrec_hytrec.training.evaluation import evaluate_retrieval
 
 DIM = 16
 
@@ -191,8 +191,8 @@ def test_catalogue_ranks_equal_brute_force(exclude_seen: bool, monkeypatch: pyte
 def test_evaluate_uses_request_time_and_reports_metrics() -> None:
     model = make_retrieval()
     batches = [make_batch([5, 9, 2], seed=4, evaluation=True), make_batch([3, 30], seed=5, evaluation=True)]
-    out = evaluate(model, batches, exclude_seen=True)
-    assert out["count"] == 5 and 0.0 <= out["hr@10"] <= 1.0 and math.isfinite(out["loss"])
+    out, detail = evaluate_retrieval(model, batches, exclude_seen=True)
+    assert detail["count"] == 5 and math.isfinite(out["loss"]) and out["hr@10"] == detail["hr@10"]
     evaluator = RetrievalEvaluator(model)
     model.eval()
     with torch.no_grad():
@@ -217,6 +217,6 @@ def test_learns_successor_structure() -> None:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    before = evaluate(make_retrieval("full"), [make_batch([6] * 16, seed=7, evaluation=True)])
-    after = evaluate(model, [make_batch([6] * 16, seed=7, evaluation=True)])
+    before, _ = evaluate_retrieval(make_retrieval("full"), [make_batch([6] * 16, seed=7, evaluation=True)], ks=[1])
+    after, _ = evaluate_retrieval(model, [make_batch([6] * 16, seed=7, evaluation=True)], ks=[1])
     assert after["hr@1"] > 0.5 and before["hr@1"] < 0.2, (before, after)

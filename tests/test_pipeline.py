@@ -2,7 +2,6 @@
 plain training loop on the same batches (2 gloo ranks, DistributedModelParallel, SequenceReader)."""
 
 import os
-import socket
 from pathlib import Path
 from typing import Callable, List, Tuple
 
@@ -14,6 +13,7 @@ from torch import nn
 from torchrec.distributed.embedding import ShardedEmbeddingCollection
 from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
 
+from helpers import free_port
 from torchrec_hytrec.data.ranking import (
     NUM_DERIVED_DENSE,
     RECENT_ITEMS_KEY,
@@ -21,14 +21,13 @@ from torchrec_hytrec.data.ranking import (
     ranking_batch_from_sequences,
 )
 from torchrec_hytrec.data.reader import ReaderConfig, SequenceReader
-from torchrec_hytrec.data.schema import write_sequences
 from torchrec_hytrec.data.splits import Split
-from torchrec_hytrec.data.synthetic import SyntheticConfig, generate
+from torchrec_hytrec.models.embeddings import side_feature_rows
 from torchrec_hytrec.models.ranking import HyTRecRanker, HyTRecRankerTrain, RankerConfig
 from torchrec_hytrec.models.retrieval import HyTRecRetrieval, HyTRecRetrievalTrain, RetrievalConfig
 from torchrec_hytrec.models.sharding import OptimizerConfig, apply_sparse_optimizer, make_optimizer, shard_model
 from torchrec_hytrec.modules import HyTRecConfig, HyTRecEncoder
-from torchrec_hytrec.training.pipeline import make_pipeline, pipeline_outputs, pipelined_modules
+from torchrec_hytrec.training.loop import make_pipeline, pipeline_outputs, pipelined_modules
 
 WORLD = 2
 DIM = 16
@@ -37,19 +36,10 @@ OPT = OptimizerConfig(sparse_optimizer="rowwise_adagrad", sparse_lr=0.05, dense_
 USER_BUCKETS = 64
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    data = generate(SyntheticConfig(num_users=160, median_length=12, max_length=60, seed=5))
-    path = tmp_path_factory.mktemp("pipeline") / "seq.parquet"
+def dataset(synthetic_parquet) -> Path:
     # Row groups of uneven sizes: the ranks' shares differ, the reader pads the shorter one.
-    write_sequences(path, data.sequences, data.info, row_group_size=23)
-    return path
+    return synthetic_parquet(row_group_size=23, num_users=160, median_length=12, max_length=60, seed=5)
 
 
 def _encoder() -> HyTRecEncoder:
@@ -66,7 +56,7 @@ def _reader(path: Path, split: Split, retrieval: RetrievalConfig = None) -> Sequ
 
 def _retrieval(path: Path, loss: str) -> Tuple[Callable[[], nn.Module], List]:
     plain = _reader(path, Split.TRAIN)
-    side = {k: plain.info.feature_cardinalities[k] + 1 for k in plain.keys[1:]}
+    side = side_feature_rows(plain.info, plain.keys[1:])
     config = RetrievalConfig(loss=loss, num_uniform_negatives=32, num_in_batch_negatives=4096)
     batches = list(_reader(path, Split.TRAIN, config))[:STEPS]
 
@@ -84,7 +74,7 @@ def _ranker(path: Path) -> Tuple[Callable[[], nn.Module], List]:
     config = RankerConfig(
         num_items=info.num_items, embedding_dim=DIM, dense_in_features=NUM_DERIVED_DENSE,
         sparse_features={USER_BUCKET_KEY: USER_BUCKETS, RECENT_ITEMS_KEY: info.num_items + 1},
-        side_features={k: info.feature_cardinalities[k] + 1 for k in reader.keys[1:]},
+        side_features=side_feature_rows(info, reader.keys[1:]),
     )
     generator = torch.Generator().manual_seed(3)
     batches = [
@@ -148,4 +138,4 @@ def pipeline_worker(rank: int, port: int, path: Path, case: str) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["full", "sampled", "ranker"])
 def test_pipeline_pipelines_tables_and_equals_a_plain_loop(dataset: Path, case: str) -> None:
-    mp.spawn(pipeline_worker, args=(_free_port(), dataset, case), nprocs=WORLD, join=True)
+    mp.spawn(pipeline_worker, args=(free_port(), dataset, case), nprocs=WORLD, join=True)

@@ -1,4 +1,5 @@
 import json
+import os
 from pathlib import Path
 from typing import List
 
@@ -7,7 +8,8 @@ import pytest
 import torch
 
 from torchrec_hytrec.data import convert
-from torchrec_hytrec.train import build_parser, config_from_args, main, popularity_ranks
+from torchrec_hytrec.train import build_parser, config_from_args, main
+from torchrec_hytrec.training.evaluation import popularity_ranks
 from torchrec_hytrec.training.checkpoint import COMPLETE_MARKER, CheckpointManager
 
 TINY = [
@@ -70,9 +72,61 @@ def test_resume_with_another_number_of_processes_is_refused(tmp_path: Path) -> N
     manager = CheckpointManager(tmp_path / "o" / "checkpoints")
     marker = manager.latest() / COMPLETE_MARKER
     # As if two processes had written it.
-    marker.write_text(json.dumps({**json.loads(marker.read_text()), "world_size": 2}))
-    with pytest.raises(ValueError, match="written by 2 processes, this job has 1"):
+    recorded = json.loads(marker.read_text())
+    recorded["fingerprint"]["world_size"] = 2
+    marker.write_text(json.dumps(recorded))
+    with pytest.raises(ValueError, match="world_size=2, this run has world_size=1"):
         main([*common, "--epochs", "2", "--resume"])
+
+
+def test_resume_refuses_another_runs_checkpoints_naming_the_fields(tmp_path: Path) -> None:
+    common = [*TINY, "--set", f"data.cache_dir={tmp_path / 'data'}", "--out-dir", str(tmp_path / "o")]
+    main([*common, "--epochs", "1"])
+    with pytest.raises(ValueError, match=r"optim.dense_lr=0.001, this run has optim.dense_lr=0.0003; seed=0, this run has seed=1"):
+        main([*common, "--epochs", "2", "--resume", "--seed", "1", "--set", "optim.dense_lr=3e-4"])
+    with pytest.raises(ValueError, match="data.max_seq_len=50, this run has data.max_seq_len=40"):
+        main([*common, "--epochs", "2", "--resume", "--set", "data.max_seq_len=40"])
+
+
+def test_fresh_run_never_deletes_or_continues_an_earlier_run(tmp_path: Path) -> None:
+    common = [*TINY, "--set", f"data.cache_dir={tmp_path / 'data'}", "--out-dir", str(tmp_path / "o")]
+    main([*common, "--epochs", "1"])
+    checkpoints = sorted((tmp_path / "o" / "checkpoints").iterdir())
+    with pytest.raises(FileExistsError, match="--resume.*--overwrite"):
+        main([*common, "--epochs", "1", "--seed", "3"])
+    assert sorted((tmp_path / "o" / "checkpoints").iterdir()) == checkpoints  # nothing deleted
+    # A torchelastic restart of that refused fresh run (another launch than the one that wrote the
+    # checkpoints) must not continue the earlier run either.
+    os.environ.update(TORCHELASTIC_RESTART_COUNT="1", TORCHELASTIC_RUN_ID="another-launch")
+    try:
+        with pytest.raises(FileExistsError):
+            main([*common, "--epochs", "1", "--seed", "3"])
+    finally:
+        del os.environ["TORCHELASTIC_RESTART_COUNT"], os.environ["TORCHELASTIC_RUN_ID"]
+    rows = main([*common, "--epochs", "1", "--seed", "3", "--overwrite"])  # explicit: delete and start
+    assert len(rows) == 1
+
+
+def test_two_jobs_cannot_share_an_out_dir(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    out = tmp_path / "o"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from torchrec_hytrec.training.trainer import OutDirLock; lock = OutDirLock(Path(sys.argv[1])); "
+         "print('locked', flush=True); time.sleep(60)", str(out)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RuntimeError, match=f"in use by another job.*pid {holder.pid}"):
+            main([*TINY, "--set", f"data.cache_dir={tmp_path / 'data'}", "--out-dir", str(out), "--epochs", "1"])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert len(main([*TINY, "--set", f"data.cache_dir={tmp_path / 'data'}", "--out-dir", str(out),
+                     "--epochs", "1"])) == 1
 
 
 def test_trains_on_a_converted_interactions_log(tmp_path: Path) -> None:

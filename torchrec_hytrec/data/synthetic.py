@@ -31,7 +31,12 @@ vectorised over events with numpy: millions of events take seconds.
 """
 
 import argparse
+import dataclasses
+import hashlib
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
@@ -270,3 +275,32 @@ def main(argv: Optional[Sequence[str]] = None) -> SequenceDatasetInfo:
 
 if __name__ == "__main__":
     main()
+
+
+def cached_synthetic_dataset(
+    config: SyntheticConfig, cache_dir: Path, row_group_size: int, *, write: bool = True
+) -> Path:
+    """The path of ``config``'s dataset under ``cache_dir``, generated once per generator config.
+
+    Args:
+        config: the generator's settings (part of the file name's hash).
+        cache_dir: where datasets are kept.
+        row_group_size: users per row group (part of the hash: ranks share row groups out).
+        write: generate the file if it is missing (one process of a job does; the others wait at a
+            barrier, then read it).
+
+    Returns:
+        The Parquet file's path.
+    """
+    key = json.dumps({**dataclasses.asdict(config), "row_group_size": row_group_size}, sort_keys=True)
+    path = Path(cache_dir) / f"synthetic-{hashlib.sha1(key.encode()).hexdigest()[:12]}.parquet"
+    if write and not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = generate(config)
+        # Written aside and renamed: a job killed mid-write never leaves a truncated cache entry.
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        write_sequences(tmp, data.sequences, data.info, row_group_size=row_group_size)
+        os.replace(tmp, path)
+        print(f"synthetic dataset: {path} ({data.info.num_users} users, {data.info.num_items} items, "
+              f"{data.info.num_events} events)", flush=True)
+    return path

@@ -9,7 +9,7 @@
 * ``embeddings`` and ``losses``: the shared item-table configs and the softmax losses.
 """
 
-from torchrec_hytrec.models.evaluation import RetrievalEvaluator, RetrievalMetrics, evaluate
+from torchrec_hytrec.models.evaluation import RetrievalEvaluator, RetrievalMetrics
 from torchrec_hytrec.models.ranking import (
     HyTRecRanker,
     HyTRecRankerTrain,
@@ -44,7 +44,6 @@ __all__ = [
     "RetrievalOutput",
     "RetrievalTrainOutput",
     "apply_sparse_optimizer",
-    "evaluate",
     "make_optimizer",
     "ranking_metric_inputs",
     "ranking_metric_module",

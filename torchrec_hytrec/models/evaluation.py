@@ -17,7 +17,7 @@ Public API:
 - :class:`RetrievalEvaluator` ``(model, exclude_seen=False)``: ``update(outputs)`` with the
   outputs of ``HyTRecRetrievalTrain`` in evaluation mode (from a plain loop or from
   ``TrainPipelineSparseDist.progress``), then ``compute()``.
-- :func:`evaluate` ``(model, batches, exclude_seen=False)``: the loop over an evaluation set.
+- the loop over an evaluation set is :func:`torchrec_hytrec.training.evaluation.evaluate_retrieval`.
 - :func:`item_table_shards`, :func:`catalogue_ranks`, :func:`retrieve_topk`.
 
 Under ``DistributedModelParallel`` every rank must call ``update`` (and ``compute``) the same
@@ -25,8 +25,7 @@ number of times: they are collective.
 """
 
 import copy
-import math
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -34,7 +33,6 @@ from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed.model_parallel import DistributedModelParallel
 
-from torchrec_hytrec.data.batch import SequenceBatch
 from torchrec_hytrec.models.embeddings import ITEM_TABLE
 from torchrec_hytrec.models.retrieval import RetrievalTrainOutput
 
@@ -364,39 +362,3 @@ class RetrievalEvaluator:
         total = self.metrics.clone()
         total.all_reduce(self._group)
         return total.compute()
-
-
-def evaluate(
-    model: nn.Module,
-    batches: Iterable[SequenceBatch],
-    *,
-    exclude_seen: bool = False,
-    process_group: Optional[dist.ProcessGroup] = None,
-) -> Dict[str, float]:
-    """Full-catalogue metrics of ``model`` over evaluation ``batches`` in a plain loop.
-
-    Args:
-        model: ``HyTRecRetrievalTrain``, or ``DistributedModelParallel`` wrapping it.
-        batches: evaluation batches on the model's device; under DMP the same count on every rank
-            (``SequenceReader`` pads with zero-weight batches).
-        exclude_seen: see :class:`RetrievalEvaluator`.
-        process_group: see :class:`RetrievalEvaluator`.
-
-    Returns:
-        The metric dict (over every rank's users), plus ``"loss"``: the weighted mean loss of this
-        rank's batches.
-    """
-    evaluator = RetrievalEvaluator(model, exclude_seen=exclude_seen, process_group=process_group)
-    was_training = model.training
-    model.eval()
-    loss_sum, weight_sum = 0.0, 0.0
-    with torch.no_grad():
-        for batch in batches:
-            _, outputs = model(batch)
-            evaluator.update(outputs)
-            weight = float(outputs.weights.sum())
-            loss_sum, weight_sum = loss_sum + float(outputs.loss) * weight, weight_sum + weight
-    model.train(was_training)
-    out = evaluator.compute()
-    out["loss"] = loss_sum / weight_sum if weight_sum else math.nan
-    return out

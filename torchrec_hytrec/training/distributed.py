@@ -83,3 +83,13 @@ def init_distributed() -> DistEnv:
         else:
             raise RuntimeError(f"WORLD_SIZE={world_size} but MASTER_ADDR is not set; launch with torchrun")
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device, backend=backend)
+
+
+def configure_threads() -> int:
+    """Shares the machine's cores out between the local processes of the job (``OMP_NUM_THREADS``
+    wins when set); returns this process's intra-op thread count."""
+    threads = int(os.environ.get("OMP_NUM_THREADS", "0")) or (os.cpu_count() or 1) // int(
+        os.environ.get("LOCAL_WORLD_SIZE", "1")
+    )
+    torch.set_num_threads(max(1, threads))
+    return torch.get_num_threads()
