@@ -25,6 +25,7 @@ number of times: they are collective.
 """
 
 import copy
+import warnings
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -148,6 +149,13 @@ def item_table_shards(embedding_collection: nn.Module) -> Tuple[List[Tuple[int, 
     weight = embedding_collection.state_dict()[f"embeddings.{ITEM_TABLE}.weight"]
     if not isinstance(weight, ShardedTensor):
         return [(0, weight)], False
+    with warnings.catch_warnings():
+        # TorchRec 1.9's sharded tables are ShardedTensors; their deprecation notice is TorchRec's to act on.
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*ShardedTensor")
+        return _whole_row_shards(weight), True
+
+
+def _whole_row_shards(weight: ShardedTensor) -> List[Tuple[int, torch.Tensor]]:
     dim = weight.size(1)
     shards = []
     for shard in weight.local_shards():
@@ -157,7 +165,7 @@ def item_table_shards(embedding_collection: nn.Module) -> Tuple[List[Tuple[int, 
                 "evaluation needs whole item rows per shard: column-wise sharding is not supported"
             )
         shards.append((row, shard.tensor))
-    return shards, True
+    return shards
 
 
 # Item rows scored per matmul: bounds the [users, rows] score block for large catalogues.

@@ -23,17 +23,14 @@ placement the planner prefers.
 """
 
 import argparse
-import contextlib
-import logging
 import sys
-import warnings
 from dataclasses import dataclass, fields, replace
-from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
-from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, storage_reservations
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
 from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
 from torchrec.distributed.planner.types import (
     KernelConfig,
@@ -48,12 +45,13 @@ from torchrec.distributed.planner.types import (
 from torchrec.distributed.types import ShardingType
 from torchrec.modules.embedding_modules import EmbeddingCollection
 
-from torchrec_hytrec.data.batch import CANDIDATE_KEY, ITEM_KEY, TARGET_KEY
+from torchrec_hytrec.data.batch import CANDIDATE_KEY, TARGET_KEY
 from torchrec_hytrec.models.embeddings import ITEM_TABLE, sequence_table_configs
 from torchrec_hytrec.models.sharding import (
     PLAN_KINDS,
     OptimizerConfig,
     apply_sparse_optimizer,
+    quiet_torchrec,
     sharding_constraints,
 )
 
@@ -284,21 +282,6 @@ def _topology(
     return TopologyFactory.create_topology(trainer, kernel_config=KernelConfig(compute_device=compute_device))
 
 
-@contextlib.contextmanager
-def _quiet_reservation() -> Iterator[None]:
-    # HeuristicalStorageReservation warns on construction (FutureWarning) and, with no dense
-    # estimate, that dry runs mis-size dense tensors: neither applies to a tables-only module.
-    reservation_logger = logging.getLogger(storage_reservations.__name__)
-    level = reservation_logger.level
-    reservation_logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            yield
-    finally:
-        reservation_logger.setLevel(level)
-
-
 def _perf(perf: Optional[Perf]) -> PerfEstimate:
     if perf is None:
         return _NO_PERF
@@ -453,7 +436,7 @@ def plan_tables(
         )
 
     topology = _topology(world_size, local, compute_device, hbm_cap_bytes, ddr_cap_bytes)
-    with _quiet_reservation():
+    with quiet_torchrec():
         # The planner's default reservation (what shard_model gets): 15% of HBM, the dense part
         # and the KJT buffers. Its dense heuristic sees no dense module here, so it is given one.
         reservation = HeuristicalStorageReservation(

@@ -18,9 +18,12 @@ Adagrad, row-wise Adagrad and Adam(W) updates are invariant to a constant gradie
 ``eps``), so a sharded step matches the single-process step on the whole batch.
 """
 
+import contextlib
+import logging
 import os
+import warnings
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple, Type
+from typing import Dict, Iterator, List, Optional, Tuple, Type
 
 import torch
 import torch.distributed as dist
@@ -30,7 +33,9 @@ from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
-from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, storage_reservations
+from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
+from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
 from torchrec.distributed.types import ModuleSharder, ShardingEnv, ShardingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
@@ -230,15 +235,34 @@ def shard_model(
                     raise ValueError("sparse_optimizer 'adam' needs a GPU: FBGEMM's CPU kernels have no Adam")
     group = process_group if process_group is not None else dist.GroupMember.WORLD
     world_size = dist.get_world_size(group)
-    topology = Topology(
-        world_size=world_size,
-        compute_device=device.type,
-        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world_size)),
+    topology = TopologyFactory.create_topology(
+        TrainerConfig(world_size=world_size, local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world_size))),
+        kernel_config=KernelConfig(compute_device=device.type),
     )
-    planner = EmbeddingShardingPlanner(
-        topology=topology, constraints=sharding_constraints(model, plan_kind, device)
-    )
-    plan = planner.collective_plan(model, sharders(), group)
-    return DistributedModelParallel(
-        module=model, device=device, plan=plan, sharders=sharders(), env=ShardingEnv.from_process_group(group)
-    )
+    with quiet_torchrec():
+        planner = EmbeddingShardingPlanner(
+            topology=topology,
+            constraints=sharding_constraints(model, plan_kind, device),
+            storage_reservation=HeuristicalStorageReservation(percentage=0.15),
+        )
+        plan = planner.collective_plan(model, sharders(), group)
+        return DistributedModelParallel(
+            module=model, device=device, plan=plan, sharders=sharders(), env=ShardingEnv.from_process_group(group)
+        )
+
+
+@contextlib.contextmanager
+def quiet_torchrec() -> Iterator[None]:
+    """Silences TorchRec 1.9's notices about its own internals that a user of ours cannot act on:
+    the planner's storage reservation (a ``FutureWarning`` on construction, and a log line that
+    dry runs mis-size dense tensors, which does not apply to our planning) and DMP's
+    ``broadcast_buffers`` deprecation (DMP passes it to DDP itself)."""
+    reservation_logger = logging.getLogger(storage_reservations.__name__)
+    level = reservation_logger.level
+    reservation_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, message=".*(StorageReservation|broadcast_buffers)")
+            yield
+    finally:
+        reservation_logger.setLevel(level)

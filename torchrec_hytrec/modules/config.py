@@ -43,8 +43,8 @@ class HyTRecConfig:
         rope_base: base of the rotary position embeddings of the softmax layers.
         attention_block_size: queries per block of the windowed softmax kernel.
         tadn_chunk_size: chunk length of the chunkwise TADN kernel (shrunk for batches of short
-            users). 32 ran the encoder 10-17% faster than 64 from 1k to 16k events on one CPU
-            thread, and as fast or faster on two.
+            users); 32 measured fastest from 1k to 16k events (``benchmarks/bench_tadn.py``
+            prints the comparison).
 
     Example::
 

@@ -45,7 +45,7 @@ class DataConfig:
     path: Optional[str] = None
     cache_dir: str = "runs/data"
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig.small)
-    max_seq_len: int = 200
+    max_seq_len: int = 2000
     token_budget: int = 4096
     eval_token_budget: int = 16384
     row_group_size: int = 128

@@ -20,10 +20,9 @@ def configure_cpu_allocator() -> bool:
     PyTorch's CPU tensors come straight from ``malloc``. glibc serves every block above its mmap
     threshold (128 KiB at start) with fresh pages from the kernel and unmaps them on ``free``, so
     each intermediate tensor of a layer (a few MB at thousands of events) is page-faulted in
-    again on every step. On the 2-core VMs this project is measured on, those faults cost more than
-    the arithmetic: with the heap serving blocks up to 32 MiB, a HyTRec training step on a batch of
-    short histories ran 3x faster and the all-softmax one 2.7x (the reason PyTorch's CPU tuning
-    guides recommend jemalloc or tcmalloc; this needs neither). Freed memory then stays resident,
+    again on every step. On small VMs those faults can cost more than the arithmetic
+    (the README's "CPU processes" gives the measured effect; it is why PyTorch's CPU tuning guides
+    recommend jemalloc or tcmalloc; this needs neither). Freed memory then stays resident,
     so the process's RSS holds at its peak rather than falling back between steps.
 
     Call it once at process start-up; the training entry point does so for CPU processes. A host
