@@ -59,6 +59,7 @@ def test_quality_speed_and_report_tiny(tmp_path: Path) -> None:
         assert (results / png).read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "script, args, pattern",
     [

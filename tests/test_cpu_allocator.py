@@ -36,6 +36,7 @@ def _has_mallinfo2() -> bool:
     return True
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux") or not _has_mallinfo2(), reason="needs glibc >= 2.33")
 def test_configured_allocator_serves_large_tensors_from_the_heap() -> None:
     # A fresh process: the settings are process-wide and glibc's default threshold adapts to
