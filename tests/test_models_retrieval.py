@@ -191,8 +191,10 @@ def test_catalogue_ranks_equal_brute_force(exclude_seen: bool, monkeypatch: pyte
 def test_evaluate_uses_request_time_and_reports_metrics() -> None:
     model = make_retrieval()
     batches = [make_batch([5, 9, 2], seed=4, evaluation=True), make_batch([3, 30], seed=5, evaluation=True)]
-    out, detail = evaluate_retrieval(model, batches, exclude_seen=True)
+    out, detail = evaluate_retrieval(model, batches, protocols=["all", "unseen"], ks=[10, 50, 500])
     assert detail["count"] == 5 and math.isfinite(out["loss"]) and out["hr@10"] == detail["hr@10"]
+    # The unseen protocol ranks among fewer items: never worse, and the same users.
+    assert detail["unseen_count"] == 5 and out["unseen_mrr"] >= out["mrr"] and "unseen_ndcg@500" in out
     evaluator = RetrievalEvaluator(model)
     model.eval()
     with torch.no_grad():

@@ -123,6 +123,8 @@ class TrainConfig:
         epochs: passes over the training split.
         out_dir: metrics, TensorBoard events and checkpoints go under it.
         eval_ks: cut-offs reported for hit rate and NDCG.
+        eval_protocols: ``"all"``: rank each held-out target among every item; ``"unseen"``:
+            among the items the user has not interacted with (reported as ``unseen_*``).
         fault_at_step: test knob: the last rank SIGKILLs itself at this global step on a job's
             first attempt (``TORCHELASTIC_RESTART_COUNT`` 0). ``None`` disables it.
         data: see :class:`DataConfig`.
@@ -143,6 +145,7 @@ class TrainConfig:
     epochs: int = 5
     out_dir: str = "runs/hytrec"
     eval_ks: List[int] = field(default_factory=lambda: [10])
+    eval_protocols: List[str] = field(default_factory=lambda: ["all"])
     fault_at_step: Optional[int] = None
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -153,6 +156,8 @@ class TrainConfig:
         _at_least(1, epochs=self.epochs)
         if not self.eval_ks or min(self.eval_ks) < 1:
             raise ValueError(f"eval_ks must be a non-empty list of cut-offs >= 1, got {self.eval_ks}")
+        if not self.eval_protocols or set(self.eval_protocols) - {"all", "unseen"}:
+            raise ValueError(f"eval_protocols must be a non-empty subset of ['all', 'unseen'], got {self.eval_protocols}")
 
 
 def _at_least(low: int, **values: int) -> None:

@@ -15,6 +15,8 @@ from torchrec_hytrec.models.evaluation import RetrievalEvaluator, RetrievalMetri
 from torchrec_hytrec.models.retrieval import RetrievalTrainOutput
 from torchrec_hytrec.training.loop import evaluation_outputs
 
+PROTOCOLS = ("all", "unseen")
+
 
 def item_popularity(reader: SequenceReader, num_items: int) -> torch.Tensor:
     """``[num_items + 1]`` event counts of every item in all ranks' inputs of ``reader``'s split."""
@@ -51,7 +53,7 @@ def evaluate_retrieval(
     *,
     pipeline: Optional[TrainPipelineSparseDist] = None,
     ks: Sequence[int] = (10, 50),
-    exclude_seen: bool = False,
+    protocols: Sequence[str] = ("all",),
     popularity: Optional[torch.Tensor] = None,
     device: Optional[torch.device] = None,
 ) -> Tuple[Dict[str, float], Dict[str, float]]:
@@ -63,7 +65,9 @@ def evaluate_retrieval(
         pipeline: run the batches through this ``TrainPipelineSparseDist`` (over ``model``);
             ``None`` calls the model directly.
         ks: cut-offs of HR and NDCG.
-        exclude_seen: rank without the users' history items.
+        protocols: ``"all"`` ranks the target among every item; ``"unseen"`` among the items the
+            user has not interacted with (the protocol of eSASRec and most sampled-softmax papers).
+            Both come from one pass; ``"unseen"`` figures are prefixed ``unseen_``.
         popularity: optional ``[num_items + 1]`` popularity ranks (:func:`popularity_ranks`); adds
             ``pop_hr@K`` of recommending by popularity to the same users.
         device: where the metric sums live (the process group's device).
@@ -73,21 +77,33 @@ def evaluate_retrieval(
         ``"loss"``, the weighted mean loss of this rank's batches), and every figure of the model
         by history-length bucket too (``"hr@10/len<100"``; the baseline's as ``"pop_hr@10/..."``).
     """
-    evaluator = RetrievalEvaluator(
-        model, exclude_seen=exclude_seen, metrics=RetrievalMetrics(hr_ks=ks, ndcg_ks=ks, device=device)
-    )
+    unknown = sorted(set(protocols) - set(PROTOCOLS))
+    if unknown or not protocols:
+        raise ValueError(f"evaluation protocols must be a non-empty subset of {list(PROTOCOLS)}, got {list(protocols)}")
+    evaluators = {
+        protocol: RetrievalEvaluator(
+            model, exclude_seen=protocol == "unseen", metrics=RetrievalMetrics(hr_ks=ks, ndcg_ks=ks, device=device)
+        )
+        for protocol in protocols
+    }
     baseline = RetrievalMetrics(hr_ks=ks, ndcg_ks=ks, device=device)
     outputs = _plain_outputs(model, batches) if pipeline is None else evaluation_outputs(pipeline, model, batches)
     loss_sum = weight_sum = 0.0
     for out in outputs:
-        evaluator.update(out)
+        for evaluator in evaluators.values():
+            evaluator.update(out)
         weight = float(out.weights.sum())
         loss_sum, weight_sum = loss_sum + float(out.loss) * weight, weight_sum + weight
         if popularity is not None:
             baseline.update(popularity.to(out.positive_ids.device)[out.positive_ids], out.lengths, out.weights)
-    detail = evaluator.compute()
-    # A split without users (tiny datasets) reports NaN rather than failing the run.
-    overall = {name: detail.get(name, math.nan) for name in evaluator.metrics.metric_names}
+    overall: Dict[str, float] = {}
+    detail: Dict[str, float] = {}
+    for protocol, evaluator in evaluators.items():
+        prefix = "" if protocol == "all" else f"{protocol}_"
+        figures = evaluator.compute()
+        detail.update({prefix + name: value for name, value in figures.items()})
+        # A split without users (tiny datasets) reports NaN rather than failing the run.
+        overall.update({prefix + name: figures.get(name, math.nan) for name in evaluator.metrics.metric_names})
     overall["loss"] = loss_sum / weight_sum if weight_sum else math.nan
     if popularity is not None:
         if dist.is_initialized():

@@ -310,7 +310,7 @@ class Trainer:
         for split, reader in self.eval_readers.items():
             metrics, detail[split.value] = evaluate_retrieval(
                 self.model, reader, pipeline=self.pipeline, ks=self.cfg.eval_ks,
-                popularity=self.popularity_ranks, device=self.env.device,
+                protocols=self.cfg.eval_protocols, popularity=self.popularity_ranks, device=self.env.device,
             )
             row.update({f"{split.value}_{k}": v for k, v in metrics.items()})
         return row, detail
