@@ -1,5 +1,6 @@
 """Parquet sequence schema: round trip, metadata, and one test per validation rule."""
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -72,22 +73,64 @@ def test_valid_hand_written_file_reads(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "column, value, message",
     [
-        ("timestamps", pa.array([[5], [7]], pa.list_(pa.int64())), r"row 0 \(user 10\): timestamps has 1 values but item_ids has 2"),
-        ("timestamps", pa.array([[6, 5], [7]], pa.list_(pa.int64())), r"row 0 \(user 10\), position 1: timestamps out of order"),
-        ("timestamps", pa.array([[5, 6], [-7]], pa.list_(pa.int64())), r"row 1 \(user 11\), position 0: negative timestamp"),
-        ("item_ids", pa.array([[1, 2], [-3]], pa.list_(pa.int64())), r"row 1 \(user 11\), position 0: item_ids value -3 outside \[1, 9\]"),
-        ("item_ids", pa.array([[1, 10], [3]], pa.list_(pa.int64())), r"row 0 \(user 10\), position 1: item_ids value 10 outside"),
-        ("item_ids", pa.array([[1, 0], [3]], pa.list_(pa.int64())), r"row 0 \(user 10\), position 1: item_ids value 0 outside"),
-        ("category", pa.array([[1, 4], [3]], pa.list_(pa.int64())), r"row 0 \(user 10\), position 1: category value 4 outside \[1, 3\]"),
-        ("item_ids", pa.array([[1, None], [3]], pa.list_(pa.int64())), r"row 0 \(user 10\), position 1: item_ids has a null value"),
+        (
+            "timestamps",
+            pa.array([[5], [7]], pa.list_(pa.int64())),
+            r"row 0 \(user 10\): timestamps has 1 values but item_ids has 2",
+        ),
+        (
+            "timestamps",
+            pa.array([[6, 5], [7]], pa.list_(pa.int64())),
+            r"row 0 \(user 10\), position 1: timestamps out of order",
+        ),
+        (
+            "timestamps",
+            pa.array([[5, 6], [-7]], pa.list_(pa.int64())),
+            r"row 1 \(user 11\), position 0: negative timestamp",
+        ),
+        (
+            "item_ids",
+            pa.array([[1, 2], [-3]], pa.list_(pa.int64())),
+            r"row 1 \(user 11\), position 0: item_ids value -3 outside \[1, 9\]",
+        ),
+        (
+            "item_ids",
+            pa.array([[1, 10], [3]], pa.list_(pa.int64())),
+            r"row 0 \(user 10\), position 1: item_ids value 10 outside",
+        ),
+        (
+            "item_ids",
+            pa.array([[1, 0], [3]], pa.list_(pa.int64())),
+            r"row 0 \(user 10\), position 1: item_ids value 0 outside",
+        ),
+        (
+            "category",
+            pa.array([[1, 4], [3]], pa.list_(pa.int64())),
+            r"row 0 \(user 10\), position 1: category value 4 outside \[1, 3\]",
+        ),
+        (
+            "item_ids",
+            pa.array([[1, None], [3]], pa.list_(pa.int64())),
+            r"row 0 \(user 10\), position 1: item_ids has a null value",
+        ),
         ("item_ids", pa.array([[1, 2], None], pa.list_(pa.int64())), r"row 1 \(user 11\): item_ids is null"),
-        ("timestamps", pa.array([[5.0, float("nan")], [7.0]], pa.list_(pa.float64())), r"row 0 \(user 10\), position 1: timestamps has a NaN value"),
-        ("timestamps", pa.array([[5.0, 6.0], [7.0]], pa.list_(pa.float64())), r"column 'timestamps' has type list<\w+: double>, expected list<int64>"),
+        (
+            "timestamps",
+            pa.array([[5.0, float("nan")], [7.0]], pa.list_(pa.float64())),
+            r"row 0 \(user 10\), position 1: timestamps has a NaN value",
+        ),
+        (
+            "timestamps",
+            pa.array([[5.0, 6.0], [7.0]], pa.list_(pa.float64())),
+            r"column 'timestamps' has type list<\w+: double>, expected list<int64>",
+        ),
         ("user_id", pa.array([10, None], pa.int64()), r"row 1: user_id is null"),
         ("user_id", pa.array([10, -1], pa.int64()), r"row 1 \(user -1\): negative user_id"),
     ],
 )
-def test_bad_values_name_file_row_and_user(tmp_path: Path, column: str, value: pa.Array, message: str) -> None:
+def test_bad_values_name_file_row_and_user(
+    tmp_path: Path, column: str, value: pa.Array, message: str
+) -> None:
     columns = _valid_columns()
     columns[column] = value
     path = _write_table(tmp_path / "bad.parquet", columns)
@@ -120,8 +163,22 @@ def test_missing_metadata_is_refused(tmp_path: Path) -> None:
 def test_duplicate_user_and_wrong_counts_are_refused(tmp_path: Path) -> None:
     columns = _valid_columns()
     columns["user_id"] = pa.array([10, 10], pa.int64())
-    with pytest.raises(DataValidationError, match=r"user 10 appears in several rows \[0, 1\]"):
+    with pytest.raises(DataValidationError, match=r"dup.parquet: user 10 appears in rows 0 and 1"):
         read_sequences(_write_table(tmp_path / "dup.parquet", columns))
+    # In two row groups, each valid alone.
+    table = pa.table(columns).replace_schema_metadata(
+        {METADATA_KEY: dataclasses.replace(INFO, num_users=2, num_events=3).to_json()}
+    )
+    pq.write_table(table, str(tmp_path / "groups.parquet"), row_group_size=1)
+    assert pq.ParquetFile(str(tmp_path / "groups.parquet")).num_row_groups == 2
+    with pytest.raises(DataValidationError, match=r"groups.parquet: user 10 appears in rows 0 and 1"):
+        read_sequences(tmp_path / "groups.parquet")
+    # The writer refuses it too, and leaves no file behind.
+    seqs = _seqs()
+    seqs.user_ids[2] = 10
+    with pytest.raises(DataValidationError, match=r"w.parquet: user 10 appears in rows 0 and 2"):
+        write_sequences(tmp_path / "w.parquet", seqs, INFO, row_group_size=2)
+    assert not list(tmp_path.glob("*w.parquet*"))
     with pytest.raises(DataValidationError, match="metadata says 0 users / 0 events, file holds 2 / 3"):
         read_sequences(_write_table(tmp_path / "counts.parquet", _valid_columns()))
 

@@ -2,7 +2,10 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import List
 
+import pytest
+from torchx.specs.builders import materialize_appdef
 from torchx.specs.file_linter import validate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,14 +61,65 @@ def test_appdef_forwards_training_arguments_and_resources() -> None:
     assert "--nnodes 2 --nproc_per_node 8" in role.args[1]
 
 
-def test_torchx_dryrun_prints_the_appdef() -> None:
+def _train_args(cli: List[str]) -> str:
+    """The training command line torchx makes of ``cli``, parsed as ``torchx run`` parses it."""
+    (role,) = materialize_appdef(_load_component(), cli).roles
+    return role.args[1].split("-m torchrec_hytrec.train")[1]
+
+
+@pytest.mark.parametrize("spelling", ["True", "true", "TRUE", "1", "yes", "Yes", "on", "ON"])
+def test_every_usual_spelling_of_true_resumes(spelling: str) -> None:
+    assert _train_args(["--resume", spelling]) == " --resume"
+
+
+@pytest.mark.parametrize("spelling", ["False", "false", "FALSE", "0", "no", "off"])
+def test_every_usual_spelling_of_false_starts_over(spelling: str) -> None:
+    assert _train_args(["--resume", spelling]) == ""
+    assert _train_args([]) == ""
+
+
+@pytest.mark.parametrize("spelling", ["maybe", "", "2", "tru", "yes please"])
+def test_other_values_of_a_boolean_are_refused_not_read_as_false(spelling: str) -> None:
+    with pytest.raises(
+        ValueError, match=f"--resume: {spelling!r} is not a boolean; use one of true/yes/1/on"
+    ):
+        _train_args(["--resume", spelling])
+
+
+@pytest.mark.parametrize(
+    "cli, message",
+    [
+        (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+        (["--epochs", "-3"], "--epochs must be >= 1, got -3"),
+        (["--epochs", "1.5"], "--epochs: '1.5' is not an integer"),
+        (["--max_retries", "-1"], "--max_retries must be >= 0, got -1"),
+    ],
+)
+def test_out_of_range_numbers_are_refused(cli: List[str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        _train_args(cli)
+
+
+def _dryrun(*cli: str) -> subprocess.CompletedProcess:
     torchx = Path(sys.executable).with_name("torchx")
-    proc = subprocess.run(
-        [str(torchx), "run", "--dryrun", "-s", "local_cwd", f"{COMPONENT}:hytrec",
-         "--epochs", "1", "--overrides", "seed=3"],
-        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    return subprocess.run(
+        [str(torchx), "run", "--dryrun", "-s", "local_cwd", f"{COMPONENT}:hytrec", *cli],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
         env={**os.environ, "PATH": f"{torchx.parent}:{os.environ['PATH']}"},
     )
+
+
+def test_torchx_dryrun_refuses_a_misspelt_boolean() -> None:
+    proc = _dryrun("--resume", "ture")
+    assert proc.returncode != 0
+    assert "--resume: 'ture' is not a boolean" in proc.stderr
+
+
+def test_torchx_dryrun_prints_the_appdef() -> None:
+    proc = _dryrun("--epochs", "1", "--resume", "yes", "--overrides", "seed=3")
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout + proc.stderr
     flat = " ".join(out.replace("'", " ").replace('"', " ").split())
@@ -74,4 +128,4 @@ def test_torchx_dryrun_prints_the_appdef() -> None:
     assert "'num_replicas': 1" in out
     assert "'cpu': 2" in out and "'gpu': 0" in out
     assert "--nnodes 1 --nproc_per_node 2" in flat
-    assert "-m torchrec_hytrec.train --epochs 1 --set seed=3" in flat
+    assert "-m torchrec_hytrec.train --epochs 1 --resume --set seed=3" in flat

@@ -11,11 +11,42 @@ Example::
         --image registry/hytrec:latest -j 2x8 --gpu 8 --data /mnt/logs/beauty.parquet
 """
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
 import torchx
 import torchx.specs as specs
 from torchx.components import dist
+
+_TRUE = ("true", "yes", "1", "on")
+_FALSE = ("false", "no", "0", "off")
+
+
+def _flag(name: str, value: Union[str, bool]) -> bool:
+    """A boolean argument in any usual spelling, any case; anything else is refused, not read as false.
+
+    torchx decodes a ``bool`` parameter as ``value.lower() == "true"``, so ``--resume yes`` or
+    ``--resume 1`` would silently start over (and clear the checkpoints): the parameter is
+    therefore a string, read here.
+    """
+    if isinstance(value, bool):
+        return value
+    text = value.strip().lower()
+    if text in _TRUE or text in _FALSE:
+        return text in _TRUE
+    raise ValueError(
+        f"--{name}: {value!r} is not a boolean; use one of {'/'.join(_TRUE)} or {'/'.join(_FALSE)} (any case)"
+    )
+
+
+def _at_least_one(name: str, value: Union[str, int]) -> int:
+    """An integer >= 1; torchx hands an ``Optional[int]`` parameter over as the text typed."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError(f"--{name}: {value!r} is not an integer") from None
+    if number < 1:
+        raise ValueError(f"--{name} must be >= 1, got {number}")
+    return number
 
 
 def hytrec(
@@ -23,7 +54,7 @@ def hytrec(
     data: Optional[str] = None,
     epochs: Optional[int] = None,
     out_dir: Optional[str] = None,
-    resume: bool = False,
+    resume: str = "false",
     overrides: Optional[List[str]] = None,
     j: str = "1x2",
     cpu: int = 2,
@@ -47,9 +78,11 @@ def hytrec(
         data: Parquet dataset written by ``python -m torchrec_hytrec.data.convert``; omit for synthetic data
         epochs: overrides the config's number of epochs
         out_dir: where metrics, TensorBoard events and checkpoints go (a shared filesystem on multi-node jobs)
-        resume: continue from the newest complete checkpoint in ``out_dir``; set it with ``max_retries``
-            so that a retried job picks up where the failed one stopped
-        overrides: config overrides ``section.key=value``, comma separated (e.g. ``model.preset=sasrec_like,seed=1``)
+        resume: continue from the newest complete checkpoint in ``out_dir`` (true/yes/1/on or
+            false/no/0/off, any case; anything else is an error); set it with ``max_retries`` so that
+            a retried job picks up where the failed one stopped
+        overrides: config overrides ``section.key=value``, comma separated
+            (e.g. ``model.preset=sasrec_like,seed=1``)
         j: {nnodes}x{nproc_per_node}; for GPU hosts nproc_per_node must not exceed the GPUs per host
         cpu: CPUs per replica (node)
         gpu: GPUs per replica (node); > 0 selects CUDA and NCCL
@@ -61,6 +94,10 @@ def hytrec(
         rdzv_port: port on rank 0's host for the c10d rendezvous store (multi-node only)
         name: job name
     """
+    if epochs is not None:
+        epochs = _at_least_one("epochs", epochs)
+    if max_retries < 0:
+        raise ValueError(f"--max_retries must be >= 0, got {max_retries}")
     args: List[str] = []
     if config is not None:
         args += ["--config", config]
@@ -70,7 +107,7 @@ def hytrec(
         args += ["--epochs", str(epochs)]
     if out_dir is not None:
         args += ["--out-dir", out_dir]
-    if resume:
+    if _flag("resume", resume):
         args.append("--resume")
     for override in overrides or []:
         args += ["--set", override]

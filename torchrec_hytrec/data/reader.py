@@ -56,7 +56,10 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec_hytrec.data.batch import ITEM_KEY, SequenceBatch, sequence_keys
 from torchrec_hytrec.data.schema import (
     ITEM_IDS,
+    MAPPING_COLUMNS,
+    MAPPING_SUFFIX,
     TIME_UNITS,
+    USER_ID,
     DataValidationError,
     PathLike,
     SequenceDatasetInfo,
@@ -79,7 +82,9 @@ class ReaderConfig:
     """What and how a :class:`SequenceReader` reads.
 
     Args:
-        paths: Parquet files, or directories whose ``*.parquet`` files are read in name order.
+        paths: Parquet files, or directories whose ``*.parquet`` files are read in name order
+            (the converter's id mappings, ``*.map.parquet``, skipped). No file may be given twice,
+            and no user may have rows in two places (row groups or files).
         split: ``train``, ``valid`` or ``test`` (leave-one-out).
         max_tokens: most events in one batch.
         max_seq_len: most recent events kept per user (older ones are not read).
@@ -245,6 +250,17 @@ def _stream_index(counts: Sequence[int], worker: int, k: int) -> int:
     return sum(min(count, k) for count in counts) + sum(count > k for count in counts[:worker])
 
 
+def _is_mapping(path: Path) -> bool:
+    """Whether ``path`` is an id mapping the converter saved next to its output."""
+    if not path.name.endswith(MAPPING_SUFFIX):
+        return False
+    try:
+        return pq.read_schema(str(path)).names == MAPPING_COLUMNS
+    except (OSError, ValueError, pa.ArrowException):
+        # Not readable as a mapping: kept, so that reading it names what is wrong.
+        return False
+
+
 class SequenceReader(IterableDataset):
     """Iterable of :class:`SequenceBatch` over Parquet sequence files (see module docstring).
 
@@ -300,7 +316,13 @@ class SequenceReader(IterableDataset):
         if unknown:
             raise ValueError(f"features {unknown} not in {self._files[0]} (has {self._info.feature_names})")
         self._features = names
-        self._row_groups = [g for f in range(len(self._files)) for g in self._read_row_groups(f)]
+        self._row_groups = []
+        user_ids = []
+        for f, info in enumerate(infos):
+            groups, users = self._read_row_groups(f, info)
+            self._row_groups += groups
+            user_ids.append(users)
+        self._check_unique_users(user_ids)
         if len(self._row_groups) < self._world_size:
             raise ValueError(
                 f"{len(self._row_groups)} row groups cannot be shared by {self._world_size} ranks; "
@@ -317,17 +339,44 @@ class SequenceReader(IterableDataset):
 
     @staticmethod
     def _list_files(paths: Sequence[PathLike]) -> List[Path]:
+        """The files to read; the same file reached twice (named twice, or also inside a named
+        directory, or through a link) is refused: its users would be read twice."""
         files: List[Path] = []
         for p in map(Path, paths):
             if p.is_dir():
-                files.extend(sorted(p.glob("*.parquet")))
+                files.extend(f for f in sorted(p.glob("*.parquet")) if not _is_mapping(f))
             elif p.exists():
                 files.append(p)
             else:
                 raise FileNotFoundError(f"{p} does not exist")
         if not files:
             raise FileNotFoundError(f"no Parquet files in {list(map(str, paths))}")
+        seen: Dict[Tuple[int, int], Path] = {}
+        for f in files:
+            st = f.stat()
+            first = seen.setdefault((st.st_dev, st.st_ino), f)
+            if first is not f:
+                raise ValueError(f"{f} is given twice (also as {first})")
         return files
+
+    def _check_unique_users(self, user_ids: List[np.ndarray]) -> None:
+        """Refuses a user with rows in two places, naming both (file and row)."""
+        everyone = np.concatenate(user_ids)
+        order = np.argsort(everyone, kind="stable")
+        dup = np.flatnonzero(everyone[order][1:] == everyone[order][:-1])
+        if not dup.size:
+            return
+        starts = np.cumsum([0] + [u.size for u in user_ids])
+
+        def place(flat: int) -> str:
+            file = int(np.searchsorted(starts, flat, side="right") - 1)
+            return f"{self._files[file]} row {flat - starts[file]}"
+
+        first, second = (int(order[dup[0] + k]) for k in (0, 1))
+        raise DataValidationError(
+            f"user {int(everyone[first])} appears in {place(first)} and {place(second)} "
+            "(each user must be one row)"
+        )
 
     def _merge_infos(self, infos: List[SequenceDatasetInfo]) -> SequenceDatasetInfo:
         first = infos[0]
@@ -345,22 +394,46 @@ class SequenceReader(IterableDataset):
             source=", ".join(map(str, self._files)),
         )
 
-    def _read_row_groups(self, file: int) -> List[_RowGroup]:
-        """The row groups of one file with their users' lengths (only ``item_ids`` is read)."""
+    def _read_row_groups(self, file: int, info: SequenceDatasetInfo) -> Tuple[List[_RowGroup], np.ndarray]:
+        """The row groups of one file with their users' lengths, and its user ids.
+
+        Only ``item_ids`` and ``user_id`` are read; the counts in the file's metadata are checked
+        against them.
+        """
         path = self._files[file]
         pf = open_parquet(path)
         groups = []
-        first_row = 0
+        user_ids = []
+        first_row = events = 0
         for i in range(pf.num_row_groups):
             try:
-                column = pf.read_row_group(i, columns=[ITEM_IDS]).column(ITEM_IDS)
+                table = pf.read_row_group(i, columns=[ITEM_IDS, USER_ID])
             except (OSError, pa.ArrowException) as e:
                 raise DataValidationError(f"{path}: row group {i} is unreadable ({e})") from e
+            for name in (ITEM_IDS, USER_ID):
+                column = table.column(name)
+                if column.null_count:
+                    row = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+                    raise DataValidationError(f"{path}: row {first_row + row}: {name} is null")
+            users, items = table.column(USER_ID), table.column(ITEM_IDS)
+            if users.type != pa.int64():
+                raise DataValidationError(f"{path}: column 'user_id' has type {users.type}, expected int64")
+            if not (pa.types.is_list(items.type) or pa.types.is_large_list(items.type)):
+                raise DataValidationError(
+                    f"{path}: column 'item_ids' has type {items.type}, expected list<int64>"
+                )
+            user_ids.append(users.to_numpy())
             # int32 halves what every DataLoader worker receives a copy of.
-            lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int32)
+            lengths = pc.list_value_length(items).to_numpy().astype(np.int32)
             groups.append(_RowGroup(file, i, first_row, lengths))
             first_row += lengths.size
-        return groups
+            events += int(lengths.sum(dtype=np.int64))
+        if (info.num_users, info.num_events) != (first_row, events):
+            raise DataValidationError(
+                f"{path}: metadata says {info.num_users} users / {info.num_events} events, "
+                f"file holds {first_row} / {events}"
+            )
+        return groups, np.concatenate(user_ids) if user_ids else np.zeros(0, np.int64)
 
     @property
     def info(self) -> SequenceDatasetInfo:

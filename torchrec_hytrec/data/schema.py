@@ -12,13 +12,16 @@ The Arrow schema metadata key ``torchrec_hytrec`` holds a JSON :class:`SequenceD
 ``num_items + 1`` rows (and ``cardinality + 1`` for a feature) so that id 0 can stay padding.
 
 Files are written with page checksums and read with checksum verification, so a corrupted data
-page is an error rather than silently wrong ids. Every reader path validates what it reads with
-:func:`check_sequences`; all problems raise :class:`DataValidationError` naming the file and the
-row / user at fault.
+page is an error rather than silently wrong ids; they are written to a temporary name and
+renamed, so a failed write (a full disk) never leaves a truncated file under the final name.
+Every reader path validates what it reads with :func:`check_sequences`; all problems raise
+:class:`DataValidationError` naming the file and the row / user at fault.
 """
 
+import contextlib
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple, Union
@@ -35,12 +38,20 @@ FORMAT_VERSION = 1
 # Seconds per unit: batches always carry seconds (see ``SequenceBatch``).
 TIME_UNITS: Dict[str, int] = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
 DEFAULT_ROW_GROUP_SIZE = 1024
+# The converter saves each id mapping as ``<output stem>.<column>.map.parquet`` (columns ``id``,
+# ``raw``) next to its output; readers given a directory skip these.
+MAPPING_SUFFIX = ".map.parquet"
+MAPPING_COLUMNS = ["id", "raw"]
 
 PathLike = Union[str, Path]
 
 
 class DataValidationError(ValueError):
     """Raised for any malformed input; the message names the file and the row / user."""
+
+
+class DataWriteError(OSError):
+    """Raised when an output file cannot be written (e.g. a full disk); the message names it."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +91,10 @@ class SequenceDatasetInfo:
         for name, card in self.feature_cardinalities.items():
             if name in (USER_ID, ITEM_IDS, TIMESTAMPS) or card < 1:
                 raise DataValidationError(f"bad side feature {name!r} with cardinality {card}")
+        if self.num_users < 0 or self.num_events < 0:
+            raise DataValidationError(
+                f"negative counts: num_users {self.num_users}, num_events {self.num_events}"
+            )
 
     @property
     def feature_names(self) -> List[str]:
@@ -89,17 +104,18 @@ class SequenceDatasetInfo:
         return json.dumps({"format_version": FORMAT_VERSION, **dataclasses.asdict(self)})
 
     @classmethod
-    def from_json(cls, text: str, source: str) -> "SequenceDatasetInfo":
+    def from_json(cls, text: Union[str, bytes], source: str) -> "SequenceDatasetInfo":
+        """Parses :meth:`to_json`'s output (bytes as UTF-8), naming ``source`` in every error."""
         try:
             raw = json.loads(text)
             version = raw.pop("format_version")
-        except (ValueError, KeyError) as e:
-            raise DataValidationError(f"{source}: unreadable {METADATA_KEY.decode()} metadata: {e}")
+        except (ValueError, KeyError, AttributeError, TypeError) as e:
+            raise DataValidationError(f"{source}: unreadable {METADATA_KEY.decode()} metadata: {e!r}")
         if version != FORMAT_VERSION:
             raise DataValidationError(f"{source}: format_version {version}, expected {FORMAT_VERSION}")
         try:
             return cls(**raw)
-        except TypeError as e:
+        except (TypeError, DataValidationError) as e:
             raise DataValidationError(f"{source}: bad {METADATA_KEY.decode()} metadata: {e}")
 
 
@@ -156,9 +172,24 @@ def _where(source: str, user_ids: np.ndarray, row: int, first_row: int) -> str:
     return f"{source}: row {first_row + row} (user {int(user_ids[row])})"
 
 
-def check_sequences(
-    seqs: Sequences, info: SequenceDatasetInfo, source: str, first_row: int = 0
-) -> None:
+def check_unique_users(user_ids: np.ndarray, source: str, first_row: int = 0) -> None:
+    """Refuses a user on several rows: each user is one row, its events grouped in it.
+
+    Raises:
+        DataValidationError: naming the user and the first two rows holding it.
+    """
+    order = np.argsort(user_ids, kind="stable")
+    ranked = user_ids[order]
+    dup = np.flatnonzero(ranked[1:] == ranked[:-1])
+    if dup.size:
+        rows = np.flatnonzero(user_ids == ranked[dup[0]])[:2] + first_row
+        raise DataValidationError(
+            f"{source}: user {int(ranked[dup[0]])} appears in rows {int(rows[0])} and {int(rows[1])} "
+            "(each user must be one row)"
+        )
+
+
+def check_sequences(seqs: Sequences, info: SequenceDatasetInfo, source: str, first_row: int = 0) -> None:
     """Validates decoded sequences against ``info``, vectorised over all events.
 
     Timestamps out of order are refused (with the user and position) rather than sorted: a
@@ -175,9 +206,7 @@ def check_sequences(
         DataValidationError: naming ``source`` and the first offending row and user.
     """
     n = seqs.num_events
-    for name, arr in [(ITEM_IDS, seqs.item_ids), (TIMESTAMPS, seqs.timestamps)] + list(
-        seqs.features.items()
-    ):
+    for name, arr in [(ITEM_IDS, seqs.item_ids), (TIMESTAMPS, seqs.timestamps)] + list(seqs.features.items()):
         if arr.shape != (n,):
             raise DataValidationError(f"{source}: column {name!r} has {arr.shape[0]} values, expected {n}")
     missing = set(info.feature_cardinalities) - set(seqs.features)
@@ -186,6 +215,7 @@ def check_sequences(
     bad = np.flatnonzero(seqs.user_ids < 0)
     if bad.size:
         raise DataValidationError(f"{_where(source, seqs.user_ids, bad[0], first_row)}: negative user_id")
+    check_unique_users(seqs.user_ids, source, first_row)
     lengths = seqs.lengths
     bad = np.flatnonzero(lengths <= 0)
     if bad.size:
@@ -234,8 +264,7 @@ def _list_column(
         event = int(np.flatnonzero(mask)[0])
         row = int(np.searchsorted(offsets, event, side="right") - 1)
         raise DataValidationError(
-            f"{_where(source, user_ids, row, first_row)}, position {event - int(offsets[row])}: "
-            f"{name} {what}"
+            f"{_where(source, user_ids, row, first_row)}, position {event - int(offsets[row])}: {name} {what}"
         )
 
     if values.null_count:
@@ -245,9 +274,7 @@ def _list_column(
         if np.isnan(v).any():
             fail_at(np.isnan(v), "has a NaN value")
     if values.type != pa.int64():
-        raise DataValidationError(
-            f"{source}: column {name!r} has type {col.type}, expected list<int64>"
-        )
+        raise DataValidationError(f"{source}: column {name!r} has type {col.type}, expected list<int64>")
     return offsets, values.to_numpy()
 
 
@@ -308,6 +335,32 @@ def arrow_schema(info: SequenceDatasetInfo) -> pa.Schema:
     return pa.schema(fields, metadata={METADATA_KEY: info.to_json()})
 
 
+@contextlib.contextmanager
+def atomic_path(path: PathLike) -> Iterator[Path]:
+    """A temporary sibling of ``path`` to write to, renamed to ``path`` when the block succeeds.
+
+    Whatever the block raises, the temporary file is removed and ``path`` is left as it was; an
+    ``OSError`` (a full disk, a file size limit) is raised again as a :class:`DataWriteError`
+    naming ``path`` (one raised by a nested block is passed on as it is).
+
+    Example::
+
+        with atomic_path("out/mapping.parquet") as tmp:
+            pq.write_table(table, str(tmp))
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except DataWriteError:
+        raise
+    except OSError as e:
+        raise DataWriteError(f"cannot write {path}: {e}") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_sequences(
     path: PathLike,
     seqs: Sequences,
@@ -324,13 +377,26 @@ def write_sequences(
 
     Returns:
         The info as written.
+
+    Raises:
+        DataValidationError: ``seqs`` break a rule of :func:`check_sequences`.
+        DataWriteError: the file could not be written (e.g. a full disk), naming ``path``;
+            nothing is left under ``path`` then (see :func:`atomic_path`).
     """
+    if row_group_size < 1:
+        raise ValueError(f"row_group_size must be >= 1, got {row_group_size}")
     info = dataclasses.replace(info, num_users=seqs.num_users, num_events=seqs.num_events)
     check_sequences(seqs, info, str(path))
     schema = arrow_schema(info)
-    with pq.ParquetWriter(str(path), schema, write_page_checksum=True) as writer:
+    with atomic_path(path) as tmp, pq.ParquetWriter(str(tmp), schema, write_page_checksum=True) as writer:
         for start in range(0, seqs.num_users, row_group_size):
             part = seqs.rows(start, min(start + row_group_size, seqs.num_users))
+            if part.num_events > np.iinfo(np.int32).max:
+                # list<int64> has int32 offsets: more events would wrap around.
+                raise DataValidationError(
+                    f"{path}: row group at row {start} would hold {part.num_events} events, more than "
+                    "a list column can; write smaller row groups"
+                )
             offsets = pa.array(part.offsets.astype(np.int32))
             lists = [
                 pa.ListArray.from_arrays(offsets, pa.array(v, pa.int64()))
@@ -346,7 +412,8 @@ def open_parquet(path: PathLike) -> pq.ParquetFile:
     """Opens a sequence file with page-checksum verification; unreadable files raise."""
     try:
         return pq.ParquetFile(str(path), page_checksum_verification=True)
-    except (OSError, pa.ArrowException) as e:
+    # A damaged footer can also give undecodable names (UnicodeDecodeError, a ValueError).
+    except (OSError, ValueError, pa.ArrowException) as e:
         raise DataValidationError(f"{path}: not a readable Parquet file ({e})") from e
 
 
@@ -358,7 +425,7 @@ def info_of(pf: pq.ParquetFile, source: str) -> SequenceDatasetInfo:
             f"{source}: no {METADATA_KEY.decode()} metadata; write it with write_sequences or "
             "python -m torchrec_hytrec.data.convert"
         )
-    return SequenceDatasetInfo.from_json(meta[METADATA_KEY].decode(), source)
+    return SequenceDatasetInfo.from_json(meta[METADATA_KEY], source)
 
 
 def read_info(path: PathLike) -> SequenceDatasetInfo:
@@ -396,11 +463,8 @@ def read_sequences(path: PathLike) -> Tuple[Sequences, SequenceDatasetInfo]:
     info = read_info(path)
     parts = list(iter_row_groups(path))
     seqs = concat_sequences(parts, info.feature_names)
-    uniq, counts = np.unique(seqs.user_ids, return_counts=True)
-    if (counts > 1).any():
-        dup = int(uniq[counts > 1][0])
-        rows = np.flatnonzero(seqs.user_ids == dup).tolist()
-        raise DataValidationError(f"{path}: user {dup} appears in several rows {rows}")
+    # Row groups were checked one by one; a user may still repeat across them.
+    check_unique_users(seqs.user_ids, str(path))
     if (info.num_users, info.num_events) != (seqs.num_users, seqs.num_events):
         raise DataValidationError(
             f"{path}: metadata says {info.num_users} users / {info.num_events} events, "

@@ -11,7 +11,7 @@ import shutil
 import warnings
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Set, TypeVar
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, TypeVar
 
 import numpy as np
 import torch
@@ -123,6 +123,16 @@ def _file_records(directory: Path) -> Dict[str, Dict[str, Any]]:
     }
 
 
+def _stats(directory: Path) -> Tuple[Tuple[str, int, int], ...]:
+    """Name, size and modification time of every file: what changes when one is rewritten."""
+    stats = []
+    for p in sorted(directory.iterdir()):
+        if p.is_file():
+            st = p.stat()
+            stats.append((p.name, st.st_size, st.st_mtime_ns))
+    return tuple(stats)
+
+
 def _flatten(value: Any, prefix: str = "") -> Dict[str, Any]:
     """Nested dicts as ``{"a.b": leaf}``, so a difference is named by its full key."""
     if isinstance(value, dict) and value:
@@ -173,8 +183,9 @@ class CheckpointManager:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
         self.root = Path(root)
         self.keep_last = keep_last
-        # Checkpoints this manager verified (latest_intact), so load() need not read them again.
-        self._verified: Set[Path] = set()
+        # Checkpoints latest_intact verified, with their files' stats then: load() reads them
+        # again only if a file changed since.
+        self._verified: Dict[Path, Tuple[Tuple[str, int, int], ...]] = {}
 
     def _named(self) -> List[Path]:
         """Directories with a final checkpoint name, marker or not, oldest first."""
@@ -219,7 +230,7 @@ class CheckpointManager:
         found = _on_rank0(find)
         if found is None:
             return None
-        self._verified.add(Path(found))
+        self._verified[Path(found)] = _stats(Path(found))
         return Path(found)
 
     def save(self, step: int, state: Dict[str, Any], fingerprint: Optional[Dict[str, Any]] = None) -> Path:
@@ -272,7 +283,6 @@ class CheckpointManager:
                 shutil.rmtree(p, ignore_errors=True)
 
         _on_rank0(finish)
-        self._verified.discard(final)
         return final
 
     def _discard(self, path: Path) -> None:
@@ -281,7 +291,6 @@ class CheckpointManager:
         shutil.rmtree(trash, ignore_errors=True)
         os.rename(path, trash)
         shutil.rmtree(trash)
-        self._verified.discard(path)
 
     @staticmethod
     def _marker(path: Path) -> Dict[str, Any]:
@@ -289,15 +298,21 @@ class CheckpointManager:
         if not marker.is_file():
             raise ValueError(f"checkpoint {path} is not complete (no {COMPLETE_MARKER} marker)")
         try:
-            return json.loads(marker.read_text())
+            content = json.loads(marker.read_text())
         except (OSError, ValueError) as e:
             raise ValueError(f"checkpoint {path}: unreadable {COMPLETE_MARKER} marker ({e})") from e
+        if not isinstance(content, dict) or not isinstance(content.get("fingerprint", {}), dict):
+            raise ValueError(f"checkpoint {path}: unreadable {COMPLETE_MARKER} marker (not a JSON object)")
+        return content
 
     @staticmethod
     def info(path: "str | os.PathLike[str]") -> Dict[str, int]:
         """What the completion marker of a checkpoint records: ``step`` and ``world_size``."""
         marker = CheckpointManager._marker(Path(path))
-        return {"step": marker["step"], "world_size": marker["world_size"]}
+        try:
+            return {"step": int(marker["step"]), "world_size": int(marker["world_size"])}
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"checkpoint {path}: unreadable {COMPLETE_MARKER} marker ({e!r})") from e
 
     @staticmethod
     def fingerprint(path: "str | os.PathLike[str]") -> Dict[str, Any]:
@@ -342,20 +357,34 @@ class CheckpointManager:
         if not (path / COMPLETE_MARKER).is_file():
             return f"missing {COMPLETE_MARKER} marker"
         try:
-            files = CheckpointManager._marker(path)["files"]
+            marker = CheckpointManager._marker(path)
         except ValueError as e:
             return str(e).removeprefix(f"checkpoint {path}: ")
-        except KeyError:
+        if "files" not in marker:
             return f"{COMPLETE_MARKER} marker records no checksums (written by an older version)"
-        for name, want in files.items():
+        try:
+            files = {
+                str(name): (int(want["bytes"]), str(want["crc32"])) for name, want in marker["files"].items()
+            }
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            return f"unreadable {COMPLETE_MARKER} marker (bad file list: {e!r})"
+        # A file the marker does not list would be loaded unchecked (e.g. a damaged name in it).
+        unlisted = sorted(
+            p.name
+            for p in path.iterdir()
+            if p.is_file() and p.name != COMPLETE_MARKER and p.name not in files
+        )
+        if unlisted:
+            return f"file {unlisted[0]} not recorded in {COMPLETE_MARKER}"
+        for name, (want_bytes, want_crc) in files.items():
             p = path / name
             try:
                 size = p.stat().st_size
-                if size < want["bytes"]:
-                    return f"truncated {name} ({size} of {want['bytes']} bytes)"
-                if size > want["bytes"]:
-                    return f"{name} has {size} bytes, {COMPLETE_MARKER} records {want['bytes']}"
-                if _crc32(p) != want["crc32"]:
+                if size < want_bytes:
+                    return f"truncated {name} ({size} of {want_bytes} bytes)"
+                if size > want_bytes:
+                    return f"{name} has {size} bytes, {COMPLETE_MARKER} records {want_bytes}"
+                if _crc32(p) != want_crc:
                     return f"checksum mismatch in {name}"
             except FileNotFoundError:
                 return f"file {name} missing"
@@ -395,9 +424,9 @@ class CheckpointManager:
         path = Path(path)
         if not (path / COMPLETE_MARKER).is_file():
             raise ValueError(f"checkpoint {path} is not complete (no {COMPLETE_MARKER} marker)")
-        if path not in self._verified:
-            reason = _on_rank0(lambda: self.verify(path))
-            if reason is not None:
-                raise ValueError(f"checkpoint {path} is damaged: {reason}")
+        # Decided on rank 0 alone (its cache), so every rank takes part in the same collectives.
+        reason = _on_rank0(lambda: None if self._verified.get(path) == _stats(path) else self.verify(path))
+        if reason is not None:
+            raise ValueError(f"checkpoint {path} is damaged: {reason}")
         with _quiet_single_process():
             dcp.load(state, checkpoint_id=path)
