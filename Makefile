@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps torchrec==$(TORCHREC_VERSION)
 	touch $@
 
+# The main job; each run replaces the previous one's runs/hytrec (continue one with --resume instead).
 train: $(STAMP)
-	PATH="$(abspath $(VENV))/bin:$$PATH" torchx run -s local_cwd torchx_components/train.py:hytrec
+	PATH="$(abspath $(VENV))/bin:$$PATH" torchx run -s local_cwd torchx_components/train.py:hytrec --overwrite true
 
 # Everything, what CI runs: lint and format checks, then every test and docstring example.
 test: lint

@@ -129,3 +129,16 @@ def test_torchx_dryrun_prints_the_appdef() -> None:
     assert "'cpu': 2" in out and "'gpu': 0" in out
     assert "--nnodes 1 --nproc_per_node 2" in flat
     assert "-m torchrec_hytrec.train --epochs 1 --resume --set seed=3" in flat
+
+
+def test_overwrite_is_explicit_and_excludes_resume() -> None:
+    assert _train_args(["--overwrite", "yes"]) == " --overwrite"
+    with pytest.raises(ValueError, match="exclude each other"):
+        _train_args(["--resume", "true", "--overwrite", "true"])
+
+
+def test_workers_share_the_replica_cpus_out() -> None:
+    (role,) = materialize_appdef(_load_component(), ["--cpu", "8", "-j", "1x2"]).roles
+    assert role.env["OMP_NUM_THREADS"] == "4"
+    (role,) = materialize_appdef(_load_component(), ["--env", "OMP_NUM_THREADS=1"]).roles
+    assert role.env["OMP_NUM_THREADS"] == "1"  # the user's setting wins

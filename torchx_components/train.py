@@ -55,6 +55,7 @@ def hytrec(
     epochs: Optional[int] = None,
     out_dir: Optional[str] = None,
     resume: str = "false",
+    overwrite: str = "false",
     overrides: Optional[List[str]] = None,
     j: str = "1x2",
     cpu: int = 2,
@@ -81,6 +82,8 @@ def hytrec(
         resume: continue from the newest complete checkpoint in ``out_dir`` (true/yes/1/on or
             false/no/0/off, any case; anything else is an error); set it with ``max_retries`` so that
             a retried job picks up where the failed one stopped
+        overwrite: start afresh and delete the checkpoints an earlier run left in ``out_dir``
+            (same spellings as ``resume``); without it a fresh run refuses such an ``out_dir``
         overrides: config overrides ``section.key=value``, comma separated
             (e.g. ``model.preset=sasrec_like,seed=1``)
         j: {nnodes}x{nproc_per_node}; for GPU hosts nproc_per_node must not exceed the GPUs per host
@@ -90,7 +93,8 @@ def hytrec(
         h: a registered named resource (takes precedence over cpu, gpu, memMB)
         image: container image with this package installed (ignored by ``local_cwd``)
         max_retries: scheduler retries of the whole job
-        env: environment variables for the workers (e.g. ENV1=v1,ENV2=v2)
+        env: environment variables for the workers (e.g. ENV1=v1,ENV2=v2); ``OMP_NUM_THREADS``
+            defaults to the replica's CPUs shared out between its processes
         rdzv_port: port on rank 0's host for the c10d rendezvous store (multi-node only)
         name: job name
     """
@@ -107,10 +111,18 @@ def hytrec(
         args += ["--epochs", str(epochs)]
     if out_dir is not None:
         args += ["--out-dir", out_dir]
-    if _flag("resume", resume):
+    resume_run, overwrite_run = _flag("resume", resume), _flag("overwrite", overwrite)
+    if resume_run and overwrite_run:
+        raise ValueError("--resume and --overwrite exclude each other: continue a run or replace it")
+    if resume_run:
         args.append("--resume")
+    if overwrite_run:
+        args.append("--overwrite")
     for override in overrides or []:
         args += ["--set", override]
+    nproc = int(j.split("x")[-1]) if "x" in j else 1
+    # torchrun would otherwise force one thread per process and warn about it.
+    env = {"OMP_NUM_THREADS": str(max(1, cpu // max(1, nproc))), **(env or {})}
     return dist.ddp(
         *args,
         m="torchrec_hytrec.train",
