@@ -21,10 +21,14 @@ backward) and the bound that share puts on any encoder of the same width and dep
 rest of the work (projections, norms, FFNs, short branch, fusion): ``total / (total - attention)``
 is the speed-up it would get if its long-branch attention cost nothing (Amdahl's law).
 
-Then the streaming cost of one new event for a user with ``n_stream`` events (state built by
-streaming the history) against a full ``forward_last`` recompute of ``n_stream + 1`` events.
-The streaming step runs with one intra-op thread (a tiny latency-bound update, as a serving
-process would run it); the recompute runs with ``--threads``.
+Then the streaming cost of one new event for a user with ``n_stream`` events against a full
+``forward_last`` recompute of ``n_stream + 1`` events, both on one intra-op thread under
+``torch.inference_mode`` (as a serving process runs them). The state is built by ``prefill``, which
+equals streaming the history event by event (``tests/test_streaming.py``); its time is reported
+against ``forward_last`` on the same history. Steps and recomputes take turns, so that a busy spell
+of the shared machine slows both alike; the step's min/median/max and the load average are printed.
+With ``--aoti`` the exported step is also compiled with AOTInductor (``compile_stream_step``; about
+a minute per encoder), timed the same way and checked against the eager step's outputs.
 
 All encoders are compared within one run; times are medians over ``--repeats`` runs after a
 warm-up, the encoders taking turns run by run; ratios are all-softmax time over the encoder's
@@ -51,7 +55,7 @@ from torchrec_hytrec.modules import HyTRecConfig, HyTRecEncoder
 from torchrec_hytrec.training import configure_cpu_allocator
 
 Batch = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-# Timed streaming steps (the median is taken); each one is cheap.
+# Timed streaming steps per run; each one is cheap.
 _STREAM_STEPS = 50
 
 
@@ -196,24 +200,91 @@ def attention_share(config: HyTRecConfig, batch: Batch) -> Dict[str, float]:
     return shares
 
 
-def stream_vs_recompute(config: HyTRecConfig, n: int, threads: int, repeats: int) -> Tuple[float, float]:
-    encoder = HyTRecEncoder(config).eval()
-    values, offsets, timestamps = make_batch([n + _STREAM_STEPS + 1], config.embedding_dim, seed=7)
+def stream_vs_recompute(
+    config: HyTRecConfig, n: int, repeats: int, compiled: bool = False
+) -> Dict[str, float]:
+    """Seconds of one stream step after ``n`` events (min, median, max over ``repeats`` runs of
+    ``_STREAM_STEPS`` steps), of the ``forward_last`` recompute over ``n + 1`` events (median) and of
+    ``prefill`` and ``forward_last`` over the ``n`` events (medians), on one thread.
+
+    With ``compiled``, also the step of the AOTInductor-compiled exported program
+    (``compiled_min_s`` ...) on the same events, checked against eager's outputs; its driver compacts
+    the full-causal caches between runs.
+    """
+    from torchrec_hytrec.modules.export import compile_stream_step
+    from torchrec_hytrec.modules.streaming import compact_stream_state
+
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    with torch.no_grad():
-        state = encoder.init_stream(1)
-        for i in range(n):
-            _, state = encoder.stream_step(state, values[i : i + 1], timestamps[i : i + 1])
-        steps = []
-        for i in range(n, n + _STREAM_STEPS + 1):
-            start = time.perf_counter()
-            _, state = encoder.stream_step(state, values[i : i + 1], timestamps[i : i + 1])
-            steps.append(time.perf_counter() - start)
-        stream = statistics.median(steps[1:])
-    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    encoder = HyTRecEncoder(config).eval()
+    steps_needed = (repeats + 1) * _STREAM_STEPS + 1
+    values, offsets, timestamps = make_batch([n + steps_needed], config.embedding_dim, seed=7)
+    history = (values[:n], torch.tensor([0, n]), timestamps[:n])
     full = (values[: n + 1], torch.tensor([0, n + 1]), timestamps[: n + 1])
-    recompute = median_seconds({"recompute": lambda: encoder.forward_last(*full)}, repeats)["recompute"]
-    return stream, recompute
+    steppers = {"eager": encoder.stream_step}
+    if compiled:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            steppers["compiled"] = compile_stream_step(encoder, os.path.join(tmp, "step.pt2"))
+    times: Dict[str, List[float]] = {"recompute": [], "prefill": [], "forward_last": []}
+    times.update({name: [] for name in steppers})
+    with torch.inference_mode():
+        state = encoder.prefill(*history)
+        states = {name: state for name in steppers}
+        encoder.forward_last(*full)  # warm-up
+        for run in range(repeats + 1):
+            for kind, call, inputs in (
+                ("recompute", encoder.forward_last, full),
+                ("prefill", encoder.prefill, history),
+                ("forward_last", encoder.forward_last, history),
+            ):
+                start = time.perf_counter()
+                call(*inputs)
+                times[kind].append(time.perf_counter() - start)
+            first = n + run * _STREAM_STEPS
+            outputs: Dict[str, List[torch.Tensor]] = {}
+            for name, step in steppers.items():
+                outputs[name] = []
+                for row in range(first, first + _STREAM_STEPS):
+                    start = time.perf_counter()
+                    out, states[name] = step(states[name], values[row : row + 1], timestamps[row : row + 1])
+                    times[name].append(time.perf_counter() - start)
+                    outputs[name].append(out)
+            if compiled:
+                torch.testing.assert_close(outputs["compiled"], outputs["eager"], rtol=1e-4, atol=1e-5)
+                states["compiled"] = compact_stream_state(states["compiled"])
+    torch.set_num_threads(threads)
+    # The first run of each is a warm-up.
+    result = {kind: statistics.median(t[1:]) for kind, t in times.items() if kind not in steppers}
+    for name in steppers:
+        timed = times[name][_STREAM_STEPS:]
+        prefix = "step" if name == "eager" else name
+        result.update({f"{prefix}_min_s": min(timed), f"{prefix}_median_s": statistics.median(timed),
+                       f"{prefix}_max_s": max(timed)})
+    return result
+
+
+def describe_stream(name: str, r: Dict[str, float]) -> str:
+    """One line of :func:`stream_vs_recompute`'s results."""
+    line = (
+        f"{name:>16}: stream {r['step_median_s'] * 1e3:.2f} ms, recompute {r['recompute'] * 1e3:.1f} ms, "
+        f"stream/recompute = 1/{r['recompute'] / r['step_median_s']:.0f} (step min/median/max "
+        f"{r['step_min_s'] * 1e3:.2f}/{r['step_median_s'] * 1e3:.2f}/{r['step_max_s'] * 1e3:.2f} ms); "
+        f"prefill {r['prefill'] * 1e3:.1f} ms = {r['prefill'] / r['forward_last']:.2f}x forward_last"
+    )
+    if "compiled_median_s" in r:
+        line += (
+            f"; AOTInductor step min/median/max {r['compiled_min_s'] * 1e3:.2f}/"
+            f"{r['compiled_median_s'] * 1e3:.2f}/{r['compiled_max_s'] * 1e3:.2f} ms "
+            f"= 1/{r['recompute'] / r['compiled_median_s']:.0f}"
+        )
+    return line
+
+
+def load_average() -> str:
+    return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def encoder_configs(dim: int, heads: int, window: int) -> Dict[str, HyTRecConfig]:
@@ -242,10 +313,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--stream-length", type=int, default=10_000)
+    parser.add_argument(
+        "--aoti", action="store_true", help="also time the AOTInductor-compiled exported step"
+    )
+    parser.add_argument("--stream-only", action="store_true", help="only the streaming comparison")
     parser.add_argument("--memory-of", nargs=2, metavar=("N", "KIND"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.lengths, args.mixed_users, args.repeats, args.stream_length = [300], 4, 2, 300
+    if args.stream_only:
+        args.lengths = []
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if args.memory_of:
@@ -286,15 +363,13 @@ def main() -> None:
         )
 
     print(
-        f"\nstreaming one event after {args.stream_length} (1 thread) vs forward_last recompute ({args.threads} threads)"
+        f"\nstreaming one event after {args.stream_length} vs forward_last recompute "
+        f"(1 thread, inference mode), {load_average()}"
     )
     for name in ("hytrec_windowed", "hytrec_full"):
-        stream, recompute = stream_vs_recompute(configs[name], args.stream_length, args.threads, args.repeats)
-        print(
-            f"{name:>16}: stream {stream * 1e3:.2f} ms, recompute {recompute * 1e3:.1f} ms, "
-            f"stream/recompute = 1/{recompute / stream:.0f}",
-            flush=True,
-        )
+        result = stream_vs_recompute(configs[name], args.stream_length, args.repeats, compiled=args.aoti)
+        print(describe_stream(name, result), flush=True)
+    print(load_average())
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ second of a per-position forward, backward and AdamW step) and inference latency
 (``forward_last``), for HyTRec with windowed and with full causal long-branch attention and for
 the all-softmax encoder of the same width and depth (the encoders of ``bench_encoder.py``, timed
 by its functions: medians, encoders taking turns). Then the cost of streaming one new event
-after ``n`` against a full recompute. Results go to ``--out``: ``speed.json``, ``speed.md`` and
-``speed_curves.png``.
+after ``n`` against a full recompute (both on one thread). Results go to ``--out``:
+``speed.json``, ``speed.md`` and ``speed_curves.png``.
 
     python benchmarks/speed.py                # about 10 minutes on 2 cores
     python benchmarks/speed.py --quick        # seconds
@@ -14,6 +14,7 @@ after ``n`` against a full recompute. Results go to ``--out``: ``speed.json``, `
 
 import argparse
 import json
+import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -83,10 +84,18 @@ def main() -> None:
     streams: List[Dict[str, Any]] = []
     for n in args.stream_lengths:
         for name in ("hytrec_windowed", "hytrec_full"):
-            stream, recompute = stream_vs_recompute(configs[name], n, args.threads, args.repeats)
-            torch.set_num_threads(args.threads)
-            streams.append({"encoder": name, "n": n, "stream_ms": stream * 1e3, "recompute_ms": recompute * 1e3,
-                            "recompute_over_stream": recompute / stream})
+            r = stream_vs_recompute(configs[name], n, args.repeats)
+            streams.append({
+                "encoder": name,
+                "n": n,
+                "stream_ms": r["step_median_s"] * 1e3,
+                "stream_min_ms": r["step_min_s"] * 1e3,
+                "stream_max_ms": r["step_max_s"] * 1e3,
+                "recompute_ms": r["recompute"] * 1e3,
+                "recompute_over_stream": r["recompute"] / r["step_median_s"],
+                "prefill_over_forward_last": r["prefill"] / r["forward_last"],
+                "load_average": os.getloadavg(),
+            })
             print(json.dumps(streams[-1]), flush=True)
 
     (out / "speed.json").write_text(json.dumps({"curves": rows, "streaming": streams}, indent=1))
@@ -102,12 +111,18 @@ def main() -> None:
         *(f"| {r['n']} | {r['encoder']} | {r['train_events_per_s']:.0f} | {r['infer_ms']:.1f} | "
           f"{r['train_x_vs_softmax']:.2f}x | {r['infer_x_vs_softmax']:.2f}x |" for r in rows),
         "",
-        "Streaming one new event after n events (one thread) against a full `forward_last` recompute:",
+        "Streaming one new event after n events against a full `forward_last` recompute (one thread, "
+        "inference mode; the state from `prefill`):",
         "",
-        "| n | encoder | stream ms | recompute ms | recompute / stream |",
-        "|---|---|---|---|---|",
-        *(f"| {s['n']} | {s['encoder']} | {s['stream_ms']:.2f} | {s['recompute_ms']:.1f} | "
-          f"{s['recompute_over_stream']:.0f} |" for s in streams),
+        "| n | encoder | stream ms (min / median / max) | recompute ms | recompute / stream "
+        "| prefill / forward_last | load average |",
+        "|---|---|---|---|---|---|---|",
+        *(
+            f"| {s['n']} | {s['encoder']} | {s['stream_min_ms']:.2f} / {s['stream_ms']:.2f} / "
+            f"{s['stream_max_ms']:.2f} | {s['recompute_ms']:.1f} | {s['recompute_over_stream']:.0f} | "
+            f"{s['prefill_over_forward_last']:.2f} | {', '.join(f'{x:.2f}' for x in s['load_average'])} |"
+            for s in streams
+        ),
         "",
         "![speed curves](speed_curves.png)",
         "",

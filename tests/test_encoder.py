@@ -4,6 +4,7 @@ from typing import List, Tuple
 
 import pytest
 import torch
+from torch.utils._pytree import tree_leaves
 
 from torchrec_hytrec.modules import (
     HyTRecConfig,
@@ -145,7 +146,11 @@ def test_serving_reads_windowed_layers_only_inside_their_windows(pattern: str) -
     # forward_last computes the layers before a run of windowed softmax layers only at the rows
     # those windows read; the result must still be the full forward's last rows.
     config = HyTRecConfig.hytrec(
-        embedding_dim=D, short_window=K, long_pattern=pattern, long_attention_window=5, short_window_seconds=7200.0
+        embedding_dim=D,
+        short_window=K,
+        long_pattern=pattern,
+        long_attention_window=5,
+        short_window_seconds=7200.0,
     )
     torch.manual_seed(3)
     encoder = HyTRecEncoder(config).eval()
@@ -183,13 +188,16 @@ def test_streaming_state_is_bounded_by_the_windows() -> None:
     encoder = _encoder("hytrec_windowed")
     values, offsets, timestamps = _batch([40])
     state = encoder.init_stream(1)
+    shapes = [x.shape for x in tree_leaves(state)]
     with torch.no_grad():
         for i in range(40):
             _, state = encoder.stream_step(state, values[i : i + 1], timestamps[i : i + 1])
+            # Windowed caches have their capacity from the start: the shapes never change.
+            assert [x.shape for x in tree_leaves(state)] == shapes
     caches = [s for s in state.long_states if not isinstance(s, torch.Tensor)]
-    assert caches and all(c.keys.shape[1] == 12 for c in caches)
-    assert state.short_cache.keys.shape[1] == K
-    assert state.recent_long.shape[1] == K + 1
+    assert caches and all(c.keys.shape[2] == 12 for c in caches)
+    assert state.short_cache.keys.shape[2] == K
+    assert state.recent_long.shape[1] == K
     assert state.num_events.tolist() == [40]
 
 

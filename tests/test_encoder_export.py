@@ -1,40 +1,77 @@
+"""The serving path exported with torch.export: one program for any batch size and history lengths,
+equal to eager ``forward_last``; saved and loaded. (The exported stream step: test_streaming.py.)"""
+
+from pathlib import Path
+
 import pytest
 import torch
+from test_encoder import CONFIGS, K, _batch, _encoder
 
-from torchrec_hytrec.modules import HyTRecConfig, HyTRecEncoder, HyTRecStreamState
+from torchrec_hytrec.modules.export import export_user_tower
+
+# One user of one event; users around the short window K, past the long window (12) and past the
+# TADN chunk (32) together; many users of mixed lengths.
+BATCHES = [[1], [K - 1, 1, K + 1, 40, 2 * 32 + 3], [70, 2, 100, 1, 9, 33, K, 5]]
 
 
-class _StreamStep(torch.nn.Module):
-    def __init__(self, encoder: HyTRecEncoder) -> None:
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_exported_user_tower_equals_forward_last_for_any_batch(name: str) -> None:
+    encoder = _encoder(name)
+    with_time = export_user_tower(encoder).module()
+    without_time = export_user_tower(encoder, request_time=False).module()
+    for seed, lengths in enumerate(BATCHES):
+        values, offsets, timestamps = _batch(lengths, seed=seed)
+        request_time = timestamps[offsets[1:] - 1] + torch.randint(0, 10 * 86400, (len(lengths),))
+        with torch.no_grad():
+            want = encoder.forward_last(values, offsets, timestamps, request_time=request_time)
+            torch.testing.assert_close(
+                with_time(values, offsets, timestamps, request_time), want, rtol=0, atol=1e-5
+            )
+            want = encoder.forward_last(values, offsets, timestamps)
+            torch.testing.assert_close(without_time(values, offsets, timestamps), want, rtol=0, atol=1e-5)
+
+
+def test_exported_user_tower_saves_and_loads(tmp_path: Path) -> None:
+    encoder = _encoder("hytrec_adaptive")
+    path = tmp_path / "tower.pt2"
+    torch.export.save(export_user_tower(encoder), str(path))
+    program = torch.export.load(str(path)).module()
+    values, offsets, timestamps = _batch(BATCHES[2], seed=4)
+    request_time = timestamps[offsets[1:] - 1] + 3_600
+    with torch.no_grad():
+        want = encoder.forward_last(values, offsets, timestamps, request_time=request_time)
+    torch.testing.assert_close(program(values, offsets, timestamps, request_time), want, rtol=0, atol=1e-5)
+
+
+class _Forward(torch.nn.Module):
+    def __init__(self, encoder: torch.nn.Module) -> None:
         super().__init__()
         self.encoder = encoder
 
-    def forward(self, state: HyTRecStreamState, values: torch.Tensor, timestamps: torch.Tensor):
-        return self.encoder.stream_step(state, values, timestamps)
+    def forward(self, values: torch.Tensor, offsets: torch.Tensor, timestamps: torch.Tensor) -> torch.Tensor:
+        return self.encoder(values, offsets, timestamps)
 
 
-@pytest.mark.parametrize("seconds", [None, 600.0])
-def test_exported_stream_step_serves_every_later_step(seconds) -> None:
-    """Once every window is full the state's shapes stop changing, so one exported program
-    takes all later events (full-causal layers grow their cache and would need a dynamic dim)."""
-    torch.manual_seed(0)
-    config = HyTRecConfig.hytrec(
-        embedding_dim=32, short_window=8, short_window_seconds=seconds, long_attention_window=16
-    )
-    encoder = HyTRecEncoder(config).eval()
-    users, warmup, steps = 3, 20, 4
-    values = torch.randn(warmup + steps, users, 32)
-    timestamps = 1_000 + torch.cumsum(torch.randint(0, 400, (warmup + steps, users)), 0)
-    state = encoder.init_stream(users)
+def test_training_form_exports_too() -> None:
+    encoder = _encoder("hytrec_windowed")
+    values, offsets, timestamps = _batch([3, 9], seed=1)
+    users, events = torch.export.Dim("users", min=1), torch.export.Dim("events", min=1)
     with torch.no_grad():
-        for i in range(warmup):
-            _, state = encoder.stream_step(state, values[i], timestamps[i])
         program = torch.export.export(
-            _StreamStep(encoder), (state, values[warmup], timestamps[warmup]), strict=False
+            _Forward(encoder),
+            (values, offsets, timestamps),
+            dynamic_shapes=({0: events}, {0: users + 1}, {0: events}),
+            strict=False,
+        ).module()
+        values, offsets, timestamps = _batch(BATCHES[1], seed=2)
+        torch.testing.assert_close(
+            program(values, offsets, timestamps), encoder(values, offsets, timestamps), rtol=0, atol=1e-5
         )
-        exported_state = state
-        for i in range(warmup, warmup + steps):
-            want, state = encoder.stream_step(state, values[i], timestamps[i])
-            got, exported_state = program.module()(exported_state, values[i], timestamps[i])
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    assert exported_state.num_events.tolist() == [warmup + steps] * users

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torchrec_hytrec.modules import HyTRecConfig, RotaryEmbedding, SequenceContext, TADNLayer
 from torchrec_hytrec.ops.jagged_attention import JaggedLayout
 from torchrec_hytrec.ops.tadn import naive_recurrent_tadn
+from torchrec_hytrec.ops.tadn.chunk import fitted_chunk_size
 
 CONFIG = HyTRecConfig(embedding_dim=8, num_heads=2, gate_gap_dim=4)
 YEAR = 365 * 86400
@@ -111,10 +112,10 @@ def test_rotary_rotates_each_channel_pair_by_its_angle() -> None:
 def test_chunk_size_shrinks_for_short_users_only() -> None:
     layer = TADNLayer(HyTRecConfig(embedding_dim=16, tadn_chunk_size=64))
 
-    def layout(*lengths: int) -> JaggedLayout:
-        return JaggedLayout(torch.tensor([0, *lengths]).cumsum(0))
+    def chunk_size(*lengths: int) -> int:
+        return fitted_chunk_size(JaggedLayout(torch.tensor([0, *lengths]).cumsum(0)), layer.chunk_size, 16)
 
-    assert layer._chunk_size_for(layout(9, 12, 3)) == 16
-    assert layer._chunk_size_for(layout(20, 25)) == 32
-    assert layer._chunk_size_for(layout(10_000, *[100] * 99)) == 64
-    assert layer._chunk_size_for(layout(0)) == 16
+    assert chunk_size(9, 12, 3) == 16
+    assert chunk_size(20, 25) == 32
+    assert chunk_size(10_000, *[100] * 99) == 64
+    assert chunk_size(0) == 16

@@ -1,6 +1,5 @@
-"""The causal softmax-attention layer on jagged sequences, with its streaming KV cache."""
+"""The causal softmax-attention layer on jagged sequences."""
 
-from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
@@ -16,25 +15,6 @@ from torchrec_hytrec.ops.jagged_attention import (
 )
 
 
-@dataclass
-class KVCache:
-    """Keys and values of the events a streamed softmax layer can still attend to.
-
-    Args:
-        keys: ``[B, L, H, D]`` rotated keys, oldest first.
-        values: ``[B, L, H, D]`` values.
-        timestamps: ``[B, L]`` int64 event times (for windows measured in seconds).
-
-    Example::
-
-        cache = layer.init_cache(batch_size=8, device=torch.device("cpu"))
-    """
-
-    keys: torch.Tensor
-    values: torch.Tensor
-    timestamps: torch.Tensor
-
-
 class SoftmaxAttentionLayer(nn.Module):
     """Pre-norm causal multi-head softmax attention block, then a SwiGLU FFN.
 
@@ -43,6 +23,10 @@ class SoftmaxAttentionLayer(nn.Module):
     ``i``'s output never depends on how many events follow it, which the per-position
     training form and exact streaming both need. Time enters through the gap-bucket
     embeddings added to the encoder's input.
+
+    Streaming (:mod:`torchrec_hytrec.modules.streaming`) keeps the keys and values of the events
+    a layer can still attend to and runs one event at a time through :meth:`project` and
+    :meth:`finish`.
 
     Args:
         config: encoder configuration (width, heads, dropout, kernel block size).
@@ -53,8 +37,11 @@ class SoftmaxAttentionLayer(nn.Module):
 
     Example::
 
-        layer = SoftmaxAttentionLayer(HyTRecConfig(embedding_dim=32), window=64)
-        y = layer(x, SequenceContext.from_jagged(offsets, timestamps))
+        >>> import torch
+        >>> layer = SoftmaxAttentionLayer(HyTRecConfig(embedding_dim=32), window=64)
+        >>> ctx = SequenceContext.from_jagged(torch.tensor([0, 3, 7]), torch.arange(7) * 600)
+        >>> layer(torch.randn(7, 32), ctx).shape
+        torch.Size([7, 32])
     """
 
     def __init__(
@@ -76,15 +63,18 @@ class SoftmaxAttentionLayer(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.ffn = SwiGLU(d, round(config.ffn_multiplier * d), config.dropout)
 
-    def _project(
+    def project(
         self, x: torch.Tensor, positions: torch.Tensor
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``[T, H, D]`` rotated queries and keys, and values, of inputs ``x`` ``[T, d]`` at
+        ``positions`` ``[T]``."""
         # split, not slices: its backward is one concatenation instead of zero-filled copies.
         qk, v = self.qkv(self.norm(x)).unflatten(-1, (3, self.num_heads, self.head_dim)).split([2, 1], dim=1)
         q, k = self.rope(qk, positions).unbind(1)
         return q, k, v.squeeze(1)
 
-    def _finish(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    def finish(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """The block's output from its input ``x`` ``[T, d]`` and attention output ``o`` ``[T, H, D]``."""
         return self.ffn(x + self.dropout(self.out(o.flatten(-2))))
 
     def _window_starts(self, ctx: SequenceContext) -> Optional[torch.Tensor]:
@@ -135,7 +125,7 @@ class SoftmaxAttentionLayer(nn.Module):
         """
         if input_rows is not None and rows is None:
             raise ValueError("input_rows needs rows: outputs at every row read every input row")
-        q, k, v = self._project(x, ctx.positions if input_rows is None else ctx.positions[input_rows])
+        q, k, v = self.project(x, ctx.positions if input_rows is None else ctx.positions[input_rows])
         starts = self._window_starts(ctx)
         with record_function("## hytrec_softmax_attention ##"):
             if rows is None:
@@ -162,41 +152,4 @@ class SoftmaxAttentionLayer(nn.Module):
                     key_rows=input_rows,
                 )
                 x = x[local]
-        return self._finish(x, o)
-
-    def init_cache(self, batch_size: int, device: torch.device) -> KVCache:
-        """Empty cache of ``batch_size`` streamed users."""
-        empty = torch.zeros(batch_size, 0, self.num_heads, self.head_dim, device=device)
-        return KVCache(
-            keys=empty, values=empty, timestamps=torch.zeros(batch_size, 0, dtype=torch.long, device=device)
-        )
-
-    def step(self, x: torch.Tensor, ctx: SequenceContext, cache: KVCache) -> Tuple[torch.Tensor, KVCache]:
-        """Advances every streamed user by one event.
-
-        The cache keeps at most ``window`` events, so a windowed layer's step costs
-        ``O(W d)`` whatever the history length.
-
-        Args:
-            x: ``[B, d]`` inputs of the new events.
-            ctx: facts of the new events (one per user).
-            cache: the users' cache before the events.
-
-        Returns:
-            ``(y, new_cache)``: ``[B, d]`` outputs and the cache including the new events.
-        """
-        q, k, v = self._project(x, ctx.positions)
-        keep = slice(-self.window, None) if self.window is not None else slice(None)
-        cache = KVCache(
-            keys=torch.cat([cache.keys, k[:, None]], dim=1)[:, keep],
-            values=torch.cat([cache.values, v[:, None]], dim=1)[:, keep],
-            timestamps=torch.cat([cache.timestamps, ctx.timestamps[:, None]], dim=1)[:, keep],
-        )
-        # One query per user: plain products, as SDPA's CPU kernel costs milliseconds on inputs this small.
-        scores = torch.einsum("bhd,blhd->bhl", q, cache.keys) * self.head_dim**-0.5
-        if self.window_seconds is not None:
-            # Same rule as causal_window_starts: t_j >= t_i - floor(seconds) for integer times.
-            outside = cache.timestamps < (ctx.timestamps - int(self.window_seconds))[:, None]
-            scores = scores.masked_fill(outside[:, None, :], float("-inf"))
-        o = torch.einsum("bhl,blhd->bhd", scores.softmax(dim=-1), cache.values)
-        return self._finish(x, o), cache
+        return self.finish(x, o)

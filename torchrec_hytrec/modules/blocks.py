@@ -35,8 +35,12 @@ class SequenceContext:
 
     Example::
 
-        ctx = SequenceContext.from_jagged(offsets, timestamps)
-        starts = ctx.window_starts(64)
+        >>> import torch
+        >>> ctx = SequenceContext.from_jagged(torch.tensor([0, 3, 7]), torch.tensor([0, 5, 9, 0, 1, 30, 31]))
+        >>> ctx.positions.tolist(), ctx.gaps.tolist()
+        ([0, 1, 2, 0, 1, 2, 3], [0.0, 5.0, 4.0, 0.0, 1.0, 29.0, 1.0])
+        >>> ctx.window_starts(2).tolist()
+        [0, 0, 1, 0, 0, 1, 2]
     """
 
     layout: JaggedLayout
@@ -47,6 +51,7 @@ class SequenceContext:
     _window_starts: Dict[Tuple[int, Optional[float]], torch.Tensor] = field(
         default_factory=dict, init=False, repr=False
     )
+    _gap_buckets: Dict[Tuple[int, float], torch.Tensor] = field(default_factory=dict, init=False, repr=False)
 
     @classmethod
     def from_jagged(
@@ -62,13 +67,14 @@ class SequenceContext:
         Returns:
             The batch's context; the offsets are checked and copied to the host.
         """
-        layout = JaggedLayout(offsets, max_len)
+        layout = JaggedLayout(offsets, max_len, num_events=timestamps.shape[0])
         if layout.num_events != timestamps.shape[0]:
             raise ValueError(
                 f"offsets must run from 0 to sum(n) = {timestamps.shape[0]}, got 0..{layout.num_events}"
             )
         positions = layout.positions
-        previous = torch.cat([timestamps[:1], timestamps[:-1]])
+        # A gather, not a concatenation of slices: torch.export would bound T by the slices' checks.
+        previous = timestamps[(torch.arange(timestamps.shape[0], device=timestamps.device) - 1).clamp(min=0)]
         gaps = torch.where(positions > 0, timestamps - previous, torch.zeros_like(timestamps))
         return cls(layout=layout, positions=positions, timestamps=timestamps, gaps=gaps.float())
 
@@ -76,6 +82,14 @@ class SequenceContext:
     def offsets(self) -> torch.Tensor:
         """``[B + 1]`` int64 start of every user's events."""
         return self.layout.offsets
+
+    def gap_buckets(self, num_buckets: int, scale: float) -> torch.Tensor:
+        """:func:`gap_buckets` of the batch's gaps, computed once per ``(num_buckets, scale)``: the
+        input and every TADN layer embed the same buckets."""
+        key = (num_buckets, scale)
+        if key not in self._gap_buckets:
+            self._gap_buckets[key] = gap_buckets(self.gaps, num_buckets, scale)
+        return self._gap_buckets[key]
 
     def window_starts(self, window: int, window_seconds: Optional[float] = None) -> torch.Tensor:
         """:func:`~torchrec_hytrec.ops.jagged_attention.causal_window_starts` of the batch, computed
@@ -90,6 +104,42 @@ class SequenceContext:
                 layout=self.layout,
             )
         return self._window_starts[key]
+
+
+def checked_context(
+    values: torch.Tensor, offsets: torch.Tensor, timestamps: torch.Tensor, max_len: Optional[int]
+) -> SequenceContext:
+    """The context of an encoder's jagged inputs, once they are checked against each other.
+
+    Args:
+        values: ``[sum(n), d]`` event embeddings.
+        offsets: ``[B + 1]`` int64 start of every user's events.
+        timestamps: ``[sum(n)]`` int64 event times, non-decreasing within each user.
+        max_len: optional bound on every user's length.
+
+    Returns:
+        The batch's :class:`SequenceContext`. While compiling or exporting, where the values
+        cannot be read, only the shapes are checked.
+    """
+    if values.dim() != 2 or timestamps.shape != values.shape[:1]:
+        raise ValueError(
+            f"values must be [sum(n), d] and timestamps [sum(n)], "
+            f"got {tuple(values.shape)} and {tuple(timestamps.shape)}"
+        )
+    ctx = SequenceContext.from_jagged(offsets, timestamps, max_len)  # checks the offsets on the host
+    if torch.compiler.is_compiling():
+        return ctx
+    # A decrease at a user's first row is only the boundary between two users. One read of the
+    # device; the error path may read more.
+    backwards = (timestamps[1:] < timestamps[:-1]) & (ctx.positions[1:] > 0)
+    if bool(backwards.any()):
+        row = int(backwards.nonzero()[0]) + 1
+        raise ValueError(
+            f"timestamps must be non-decreasing within each user: user {int(ctx.layout.users[row])}, "
+            f"event {int(ctx.positions[row])} (row {row}) at {int(timestamps[row])} "
+            f"follows {int(timestamps[row - 1])}"
+        )
+    return ctx
 
 
 def gap_buckets(gaps: torch.Tensor, num_buckets: int, scale: float) -> torch.Tensor:
@@ -116,8 +166,9 @@ class SwiGLU(nn.Module):
 
     Example::
 
-        ffn = SwiGLU(64, 128)
-        y = ffn(torch.randn(10, 64))
+        >>> import torch
+        >>> SwiGLU(64, 128)(torch.randn(10, 64)).shape
+        torch.Size([10, 64])
     """
 
     def __init__(self, dim: int, hidden_dim: int, dropout: float = 0.0) -> None:
@@ -146,8 +197,11 @@ class RotaryEmbedding(nn.Module):
 
     Example::
 
-        rope = RotaryEmbedding(32)
-        q = rope(torch.randn(10, 2, 32), torch.arange(10))
+        >>> import torch
+        >>> rope = RotaryEmbedding(32)
+        >>> q = rope(torch.randn(10, 2, 32), torch.arange(10))
+        >>> q.shape
+        torch.Size([10, 2, 32])
     """
 
     def __init__(self, head_dim: int, base: float = 10000.0) -> None:
@@ -158,10 +212,13 @@ class RotaryEmbedding(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotates ``x`` ``[T, ..., D]`` (e.g. ``[T, H, D]`` or stacked queries and keys
         ``[T, 2, H, D]``) by the angles of ``positions`` ``[T]``."""
-        angles = positions.float()[:, None] * self.inv_freq  # [T, D/2]
+        angles = (positions.float()[:, None] * self.inv_freq).flatten()  # [T * D/2]
+        # Complex tensors are made flat from fresh copies: the stride checks of complex views (and
+        # of views of strided inputs) would otherwise bound T away from 1 in torch.export.
         rotation = torch.polar(torch.ones_like(angles), angles)
         rotation = rotation.view((x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1] // 2,))
         # Each channel pair (x1, x2) as the complex number x1 + i x2, times e^{i angle}: one
         # vectorised product, ~1.8x faster on CPU than real products against swapped pairs.
-        pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
+        flat = x.float().clone(memory_format=torch.contiguous_format).view(-1, 2)
+        pairs = torch.view_as_complex(flat).view(x.shape[:-1] + (x.shape[-1] // 2,))
         return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)

@@ -1,53 +1,17 @@
 """HyTRecEncoder: short-term softmax window + hybrid long-term stack, fused per position."""
 
-from dataclasses import dataclass
-from typing import List, Optional, Tuple, Union
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 from torch.profiler import record_function
 
-from torchrec_hytrec.modules.attention import KVCache, SoftmaxAttentionLayer
-from torchrec_hytrec.modules.blocks import SequenceContext, gap_buckets
+from torchrec_hytrec.modules import streaming
+from torchrec_hytrec.modules.attention import SoftmaxAttentionLayer
+from torchrec_hytrec.modules.blocks import SequenceContext, checked_context, gap_buckets
 from torchrec_hytrec.modules.config import TADN, HyTRecConfig
+from torchrec_hytrec.modules.streaming import HyTRecStreamState
 from torchrec_hytrec.modules.tadn import TADNLayer
-from torchrec_hytrec.ops.jagged_attention import JaggedLayout
-
-
-@dataclass
-class HyTRecStreamState:
-    """Everything a batch of streamed users needs to take one more event.
-
-    All users of a state advance together, one event per :meth:`HyTRecEncoder.stream_step`.
-
-    Args:
-        num_events: ``[B]`` int64 events each user has seen so far (a tensor, so that an
-            exported step serves every later step).
-        last_timestamps: ``[B]`` int64 time of each user's latest event.
-        long_states: per long-branch layer, the ``[B, H, d_k, d_v]`` TADN state or the
-            softmax layer's :class:`KVCache` (at most ``W`` events when windowed).
-        short_cache: the short branch's :class:`KVCache` of the last ``K`` events.
-        recent_long: ``[B, L, d]`` long-branch outputs of the last ``L <= K + 1`` events, the
-            candidates for the long summary ``l_{i-K}``.
-        recent_timestamps: ``[B, L]`` int64 times of those events.
-
-    Example::
-
-        state = encoder.init_stream(batch_size=4)
-        out, state = encoder.stream_step(state, values, timestamps)
-    """
-
-    num_events: torch.Tensor
-    last_timestamps: torch.Tensor
-    long_states: List[Union[torch.Tensor, KVCache]]
-    short_cache: Optional[KVCache]
-    recent_long: torch.Tensor
-    recent_timestamps: torch.Tensor
-
-
-# Stream states are pytrees, so an exported stream_step takes and returns them.
-torch.export.register_dataclass(KVCache)
-torch.export.register_dataclass(HyTRecStreamState)
 
 
 class LongShortFusion(nn.Module):
@@ -64,8 +28,10 @@ class LongShortFusion(nn.Module):
 
     Example::
 
-        fusion = LongShortFusion(64, num_gap_buckets=40, gap_dim=16)
-        h = fusion(s, l, buckets)
+        >>> import torch
+        >>> fusion = LongShortFusion(64, num_gap_buckets=40, gap_dim=16)
+        >>> fusion(torch.randn(5, 64), torch.randn(5, 64), torch.tensor([0, 3, 39, 40, 7])).shape
+        torch.Size([5, 64])
     """
 
     def __init__(self, dim: int, num_gap_buckets: int, gap_dim: int) -> None:
@@ -104,29 +70,41 @@ class HyTRecEncoder(nn.Module):
     latest event), so stale long-term memory fades while softmax layers are unchanged;
     ``t* = t_last`` is exactly the training form. It computes each layer only where the result
     reads it: the last long layer at the long-summary rows, a windowed softmax layer's input
-    (and the short branch's) only inside its windows. :meth:`init_stream` / :meth:`stream_step`
-    take one new event per user at ``O(d^2 + softmax window)`` cost (full-causal softmax
-    layers keep their whole KV cache), with outputs equal to the full forward.
+    (and the short branch's) only inside its windows.
+
+    Streaming (:mod:`~torchrec_hytrec.modules.streaming`): :meth:`prefill` builds the per-user
+    state of a jagged batch of histories in one pass (about the cost of :meth:`forward_last`),
+    :meth:`init_stream` that of users with no events, and :meth:`stream_step` takes one new event
+    per user at ``O(d^2 + softmax window)`` cost (full-causal softmax layers read their whole
+    KV cache), with outputs equal to the full forward.
 
     Host synchronisations: each call builds one :class:`SequenceContext`, which copies the
     offsets to the host once; every layer reads its plans (TADN chunks, softmax length groups
     and block layouts, window starts) from it, so the device is read back a fixed number of
     times per call, whatever the depth (``tests/test_host_syncs.py`` counts them).
 
-    Export: :meth:`stream_step` exports with ``torch.export`` (once the windows are full the
-    state's shapes stop changing, so one program serves every later step; full-causal softmax
-    layers grow their caches). :meth:`forward` and :meth:`forward_last` do not: the jagged
-    layout drives host-side control flow (length groups, block and chunk plans sized from the
-    host copy of the offsets), which export rejects as data-dependent guards.
+    Export: :meth:`forward`, :meth:`forward_last` and :meth:`stream_step` export with
+    ``torch.export`` into programs that serve any batch size and history lengths; the jagged
+    kernels are then traced as custom ops that plan inside
+    (:mod:`~torchrec_hytrec.ops.jagged_attention`). :mod:`~torchrec_hytrec.modules.export`
+    builds the programs and their dynamic shapes. An exported program does not check its inputs
+    (users without events, timestamps out of order): check them before serving.
 
     Args:
         config: the encoder's :class:`HyTRecConfig`.
 
     Example::
 
-        encoder = HyTRecEncoder(HyTRecConfig.hytrec(embedding_dim=64))
-        states = encoder(values, offsets, timestamps)          # [sum(n), 64]
-        users = encoder.forward_last(values, offsets, timestamps, request_time=t_star)  # [B, 64]
+        >>> import torch
+        >>> encoder = HyTRecEncoder(HyTRecConfig.hytrec(embedding_dim=16, short_window=4)).eval()
+        >>> offsets = torch.tensor([0, 3, 10])
+        >>> values, timestamps = torch.randn(10, 16), torch.arange(10) * 3600
+        >>> with torch.no_grad():
+        ...     states = encoder(values, offsets, timestamps)  # every position
+        ...     request_time = timestamps[offsets[1:] - 1] + 60
+        ...     users = encoder.forward_last(values, offsets, timestamps, request_time=request_time)
+        >>> states.shape, users.shape
+        (torch.Size([10, 16]), torch.Size([2, 16]))
     """
 
     def __init__(self, config: HyTRecConfig) -> None:
@@ -161,7 +139,8 @@ class HyTRecEncoder(nn.Module):
         return gap_buckets(gaps, self.config.num_gap_buckets, self.config.gap_bucket_scale)
 
     def _embed(self, values: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
-        return self.input_dropout(values + self.gap_embedding(self._buckets(ctx.gaps)))
+        buckets = ctx.gap_buckets(self.config.num_gap_buckets, self.config.gap_bucket_scale)
+        return self.input_dropout(values + self.gap_embedding(buckets))
 
     def _fuse(
         self, short: torch.Tensor, long: torch.Tensor, has_long: torch.Tensor, gaps: torch.Tensor
@@ -246,7 +225,7 @@ class HyTRecEncoder(nn.Module):
         Returns:
             ``[sum(n), d]``: row ``j`` depends only on its user's events up to ``j``.
         """
-        return self._encode(values, _context(values, offsets, timestamps, max_len))
+        return self._encode(values, checked_context(values, offsets, timestamps, max_len))
 
     def forward_last(
         self,
@@ -269,10 +248,11 @@ class HyTRecEncoder(nn.Module):
         Returns:
             ``[B, d]`` user states.
         """
-        ctx = _context(values, offsets, timestamps, max_len)
-        empty = (ctx.layout.host_lengths == 0).nonzero()
-        if empty.numel():
-            raise ValueError(f"forward_last: user {int(empty[0])} of the batch has no events")
+        ctx = checked_context(values, offsets, timestamps, max_len)
+        if not torch.compiler.is_compiling():
+            empty = (ctx.layout.host_lengths == 0).nonzero()
+            if empty.numel():
+                raise ValueError(f"forward_last: user {int(empty[0])} of the batch has no events")
         last = offsets[1:] - 1
         if request_time is not None:
             elapsed = request_time - timestamps[last]
@@ -287,126 +267,21 @@ class HyTRecEncoder(nn.Module):
         return self._encode(values, ctx, rows=last)
 
     def init_stream(self, batch_size: int, device: Optional[torch.device] = None) -> HyTRecStreamState:
-        """Empty streaming state of ``batch_size`` users with no events yet."""
-        device = device if device is not None else self.final_norm.weight.device
-        d = self.config.embedding_dim
-        return HyTRecStreamState(
-            num_events=torch.zeros(batch_size, dtype=torch.long, device=device),
-            last_timestamps=torch.zeros(batch_size, dtype=torch.long, device=device),
-            long_states=[
-                (
-                    layer.init_state(batch_size, device)
-                    if isinstance(layer, TADNLayer)
-                    else layer.init_cache(batch_size, device)
-                )
-                for layer in self.long_layers
-            ],
-            short_cache=(
-                self.short_layer.init_cache(batch_size, device) if self.short_layer is not None else None
-            ),
-            recent_long=torch.zeros(batch_size, 0, d, device=device),
-            recent_timestamps=torch.zeros(batch_size, 0, dtype=torch.long, device=device),
-        )
+        """Empty streaming state of ``batch_size`` users with no events yet
+        (:func:`~torchrec_hytrec.modules.streaming.init_stream`)."""
+        return streaming.init_stream(self, batch_size, device)
+
+    def prefill(
+        self, values: torch.Tensor, offsets: torch.Tensor, timestamps: torch.Tensor
+    ) -> HyTRecStreamState:
+        """Streaming state of every user of a jagged batch after its history, in one batched pass
+        (:func:`~torchrec_hytrec.modules.streaming.prefill`)."""
+        return streaming.prefill(self, values, offsets, timestamps)
 
     def stream_step(
         self, state: HyTRecStreamState, values: torch.Tensor, timestamps: torch.Tensor
     ) -> Tuple[torch.Tensor, HyTRecStreamState]:
-        """Takes one new event per user; equals the full forward's output at that event.
-
-        Args:
-            state: the users' state (from :meth:`init_stream` or a previous step).
-            values: ``[B, d]`` embeddings of the new events.
-            timestamps: ``[B]`` int64 times of the new events, ``>=`` the previous ones.
-
-        Returns:
-            ``(out, new_state)``: ``[B, d]`` user states after the events, and the new state
-            (``state`` itself is not modified).
-        """
-        batch = values.shape[0]
-        gaps = torch.where(state.num_events > 0, timestamps - state.last_timestamps, 0)
-        if not torch.compiler.is_compiling() and bool((gaps < 0).any()):
-            user = int((gaps < 0).nonzero()[0])
-            raise ValueError(
-                f"stream_step: user {user}'s new event ({int(timestamps[user])}) is earlier than its "
-                f"previous one ({int(state.last_timestamps[user])})"
-            )
-        ctx = SequenceContext(
-            layout=JaggedLayout(torch.arange(batch + 1, device=values.device)),
-            positions=state.num_events,
-            timestamps=timestamps,
-            gaps=gaps.float(),
-        )
-        x = self._embed(values, ctx)
-        long = x
-        long_states = []
-        for layer, layer_state in zip(self.long_layers, state.long_states):
-            long, layer_state = layer.step(long, ctx, layer_state)
-            long_states.append(layer_state)
-        short_cache = None
-        recent_long, recent_timestamps = state.recent_long, state.recent_timestamps
-        if self.short_layer is None:
-            out = long
-        else:
-            short, short_cache = self.short_layer.step(x, ctx, state.short_cache)
-            if self.fusion is None:
-                out = short
-            else:
-                keep = self.config.short_window + 1
-                recent_long = torch.cat([recent_long, long[:, None]], dim=1)[:, -keep:]
-                recent_timestamps = torch.cat([recent_timestamps, timestamps[:, None]], dim=1)[:, -keep:]
-                window_size = short_cache.timestamps.shape[1]
-                if self.config.short_window_seconds is not None:
-                    in_window = (
-                        short_cache.timestamps
-                        >= (timestamps - int(self.config.short_window_seconds))[:, None]
-                    )
-                    window_size = in_window.sum(dim=1)
-                # Index in `recent_*` of the last event before the short window (-1: none).
-                source = (
-                    recent_long.shape[1]
-                    - 1
-                    - torch.as_tensor(window_size, device=values.device).expand(batch)
-                )
-                has_long = source >= 0
-                rows = torch.arange(batch, device=values.device)
-                source = source.clamp(min=0)
-                out = self._fuse(
-                    short,
-                    recent_long[rows, source],
-                    has_long,
-                    (timestamps - recent_timestamps[rows, source]).float(),
-                )
-        new_state = HyTRecStreamState(
-            num_events=state.num_events + 1,
-            last_timestamps=timestamps,
-            long_states=long_states,
-            short_cache=short_cache,
-            recent_long=recent_long,
-            recent_timestamps=recent_timestamps,
-        )
-        return self.final_norm(out), new_state
-
-
-def _context(
-    values: torch.Tensor, offsets: torch.Tensor, timestamps: torch.Tensor, max_len: Optional[int]
-) -> SequenceContext:
-    """The batch's context, once the inputs are checked against each other."""
-    if values.dim() != 2 or timestamps.shape != values.shape[:1]:
-        raise ValueError(
-            f"values must be [sum(n), d] and timestamps [sum(n)], "
-            f"got {tuple(values.shape)} and {tuple(timestamps.shape)}"
-        )
-    ctx = SequenceContext.from_jagged(offsets, timestamps, max_len)  # checks the offsets on the host
-    if torch.compiler.is_compiling():
-        return ctx
-    # A decrease at a user's first row is only the boundary between two users. One read of the
-    # device; the error path may read more.
-    backwards = (timestamps[1:] < timestamps[:-1]) & (ctx.positions[1:] > 0)
-    if bool(backwards.any()):
-        row = int(backwards.nonzero()[0]) + 1
-        raise ValueError(
-            f"timestamps must be non-decreasing within each user: user {int(ctx.layout.users[row])}, "
-            f"event {int(ctx.positions[row])} (row {row}) at {int(timestamps[row])} "
-            f"follows {int(timestamps[row - 1])}"
-        )
-    return ctx
+        """Takes one new event per user, ``values`` ``[B, d]`` at ``timestamps`` ``[B]``; returns the
+        ``[B, d]`` outputs (equal to the full forward's at those events) and the new state
+        (:func:`~torchrec_hytrec.modules.streaming.stream_step`)."""
+        return streaming.stream_step(self, state, values, timestamps)

@@ -8,10 +8,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.profiler import record_function
 
-from torchrec_hytrec.modules.blocks import SequenceContext, SwiGLU, gap_buckets
+from torchrec_hytrec.modules.blocks import SequenceContext, SwiGLU
 from torchrec_hytrec.modules.config import HyTRecConfig
-from torchrec_hytrec.ops.jagged_attention import JaggedLayout
-from torchrec_hytrec.ops.tadn import chunk_tadn, tadn_step
+from torchrec_hytrec.ops.tadn import chunk_tadn
 
 # Gates start near 1 so that, before training, forgetting is driven by the time gaps.
 _GATE_BIAS_INIT = 5.0
@@ -37,14 +36,21 @@ class TADNLayer(nn.Module):
     head by ``exp(-(t* - t_last) / T_h)``: the state read at ``t*`` has decayed for the
     elapsed time (DESIGN §3.7); ``t* = t_last`` gives the training form exactly.
 
+    Streaming (:mod:`torchrec_hytrec.modules.streaming`) continues from the per-user states
+    :meth:`forward_with_state` returns, one event at a time, through :meth:`project` and
+    :meth:`finish`.
+
     Args:
         config: encoder configuration (width, heads, gap buckets, time-constant range).
 
     Example::
 
-        layer = TADNLayer(HyTRecConfig(embedding_dim=32))
-        ctx = SequenceContext.from_jagged(offsets, timestamps)
-        y = layer(x, ctx)
+        >>> import torch
+        >>> layer = TADNLayer(HyTRecConfig(embedding_dim=32))
+        >>> ctx = SequenceContext.from_jagged(torch.tensor([0, 3, 7]), torch.arange(7) * 600)
+        >>> y, state = layer.forward_with_state(torch.randn(7, 32), ctx)
+        >>> y.shape, state.shape
+        (torch.Size([7, 32]), torch.Size([2, 2, 16, 16]))
     """
 
     def __init__(self, config: HyTRecConfig) -> None:
@@ -89,16 +95,19 @@ class TADNLayer(nn.Module):
             ``(log_g, log_alpha, beta)``, each ``[T, H]`` fp32: the log of the learned gate,
             the fused log decay ``-Delta / T_h + log_g`` and the write strength.
         """
-        phi = self.gap_embedding(gap_buckets(ctx.gaps, self.num_gap_buckets, self.gap_bucket_scale))
+        phi = self.gap_embedding(ctx.gap_buckets(self.num_gap_buckets, self.gap_bucket_scale))
         gate_logit, beta_logit = self.gates(torch.cat([e, phi.to(e.dtype)], dim=-1)).float().chunk(2, dim=-1)
-        # -softplus(-x) is logsigmoid(x); F.logsigmoid's CPU kernel costs milliseconds on tiny streaming inputs.
+        # -softplus(-x) is logsigmoid(x); F.logsigmoid's CPU kernel costs milliseconds on tiny
+        # streaming inputs.
         log_g = -F.softplus(-gate_logit)
         log_tau = -ctx.gaps[:, None] / self.log_time_constant.exp()
         return log_g, log_tau + log_g, torch.sigmoid(beta_logit)
 
-    def _project(
+    def project(
         self, x: torch.Tensor, ctx: SequenceContext
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(e, q, k, v, log_alpha, beta)`` of inputs ``x`` ``[T, d]``: the normalised input, the
+        ``[T, H, D]`` queries, keys and values and the ``[T, H]`` fp32 gates."""
         e = self.norm(x)
         # split, not slices: its backward is one concatenation instead of zero-filled copies.
         qk, v = self.qkv(e).unflatten(-1, (3, self.num_heads, self.head_dim)).split([2, 1], dim=1)
@@ -107,25 +116,15 @@ class TADNLayer(nn.Module):
         _, log_alpha, beta = self.temporal_gates(e, ctx)
         return e, q, k, v.squeeze(1), log_alpha, beta
 
-    def _finish(
+    def finish(
         self, x: torch.Tensor, e: torch.Tensor, o: torch.Tensor, elapsed: Optional[torch.Tensor]
     ) -> torch.Tensor:
+        """The block's output from its input ``x``, ``e`` (:meth:`project`), the readouts ``o``
+        ``[T, H, D]`` and the optional ``[T]`` seconds from the last event to the request time."""
         if elapsed is not None:
             o = o * torch.exp(-elapsed[:, None] / self.log_time_constant.exp())[..., None]
         y = self.head_norm(o.to(x.dtype)).flatten(-2) * F.silu(self.output_gate(e))
         return self.ffn(x + self.dropout(self.out(y)))
-
-    def _chunk_size_for(self, layout: JaggedLayout) -> int:
-        """The configured chunk size, shrunk for batches of short users.
-
-        Every user is padded to a multiple of the chunk, so a batch of 10-event users at C = 64
-        would spend most of its work on padding; the result is exact for any chunk size. Read from
-        the layout's host counts, so it costs no device read.
-        """
-        users = max(layout.num_users, 1)
-        mean_length = -(-layout.num_events // users)
-        fitting = 1 << max(mean_length - 1, 0).bit_length()
-        return min(self.chunk_size, max(_MIN_CHUNK_SIZE, fitting))
 
     def forward(
         self, x: torch.Tensor, ctx: SequenceContext, rows: Optional[torch.Tensor] = None
@@ -141,41 +140,38 @@ class TADNLayer(nn.Module):
         Returns:
             ``[T, d]`` outputs, or ``[R, d]`` with ``rows``.
         """
-        e, q, k, v, log_alpha, beta = self._project(x, ctx)
+        return self.forward_with_state(x, ctx, rows)[0]
+
+    def forward_with_state(
+        self, x: torch.Tensor, ctx: SequenceContext, rows: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward`, and every user's recurrent state after its last event.
+
+        Returns:
+            ``(y, state)``: the outputs and the ``[B, H, d_k, d_v]`` fp32 states, what a stream
+            continues from.
+        """
+        e, q, k, v, log_alpha, beta = self.project(x, ctx)
         with record_function("## hytrec_tadn ##"):
-            o, _ = chunk_tadn(
-                q=q, k=k, v=v, log_alpha=log_alpha, beta=beta, offsets=ctx.offsets,
-                chunk_size=self._chunk_size_for(ctx.layout), layout=ctx.layout,
+            o, state = chunk_tadn(
+                q=q,
+                k=k,
+                v=v,
+                log_alpha=log_alpha,
+                beta=beta,
+                offsets=ctx.offsets,
+                output_final_state=True,
+                chunk_size=self.chunk_size,
+                min_chunk_size=_MIN_CHUNK_SIZE,
+                layout=ctx.layout,
             )
+        assert state is not None
         elapsed = ctx.elapsed
         if rows is not None:
             x, e, o = x[rows], e[rows], o[rows]
             elapsed = elapsed[rows] if elapsed is not None else None
-        return self._finish(x, e, o, elapsed)
+        return self.finish(x, e, o, elapsed), state
 
     def input_rows(self, ctx: SequenceContext, rows: torch.Tensor) -> Optional[torch.Tensor]:
         """``None``: the recurrence reads every event's input, whichever outputs are wanted."""
         return None
-
-    def init_state(self, batch_size: int, device: torch.device) -> torch.Tensor:
-        """Empty recurrent state ``[B, H, d_k, d_v]`` of ``batch_size`` streamed users."""
-        return torch.zeros(batch_size, self.num_heads, self.head_dim, self.head_dim, device=device)
-
-    def step(
-        self, x: torch.Tensor, ctx: SequenceContext, state: torch.Tensor
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Advances every streamed user by one event.
-
-        Args:
-            x: ``[B, d]`` inputs of the new events.
-            ctx: facts of the new events (one per user).
-            state: ``[B, H, d_k, d_v]`` states before the events.
-
-        Returns:
-            ``(y, new_state)``: ``[B, d]`` outputs and the updated states.
-        """
-        e, q, k, v, log_alpha, beta = self._project(x, ctx)
-        o, state = tadn_step(
-            state=state, q=q, k=k, v=v, log_alpha=log_alpha, beta=beta, scale=self.head_dim**-0.5
-        )
-        return self._finish(x, e, o, ctx.elapsed), state

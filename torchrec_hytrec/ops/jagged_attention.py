@@ -16,6 +16,17 @@ Tensors follow the jagged convention of the rest of the package: ``[T, H, D]`` r
 grouped by user through ``offsets`` ``[B + 1]``. Both paths are planned from a host copy of the
 offsets; a :class:`JaggedLayout` shared by the calls of one batch takes that copy once and keeps
 the plans.
+
+Export: while ``torch.export`` traces, the offsets hold no values, so no plan can be made. Each
+kernel that plans on the host is then traced as a ``torch.library`` custom op (``hytrec::*``)
+whose fake implementation gives the output's shape from the inputs' shapes, and whose real one
+runs the same eager kernel, planning from the offsets it is given. We keep the host-side plans
+instead of rewriting them as tensor programs (or bucketing lengths) because they are what makes
+these kernels fast on CPU (length groups of SDPA calls, block layouts sized to the batch), and
+because an exported program then computes exactly what eager code computes. The cost: the plans
+of an exported program are made once per op call rather than once per batch (on a GPU, one
+device read per call). Exported programs are inference programs: the ops have no autograd
+formula.
 """
 
 from dataclasses import dataclass
@@ -37,21 +48,37 @@ class JaggedLayout:
     once per key and kept. Layers that share one layout therefore read the device back a fixed
     number of times per batch, whatever their number.
 
+    While ``torch.export`` traces, the layout has no host copy (the offsets hold no values): it
+    answers only what tensor shapes say (``num_users``, ``num_events`` when given) and what it builds
+    with tensor ops (``lengths``, ``users``, ``positions``); the kernels then run as custom ops that
+    plan inside (see the module's docstring).
+
     Args:
         offsets: ``[B + 1]`` int64 start of every user's rows, on the device of the data.
         max_len: optional bound on every user's length (HSTU's ``max_seq_len``), checked against
             the offsets; the longest user's length when ``None``.
+        num_events: ``T`` as a tensor's size, for a layout made while exporting (where
+            ``offsets[-1]`` cannot be read); ignored otherwise.
 
     Example::
 
-        layout = JaggedLayout(offsets)
-        out = jagged_causal_attention(q=q, k=k, v=v, offsets=offsets, layout=layout)
+        >>> import torch
+        >>> offsets = torch.tensor([0, 3, 7])
+        >>> layout = JaggedLayout(offsets)
+        >>> q = torch.randn(7, 2, 8)
+        >>> jagged_causal_attention(q=q, k=q, v=q, offsets=offsets, layout=layout).shape
+        torch.Size([7, 2, 8])
+        >>> layout.host_lengths.tolist(), layout.positions.tolist()
+        ([3, 4], [0, 1, 2, 0, 1, 2, 3])
     """
 
-    def __init__(self, offsets: torch.Tensor, max_len: Optional[int] = None) -> None:
+    def __init__(
+        self, offsets: torch.Tensor, max_len: Optional[int] = None, num_events: Optional[int] = None
+    ) -> None:
         self.offsets = offsets
         self._max_len = max_len
         self._plans: Dict[Hashable, Any] = {}
+        self._num_events_hint = num_events
 
     @classmethod
     def of(cls, offsets: torch.Tensor, layout: Optional["JaggedLayout"]) -> "JaggedLayout":
@@ -91,7 +118,9 @@ class JaggedLayout:
 
     @cached_property
     def num_events(self) -> int:
-        """``T = offsets[-1]``, from the host copy."""
+        """``T = offsets[-1]``, from the host copy (while exporting, the ``num_events`` given)."""
+        if torch.compiler.is_exporting() and self._num_events_hint is not None:
+            return self._num_events_hint
         return int(self.host_offsets[-1])
 
     @cached_property
@@ -176,7 +205,8 @@ def causal_window_starts(
     # event in the low part, so a single searchsorted never crosses into another user.
     first_time = timestamps[offsets[:-1].clamp(max=total - 1)]
     relative = timestamps - first_time[user]
-    span = int(relative.max()) + int(window_seconds) + 2
+    # A tensor, not a host int: no device read, and nothing data-dependent for torch.export.
+    span = relative.max() + int(window_seconds) + 2
     key = user * span + relative
     # t_j >= t_i - s  <=>  t_j >= t_i - floor(s) for integer times.
     first = torch.searchsorted(key, key - int(window_seconds), right=False)
@@ -217,8 +247,30 @@ def jagged_causal_attention(
 
     Example::
 
-        out = jagged_causal_attention(q=q, k=k, v=v, offsets=offsets, window=64)
+        >>> import torch
+        >>> q = torch.randn(10, 2, 8)
+        >>> out = jagged_causal_attention(q=q, k=q, v=q, offsets=torch.tensor([0, 4, 10]), window=3)
+        >>> out.shape
+        torch.Size([10, 2, 8])
     """
+    if torch.compiler.is_exporting():
+        return torch.ops.hytrec.jagged_causal_attention(
+            q, k, v, offsets, window, window_starts, block_size, scale
+        )
+    return _jagged_causal_attention(q, k, v, offsets, window, window_starts, block_size, scale, layout)
+
+
+def _jagged_causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    offsets: torch.Tensor,
+    window: Optional[int],
+    window_starts: Optional[torch.Tensor],
+    block_size: int,
+    scale: Optional[float],
+    layout: Optional[JaggedLayout] = None,
+) -> torch.Tensor:
     layout = JaggedLayout.of(offsets, layout)
     if window is None:
         if window_starts is not None:
@@ -265,6 +317,14 @@ def attention_key_rows(
     Returns:
         ``[R']`` int64 sorted distinct rows, at most ``R * W``.
     """
+    if torch.compiler.is_exporting():
+        return torch.ops.hytrec.attention_key_rows(offsets, rows, window, window_starts)
+    return _attention_key_rows(offsets, rows, window, window_starts)
+
+
+def _attention_key_rows(
+    offsets: torch.Tensor, rows: torch.Tensor, window: int, window_starts: Optional[torch.Tensor]
+) -> torch.Tensor:
     # Padding keys repeat their query's own row, which every window holds: no need to drop them
     # (a boolean selection would be one more read of the device).
     keys, _ = _window_keys(offsets, rows, window, window_starts)
@@ -306,9 +366,32 @@ def causal_attention_at(
 
     Example::
 
-        last = offsets[1:] - 1
-        out = causal_attention_at(q=q[last], k=k, v=v, offsets=offsets, rows=last, window=64)
+        >>> import torch
+        >>> offsets = torch.tensor([0, 4, 10])
+        >>> k = torch.randn(10, 2, 8)
+        >>> last = offsets[1:] - 1
+        >>> out = causal_attention_at(q=k[last], k=k, v=k, offsets=offsets, rows=last, window=3)
+        >>> torch.allclose(out, jagged_causal_attention(q=k, k=k, v=k, offsets=offsets, window=3)[last])
+        True
     """
+    if torch.compiler.is_exporting():
+        return torch.ops.hytrec.causal_attention_at(
+            q, k, v, offsets, rows, window, window_starts, key_rows, scale
+        )
+    return _causal_attention_at(q, k, v, offsets, rows, window, window_starts, key_rows, scale)
+
+
+def _causal_attention_at(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    offsets: torch.Tensor,
+    rows: torch.Tensor,
+    window: Optional[int],
+    window_starts: Optional[torch.Tensor],
+    key_rows: Optional[torch.Tensor],
+    scale: Optional[float],
+) -> torch.Tensor:
     keys, valid = _window_keys(offsets, rows, window, window_starts)
     if key_rows is not None:
         keys = torch.searchsorted(key_rows, keys)
@@ -316,6 +399,63 @@ def causal_attention_at(
     scores = torch.einsum("rhd,rlhd->rhl", q, k[keys]) * scale
     probs = scores.masked_fill(~valid[:, None, :], float("-inf")).softmax(dim=-1)
     return torch.einsum("rhl,rlhd->rhd", probs, v[keys])
+
+
+@torch.library.custom_op("hytrec::jagged_causal_attention", mutates_args=())
+def _jagged_causal_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    offsets: torch.Tensor,
+    window: Optional[int],
+    window_starts: Optional[torch.Tensor],
+    block_size: int,
+    scale: Optional[float],
+) -> torch.Tensor:
+    """:func:`jagged_causal_attention` as one op of an exported program (plans inside)."""
+    return _jagged_causal_attention(q, k, v, offsets, window, window_starts, block_size, scale)
+
+
+@_jagged_causal_attention_op.register_fake
+def _jagged_causal_attention_fake(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any
+) -> torch.Tensor:
+    return q.new_empty(q.shape[:2] + v.shape[2:])
+
+
+@torch.library.custom_op("hytrec::causal_attention_at", mutates_args=())
+def _causal_attention_at_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    offsets: torch.Tensor,
+    rows: torch.Tensor,
+    window: Optional[int],
+    window_starts: Optional[torch.Tensor],
+    key_rows: Optional[torch.Tensor],
+    scale: Optional[float],
+) -> torch.Tensor:
+    """:func:`causal_attention_at` as one op of an exported program (its window span is read inside)."""
+    return _causal_attention_at(q, k, v, offsets, rows, window, window_starts, key_rows, scale)
+
+
+@_causal_attention_at_op.register_fake
+def _causal_attention_at_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any) -> torch.Tensor:
+    return q.new_empty(q.shape[:2] + v.shape[2:])
+
+
+@torch.library.custom_op("hytrec::attention_key_rows", mutates_args=())
+def _attention_key_rows_op(
+    offsets: torch.Tensor, rows: torch.Tensor, window: int, window_starts: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """:func:`attention_key_rows` as one op of an exported program."""
+    return _attention_key_rows(offsets, rows, window, window_starts)
+
+
+@_attention_key_rows_op.register_fake
+def _attention_key_rows_fake(offsets: torch.Tensor, rows: torch.Tensor, *args: Any) -> torch.Tensor:
+    # As many rows as the windows hold, known only when the program runs.
+    return rows.new_empty(torch.library.get_ctx().new_dynamic_size())
 
 
 @dataclass
@@ -390,7 +530,9 @@ def _full_causal(
             # [G, H, L, D]; 4-D inputs, as SDPA sends 3-D ones to its quadratic-memory math path on CPU.
             return x.index_select(0, group.rows).view(group.num_users, group.longest, H, D).transpose(1, 2)
 
-        o = F.scaled_dot_product_attention(gather(flat_q), gather(flat_k), gather(flat_v), is_causal=True, scale=scale)
+        o = F.scaled_dot_product_attention(
+            gather(flat_q), gather(flat_k), gather(flat_v), is_causal=True, scale=scale
+        )
         outputs.append(o.transpose(1, 2).reshape(-1, H, D).index_select(0, group.keep))
     return q.new_empty(q.shape).index_copy(0, plan.rows, torch.cat(outputs))
 
@@ -463,7 +605,9 @@ def _windowed_causal(
     if window_starts is None:
         threshold = plan.first_key[:, None].expand(num_queries, block)
     else:
-        starts = torch.zeros(num_slots * block, dtype=torch.long, device=device).index_copy(0, rows, window_starts)
+        starts = torch.zeros(num_slots * block, dtype=torch.long, device=device).index_copy(
+            0, rows, window_starts
+        )
         threshold = plan.first_key[:, None] + starts.view(num_slots, block)[before:]
     # The diagonal is always allowed, so padding query rows (outputs dropped) never have an
     # empty row, whose NaN would leak into the gradients.

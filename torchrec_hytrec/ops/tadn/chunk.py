@@ -20,13 +20,21 @@ and keeping only ``[W | U]``, the transitions ``M`` and the chunk-boundary state
 Numerics: only ``exp`` of non-positive sums of log-gates is ever formed, each sum taken directly
 over its own segment (never as a difference of prefix sums), so a finite ``log_alpha`` down to
 ``-1e4`` gives exact zeros instead of overflow or cancellation. Work is done in fp32 (fp64 when the
-inputs are fp64).
+inputs are fp64), with autocast turned off around the forward and the backward: under
+``torch.autocast`` the batched products would be re-cast to bf16/fp16, where the triangular solves
+do not exist on CPU and the decays and the state lose the precision they need. Inputs of any dtype
+are cast to fp32; the output comes back in the queries' dtype (what autocast gives the projections
+that make them), the final state in fp32.
+
+Export: while ``torch.export`` traces there are no offsets to plan from, so :func:`chunk_tadn`
+is traced as the custom op ``hytrec::chunk_tadn``, which plans inside (see
+:mod:`torchrec_hytrec.ops.jagged_attention`).
 """
 
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Tuple
+from typing import Any, Iterator, List, Optional, Tuple
 
 import torch
 from torch.autograd.function import FunctionCtx, once_differentiable
@@ -64,6 +72,35 @@ class _JaggedChunks:
 
 def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(x, 0) - x
+
+
+def fitted_chunk_size(layout: JaggedLayout, chunk_size: int, min_chunk_size: int) -> int:
+    """``chunk_size``, shrunk for batches of short users.
+
+    Every user is padded to a multiple of the chunk, so a batch of 10-event users at C = 64 would
+    spend most of its work on padding; the result is exact for any chunk size. Read from the layout's
+    host counts, so it costs no device read.
+
+    Args:
+        layout: the batch's layout.
+        chunk_size: the largest chunk.
+        min_chunk_size: the smallest: below it the per-chunk overheads outweigh the padding saved.
+
+    Returns:
+        The power of two at or above the mean length, within ``[min_chunk_size, chunk_size]``.
+
+    Example::
+
+        >>> import torch
+        >>> fitted_chunk_size(JaggedLayout(torch.tensor([0, 9, 21, 24])), 64, 16)
+        16
+        >>> fitted_chunk_size(JaggedLayout(torch.tensor([0, 20, 45])), 64, 16)
+        32
+    """
+    users = max(layout.num_users, 1)
+    mean_length = -(-layout.num_events // users)
+    fitting = 1 << max(mean_length - 1, 0).bit_length()
+    return min(chunk_size, max(min_chunk_size, fitting))
 
 
 def _plan_chunks(layout: JaggedLayout, num_heads: int, chunk_size: int) -> _JaggedChunks:
@@ -121,9 +158,7 @@ def _to_chunks(x: torch.Tensor, plan: _JaggedChunks, dtype: torch.dtype) -> torc
     return rows.index_select(0, plan.source).view(plan.num_chunks * H, plan.chunk_size, *rest)
 
 
-def _from_chunks(
-    y: torch.Tensor, plan: _JaggedChunks, shape: torch.Size, dtype: torch.dtype
-) -> torch.Tensor:
+def _from_chunks(y: torch.Tensor, plan: _JaggedChunks, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
     """Inverse of :func:`_to_chunks` (padding dropped), as ``shape`` ``[T, H, *D]`` in ``dtype``."""
     rest = y.shape[2:]
     return y.reshape(-1, *rest).index_select(0, plan.dest).view(shape).to(dtype)
@@ -169,9 +204,7 @@ def _gates(log_alpha: torch.Tensor) -> _Gates:
     seg = torch.matmul(upto.to(log_alpha.dtype) * log_alpha[:, None, :], after.to(log_alpha.dtype))
     decay = _exp_or_zero(seg, ~upto)
     from_start = _exp_or_zero(log_alpha.cumsum(-1))
-    return _Gates(
-        decay=decay, from_start=from_start, to_end=decay[:, -1], total=from_start[:, -1]
-    )
+    return _Gates(decay=decay, from_start=from_start, to_end=decay[:, -1], total=from_start[:, -1])
 
 
 def _transition(kd: torch.Tensor, w: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
@@ -242,9 +275,7 @@ def _chunk_matrices(
     return bk, a, p
 
 
-def _effective_queries(
-    qc: torch.Tensor, p: torch.Tensor, w: torch.Tensor, gates: _Gates
-) -> torch.Tensor:
+def _effective_queries(qc: torch.Tensor, p: torch.Tensor, w: torch.Tensor, gates: _Gates) -> torch.Tensor:
     """``Qeff = diag(e^g) Q - P W``: what reads the state entering the chunk."""
     return (gates.from_start[:, :, None] * qc).baddbmm_(p, w, alpha=-1)
 
@@ -306,6 +337,14 @@ class _ChunkTADN(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(  # pyre-ignore[14]
+        ctx: FunctionCtx, do: torch.Tensor, dfinal: Optional[torch.Tensor]
+    ) -> Tuple[Optional[torch.Tensor], ...]:
+        # A backward called inside an autocast region would run under it.
+        with torch.autocast(do.device.type, enabled=False):
+            return _ChunkTADN._backward(ctx, do, dfinal)
+
+    @staticmethod
+    def _backward(
         ctx: FunctionCtx, do: torch.Tensor, dfinal: Optional[torch.Tensor]
     ) -> Tuple[Optional[torch.Tensor], ...]:
         qc, kc, vc, gc, bc, states, wu, m = ctx.saved_tensors
@@ -399,6 +438,7 @@ def chunk_tadn(
     output_final_state: bool = False,
     scale: Optional[float] = None,
     chunk_size: int = 64,
+    min_chunk_size: Optional[int] = None,
     layout: Optional[JaggedLayout] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Chunkwise TADN over a jagged batch; same semantics as
@@ -421,6 +461,8 @@ def chunk_tadn(
         output_final_state: also return every user's state after its last event.
         scale: readout scale, ``K ** -0.5`` by default.
         chunk_size: positions per chunk ``C``.
+        min_chunk_size: if given, ``C`` shrinks for batches of short users, down to this
+            (:func:`fitted_chunk_size`).
         layout: optional :class:`~torchrec_hytrec.ops.jagged_attention.JaggedLayout` of
             ``offsets``: the chunk plan is then made once per ``(chunk_size, H)`` and reused by
             every call that shares it.
@@ -431,15 +473,18 @@ def chunk_tadn(
 
     Example::
 
-        T, H, D = 10, 2, 16
-        q = torch.nn.functional.normalize(torch.randn(T, H, D), dim=-1)
-        k = torch.nn.functional.normalize(torch.randn(T, H, D), dim=-1)
-        v = torch.randn(T, H, D)
-        log_alpha = -torch.rand(T, H)
-        beta = torch.rand(T, H)
-        offsets = torch.tensor([0, 3, 10])
-        o, state = chunk_tadn(q=q, k=k, v=v, log_alpha=log_alpha, beta=beta,
-                              offsets=offsets, output_final_state=True, chunk_size=4)
+        >>> import torch
+        >>> from torchrec_hytrec.ops.tadn import naive_recurrent_tadn
+        >>> T, H, D = 10, 2, 16
+        >>> q = torch.nn.functional.normalize(torch.randn(T, H, D), dim=-1)
+        >>> k = torch.nn.functional.normalize(torch.randn(T, H, D), dim=-1)
+        >>> v = torch.randn(T, H, D)
+        >>> log_alpha, beta = -torch.rand(T, H), torch.rand(T, H)
+        >>> inputs = dict(q=q, k=k, v=v, log_alpha=log_alpha, beta=beta, offsets=torch.tensor([0, 3, 10]))
+        >>> o, state = chunk_tadn(**inputs, output_final_state=True, chunk_size=4)
+        >>> o_ref, state_ref = naive_recurrent_tadn(**inputs, output_final_state=True)
+        >>> torch.allclose(o, o_ref, atol=1e-5), state.shape
+        (True, torch.Size([2, 2, 16, 16]))
     """
     if q.dim() != 3 or k.shape != q.shape:
         raise ValueError(f"q and k must both be [T, H, K], got {tuple(q.shape)} and {tuple(k.shape)}")
@@ -451,9 +496,48 @@ def chunk_tadn(
             raise ValueError(f"{name} must be [T, H] = [{T}, {H}], got {tuple(x.shape)}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    scale = K**-0.5 if scale is None else scale
+    if torch.compiler.is_exporting():
+        o, final = torch.ops.hytrec.chunk_tadn(
+            q, k, v, log_alpha, beta, offsets, initial_state, scale, chunk_size, min_chunk_size
+        )
+        return o, (final if output_final_state else None)
+    return _chunk_tadn(
+        q,
+        k,
+        v,
+        log_alpha,
+        beta,
+        offsets,
+        initial_state,
+        output_final_state,
+        scale,
+        chunk_size,
+        min_chunk_size,
+        layout,
+    )
+
+
+def _chunk_tadn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_alpha: torch.Tensor,
+    beta: torch.Tensor,
+    offsets: torch.Tensor,
+    initial_state: Optional[torch.Tensor],
+    output_final_state: bool,
+    scale: float,
+    chunk_size: int,
+    min_chunk_size: Optional[int],
+    layout: Optional[JaggedLayout],
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    T, H, K = q.shape
     layout = JaggedLayout.of(offsets, layout)
     if layout.num_events != T:
         raise ValueError(f"offsets must end at the number of events {T}, got offsets[-1]={layout.num_events}")
+    if min_chunk_size is not None:
+        chunk_size = fitted_chunk_size(layout, chunk_size, min_chunk_size)
     plan = layout.plan(("tadn_chunks", chunk_size, H), lambda: _plan_chunks(layout, H, chunk_size))
     B = layout.num_users
     if initial_state is not None and initial_state.shape != (B, H, K, v.shape[2]):
@@ -461,7 +545,43 @@ def chunk_tadn(
             f"initial_state must be [B, H, K, V] = [{B}, {H}, {K}, {v.shape[2]}], "
             f"got {tuple(initial_state.shape)}"
         )
-    scale = K**-0.5 if scale is None else scale
-    return _ChunkTADN.apply(
-        q, k, v, log_alpha, beta, initial_state, plan, scale, output_final_state
+    with torch.autocast(q.device.type, enabled=False):
+        return _ChunkTADN.apply(q, k, v, log_alpha, beta, initial_state, plan, scale, output_final_state)
+
+
+@torch.library.custom_op("hytrec::chunk_tadn", mutates_args=())
+def _chunk_tadn_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_alpha: torch.Tensor,
+    beta: torch.Tensor,
+    offsets: torch.Tensor,
+    initial_state: Optional[torch.Tensor],
+    scale: float,
+    chunk_size: int,
+    min_chunk_size: Optional[int],
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`chunk_tadn` (with the final states) as one op of an exported program (plans inside)."""
+    o, final = _chunk_tadn(
+        q, k, v, log_alpha, beta, offsets, initial_state, True, scale, chunk_size, min_chunk_size, None
     )
+    assert final is not None
+    return o, final
+
+
+@_chunk_tadn_op.register_fake
+def _chunk_tadn_fake(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_alpha: torch.Tensor,
+    beta: torch.Tensor,
+    offsets: torch.Tensor,
+    *args: Any,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    T, H, K = q.shape
+    final = q.new_empty(
+        offsets.shape[0] - 1, H, K, v.shape[2], dtype=torch.promote_types(q.dtype, torch.float32)
+    )
+    return q.new_empty(T, H, v.shape[2]), final

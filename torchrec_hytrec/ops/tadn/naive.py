@@ -38,17 +38,29 @@ def tadn_step(
     Returns:
         ``(o, new_state)`` with ``o`` ``[N, H, V]`` fp32 (fp64 for fp64 inputs).
     """
+    if torch.is_autocast_enabled(q.device.type):
+        # The state and the decays stay in fp32, whatever autocast would make of the products.
+        with torch.autocast(q.device.type, enabled=False):
+            return tadn_step(state=state, q=q, k=k, v=v, log_alpha=log_alpha, beta=beta, scale=scale)
     dtype = torch.promote_types(q.dtype, torch.float32)
-    state = state.to(dtype)
-    k = k.to(dtype)
-    alpha = log_alpha.to(dtype).exp()[..., None, None]
-    bk = beta.to(dtype)[..., None] * k
-    # (I - beta k k^T) S = S - beta k (k^T S)
-    kS = torch.einsum("nhk,nhkv->nhv", k, state)
-    state = alpha * (state - bk[..., :, None] * kS[..., None, :])
-    state = state + bk[..., :, None] * v.to(dtype)[..., None, :]
-    o = torch.einsum("nhkv,nhk->nhv", state, q.to(dtype)) * scale
-    return o, state
+    N, H, K, V = state.shape
+
+    def rows(x: torch.Tensor, *shape: int) -> torch.Tensor:
+        # Copied, then viewed: torch.export guards a reshape (or contiguous()) of a strided view on
+        # N != 1, which would keep an exported step from serving a single user.
+        x = x if x.dtype == dtype else x.to(dtype)
+        return x.clone(memory_format=torch.contiguous_format).view(N * H, *shape)
+
+    # Batched products over the N * H states: einsum and broadcasting matmuls cost more in dispatch
+    # than the arithmetic on streaming's single events, and guard on sizes of 1 in torch.export.
+    state = (state if state.dtype == dtype else state.to(dtype)).reshape(N * H, K, V)
+    k = rows(k, 1, K)
+    alpha = rows(log_alpha, 1, 1).exp()
+    # alpha (I - beta k k^T) S + beta k v^T  =  alpha S + (beta k) (v - alpha k^T S)^T
+    innovation = rows(v, 1, V) - alpha * torch.bmm(k, state)
+    state = torch.baddbmm(alpha * state, (rows(beta, 1, 1) * k).mT, innovation)
+    o = torch.bmm(rows(q, 1, K), state).mul_(scale)
+    return o.view(N, H, V), state.view(N, H, K, V)
 
 
 def naive_recurrent_tadn(
