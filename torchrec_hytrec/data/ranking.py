@@ -37,9 +37,21 @@ class RankingBatch(Pipelineable):
 
     Example::
 
-        batch = ranking_batch_from_sequences(seq_batch, num_items=2000, num_negatives=4,
-                                             user_buckets=1000)
-        batch = batch.to(torch.device("cuda"), non_blocking=True)
+        >>> import torch
+        >>> from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+        >>> from torchrec_hytrec import SequenceBatch
+        >>> from torchrec_hytrec.data.batch import sequence_keys
+        >>> from torchrec_hytrec.data.ranking import ranking_batch_from_sequences
+        >>> features = KeyedJaggedTensor(sequence_keys([]), torch.tensor([10, 20, 30, 5, 9, 4, 7, 1, 2, 3]),
+        ...                              lengths=torch.tensor([3, 2, 3, 2, 0, 0, 0, 0]))
+        >>> history = SequenceBatch(features, user_ids=torch.tensor([7, 8]),
+        ...                         target_timestamps=torch.tensor([-1, -1]), weights=torch.ones(2))
+        >>> rows = ranking_batch_from_sequences(history, num_items=50, num_negatives=2, user_buckets=10,
+        ...                                     generator=torch.Generator().manual_seed(0))
+        >>> rows.batch_size, rows.labels.tolist()  # each user's real last item, then 2 negatives
+        (6, [1.0, 0.0, 0.0, 1.0, 0.0, 0.0])
+        >>> rows.sequence["candidate_item_id"].values()[[0, 3]].tolist()
+        [1, 3]
     """
 
     sequence: KeyedJaggedTensor

@@ -67,7 +67,9 @@ class OptimizerConfig:
 
     Example::
 
-        config = OptimizerConfig(sparse_optimizer="rowwise_adagrad", sparse_lr=0.05, dense_lr=1e-3)
+        >>> from torchrec_hytrec import OptimizerConfig
+        >>> OptimizerConfig(sparse_optimizer="rowwise_adagrad", sparse_lr=0.05, dense_lr=1e-3).betas
+        (0.9, 0.999)
     """
 
     sparse_optimizer: str = "rowwise_adagrad"
