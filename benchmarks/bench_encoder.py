@@ -147,9 +147,23 @@ def measure(configs: Dict[str, HyTRecConfig], batch: Batch, repeats: int) -> Dic
 def measure_memory(args: argparse.Namespace, n: int, kind: str) -> Dict[str, Dict[str, float]]:
     """Peak MiB of every encoder's inference and training step, from a child process
     (``--memory-of``) started with glibc unmapping large blocks when freed."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--memory-of", str(n), kind, "--dim", str(args.dim),
-           "--heads", str(args.heads), "--window", str(args.window), "--mixed-users", str(args.mixed_users),
-           "--threads", str(args.threads)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--memory-of",
+        str(n),
+        kind,
+        "--dim",
+        str(args.dim),
+        "--heads",
+        str(args.heads),
+        "--window",
+        str(args.window),
+        "--mixed-users",
+        str(args.mixed_users),
+        "--threads",
+        str(args.threads),
+    ]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.splitlines()[-1])
@@ -159,8 +173,14 @@ def _memory_child(args: argparse.Namespace, n: int, kind: str) -> None:
     infer, train = _step_fns(encoder_configs(args.dim, args.heads, args.window), _batch(args, n, kind))
     for fn in (*infer.values(), *train.values()):
         fn()  # one-time allocations (optimizer state) are not the step's
-    print(json.dumps({name: {"infer_mib": peak_memory_mib(infer[name]), "train_mib": peak_memory_mib(train[name])}
-                      for name in infer}))
+    print(
+        json.dumps(
+            {
+                name: {"infer_mib": peak_memory_mib(infer[name]), "train_mib": peak_memory_mib(train[name])}
+                for name in infer
+            }
+        )
+    )
 
 
 def _batch(args: argparse.Namespace, n: int, kind: str) -> Batch:
@@ -261,8 +281,13 @@ def stream_vs_recompute(
     for name in steppers:
         timed = times[name][_STREAM_STEPS:]
         prefix = "step" if name == "eager" else name
-        result.update({f"{prefix}_min_s": min(timed), f"{prefix}_median_s": statistics.median(timed),
-                       f"{prefix}_max_s": max(timed)})
+        result.update(
+            {
+                f"{prefix}_min_s": min(timed),
+                f"{prefix}_median_s": statistics.median(timed),
+                f"{prefix}_max_s": max(timed),
+            }
+        )
     return result
 
 
@@ -336,7 +361,10 @@ def main() -> None:
         f"torch {torch.__version__}, {args.threads} threads, d={args.dim}, heads={args.heads}, "
         f"K={base.short_window}, pattern {base.long_pattern}, W={args.window}, median of {args.repeats}"
     )
-    header = f"{'n':>6} {'batch':>6} {'events':>7} {'encoder':>16} {'infer ms':>9} {'train ms':>9} {'inf MiB':>8} {'trn MiB':>8} {'infer x':>8} {'train x':>8}"
+    header = (
+        f"{'n':>6} {'batch':>6} {'events':>7} {'encoder':>16} {'infer ms':>9} {'train ms':>9} "
+        f"{'inf MiB':>8} {'trn MiB':>8} {'infer x':>8} {'train x':>8}"
+    )
     print(header)
     for n in args.lengths:
         for kind in ("single", "mixed"):
@@ -347,13 +375,17 @@ def main() -> None:
             for name, r in results.items():
                 mib = memory[name]
                 print(
-                    f"{n:>6} {kind:>6} {batch[0].shape[0]:>7} {name:>16} {r['infer_s'] * 1e3:>9.1f} {r['train_s'] * 1e3:>9.1f} "
-                    f"{mib['infer_mib']:>8.1f} {mib['train_mib']:>8.1f} {reference['infer_s'] / r['infer_s']:>8.2f} "
+                    f"{n:>6} {kind:>6} {batch[0].shape[0]:>7} {name:>16} "
+                    f"{r['infer_s'] * 1e3:>9.1f} {r['train_s'] * 1e3:>9.1f} "
+                    f"{mib['infer_mib']:>8.1f} {mib['train_mib']:>8.1f} "
+                    f"{reference['infer_s'] / r['infer_s']:>8.2f} "
                     f"{reference['train_s'] / r['train_s']:>8.2f}",
                     flush=True,
                 )
 
-    print("\nall-softmax encoder, one user: share of time in attention kernels -> Amdahl bound on the speed-up")
+    print(
+        "\nall-softmax encoder, one user: share of time in attention kernels -> Amdahl bound on the speed-up"
+    )
     for n in args.lengths:
         shares = attention_share(configs["all_softmax"], make_batch([n], args.dim, seed=n))
         print(

@@ -50,10 +50,16 @@ def main() -> None:
             f"({info.num_events / t_gen / 1e6:.2f} M events/s), written in {t_write:.2f} s, "
             f"{path.stat().st_size / 2**20:.0f} MiB"
         )
-        reader = SequenceReader(ReaderConfig(
-            paths=[path], max_tokens=args.max_tokens, max_seq_len=args.max_seq_len, shuffle=args.shuffle,
-            negatives=args.negatives, num_negatives=args.num_negatives,
-        ))
+        reader = SequenceReader(
+            ReaderConfig(
+                paths=[path],
+                max_tokens=args.max_tokens,
+                max_seq_len=args.max_seq_len,
+                shuffle=args.shuffle,
+                negatives=args.negatives,
+                num_negatives=args.num_negatives,
+            )
+        )
         rates = []
         for epoch in range(args.repeats):
             reader.set_epoch(epoch)
@@ -66,8 +72,9 @@ def main() -> None:
         print(
             f"reader (train split, 1 thread, max_tokens={args.max_tokens}, shuffle={args.shuffle}, "
             f"negatives={args.negatives}): "
-            f"{events} events in {batches} batches per pass; median {statistics.median(rates) / 1e6:.2f} M events/s "
-            f"over {args.repeats} passes (min {min(rates) / 1e6:.2f}, max {max(rates) / 1e6:.2f}); target >= 1 M events/s"
+            f"{events} events in {batches} batches per pass; "
+            f"median {statistics.median(rates) / 1e6:.2f} M events/s over {args.repeats} passes "
+            f"(min {min(rates) / 1e6:.2f}, max {max(rates) / 1e6:.2f}); target >= 1 M events/s"
         )
 
 

@@ -99,8 +99,7 @@ def tadn_step_fn(
     op: Callable[..., object], inputs: Dict[str, torch.Tensor], backward: bool, **kwargs: object
 ) -> Callable[[], object]:
     leaves = {
-        name: x.clone().requires_grad_(backward) if name != "offsets" else x
-        for name, x in inputs.items()
+        name: x.clone().requires_grad_(backward) if name != "offsets" else x for name, x in inputs.items()
     }
 
     def run() -> object:
@@ -114,9 +113,7 @@ def tadn_step_fn(
     return run
 
 
-def sdpa_step_fn(
-    n: int, heads: int, dim: int, device: torch.device, backward: bool
-) -> Callable[[], object]:
+def sdpa_step_fn(n: int, heads: int, dim: int, device: torch.device, backward: bool) -> Callable[[], object]:
     q, k, v = (torch.randn(1, heads, n, dim, device=device, requires_grad=backward) for _ in range(3))
 
     def run() -> object:

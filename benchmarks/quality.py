@@ -85,8 +85,13 @@ DATASETS = {
         synthetic_users=800,
         epochs=3,
         # 20k items: sampled softmax (in-batch + uniform negatives, logQ) instead of the full one.
-        overrides={"data.max_seq_len": 12_000, "data.token_budget": 12_288, "data.eval_token_budget": 32_768,
-                   "model.encoder.short_window": 64, "model.retrieval.loss": "sampled"},
+        overrides={
+            "data.max_seq_len": 12_000,
+            "data.token_budget": 12_288,
+            "data.eval_token_budget": 32_768,
+            "model.encoder.short_window": 64,
+            "model.retrieval.loss": "sampled",
+        },
     ),
     "beauty": DatasetSpec(
         name="beauty",
@@ -95,8 +100,13 @@ DATASETS = {
         epochs=15,
         # Histories average 9 events: a window of 8 leaves the long branch something to read.
         # Sparse data (8 interactions per item): heavy dropout, small batches, many steps.
-        overrides={"data.max_seq_len": 50, "data.token_budget": 2048, "model.encoder.short_window": 8,
-                   "model.encoder.dropout": 0.5, "optim.dense_lr": 0.001},
+        overrides={
+            "data.max_seq_len": 50,
+            "data.token_budget": 2048,
+            "model.encoder.short_window": 8,
+            "model.encoder.dropout": 0.5,
+            "optim.dense_lr": 0.001,
+        },
     ),
     "ml100k": DatasetSpec(
         name="ml100k",
@@ -109,9 +119,16 @@ DATASETS = {
 
 TINY = {
     "synthetic_long": DatasetSpec(
-        name="synthetic_long", synthetic_users=40, epochs=1,
-        overrides={"data.max_seq_len": 12_000, "data.token_budget": 16_384, "model.encoder.short_window": 16,
-                   "model.encoder.embedding_dim": 16, "data.row_group_size": 8},
+        name="synthetic_long",
+        synthetic_users=40,
+        epochs=1,
+        overrides={
+            "data.max_seq_len": 12_000,
+            "data.token_budget": 16_384,
+            "model.encoder.short_window": 16,
+            "model.encoder.embedding_dim": 16,
+            "data.row_group_size": 8,
+        },
         synthetic_overrides={"max_length": 3000},
     ),
 }
@@ -129,8 +146,15 @@ def prepare(spec: DatasetSpec, data_dir: Path, tiny: bool) -> Optional[Path]:
         if not spec.source.exists():
             print(f"[{spec.name}] skipped: {spec.source} not found", flush=True)
             return None
-        cmd = [sys.executable, "-m", "torchrec_hytrec.data.convert", "--format", spec.convert_format,
-               str(spec.source), str(out)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torchrec_hytrec.data.convert",
+            "--format",
+            spec.convert_format,
+            str(spec.source),
+            str(out),
+        ]
         subprocess.run(cmd, check=True)
         return out
     import dataclasses
@@ -138,11 +162,19 @@ def prepare(spec: DatasetSpec, data_dir: Path, tiny: bool) -> Optional[Path]:
     from torchrec_hytrec.data.schema import write_sequences
     from torchrec_hytrec.data.synthetic import SyntheticConfig, generate
 
-    config = dataclasses.replace(SyntheticConfig.long(seed=0, num_users=spec.synthetic_users), **spec.synthetic_overrides)
+    config = dataclasses.replace(
+        SyntheticConfig.long(seed=0, num_users=spec.synthetic_users), **spec.synthetic_overrides
+    )
     data = generate(config)
-    write_sequences(out, data.sequences, data.info, row_group_size=int(spec.overrides.get("data.row_group_size", 32)))
-    print(f"[{spec.name}] {data.info.num_users} users, {data.info.num_items} items, {data.info.num_events} events, "
-          f"longest {int(np.diff(data.sequences.offsets).max())}", flush=True)
+    write_sequences(
+        out, data.sequences, data.info, row_group_size=int(spec.overrides.get("data.row_group_size", 32))
+    )
+    print(
+        f"[{spec.name}] {data.info.num_users} users, {data.info.num_items} items, "
+        f"{data.info.num_events} events, "
+        f"longest {int(np.diff(data.sequences.offsets).max())}",
+        flush=True,
+    )
     return out
 
 
@@ -158,8 +190,19 @@ def best_epoch_test(run_dir: Path, epochs: int) -> Dict[str, float]:
 def train_command(spec: DatasetSpec, data: Path, preset: str, seed: int, run_dir: Path) -> List[str]:
     """The ``python -m torchrec_hytrec.train`` command of one run."""
     overrides = {**COMMON, **spec.overrides, "model.preset": preset}
-    cmd = [sys.executable, "-m", "torchrec_hytrec.train", "--data", str(data), "--seed", str(seed),
-           "--epochs", str(spec.epochs), "--out-dir", str(run_dir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torchrec_hytrec.train",
+        "--data",
+        str(data),
+        "--seed",
+        str(seed),
+        "--epochs",
+        str(spec.epochs),
+        "--out-dir",
+        str(run_dir),
+    ]
     for key, value in overrides.items():
         cmd += ["--set", f"{key}={json.dumps(value)}"]
     return cmd
@@ -179,14 +222,24 @@ def run_one(
             proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}); see {run_dir / 'train.log'}")
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line][: spec.epochs]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line][
+        : spec.epochs
+    ]
     # A reused run's process is gone: its epochs' time is what is left to count.
     wall = time.perf_counter() - started if trained else sum(r["epoch_s"] for r in rows)
-    result = {"dataset": spec.name, "preset": preset, "seed": seed, "train_wall_s": wall,
-              **best_epoch_test(run_dir, spec.epochs)}
-    print(f"[{spec.name}] {preset:12s} seed {seed}: test HR@10 {result['hr@10']:.4f} "
-          f"NDCG@10 {result['ndcg@10']:.4f} MRR {result['mrr']:.4f} (epoch {result['epoch']}, "
-          f"{wall:.0f}s)", flush=True)
+    result = {
+        "dataset": spec.name,
+        "preset": preset,
+        "seed": seed,
+        "train_wall_s": wall,
+        **best_epoch_test(run_dir, spec.epochs),
+    }
+    print(
+        f"[{spec.name}] {preset:12s} seed {seed}: test HR@10 {result['hr@10']:.4f} "
+        f"NDCG@10 {result['ndcg@10']:.4f} MRR {result['mrr']:.4f} (epoch {result['epoch']}, "
+        f"{wall:.0f}s)",
+        flush=True,
+    )
     return result
 
 
@@ -236,8 +289,12 @@ def summarise(results: List[Dict[str, Any]]) -> str:
     for dataset in dict.fromkeys(r["dataset"] for r in results):
         rows = [r for r in results if r["dataset"] == dataset]
         seeds = sorted({r["seed"] for r in rows})
-        lines += [f"### {dataset} (test split, best-valid epoch, mean ± std over seeds {seeds})", "",
-                  "| model | HR@10 | NDCG@10 | MRR | train wall s (median) |", "|---|---|---|---|---|"]
+        lines += [
+            f"### {dataset} (test split, best-valid epoch, mean ± std over seeds {seeds})",
+            "",
+            "| model | HR@10 | NDCG@10 | MRR | train wall s (median) |",
+            "|---|---|---|---|---|",
+        ]
         for preset in _presets_of(rows):
             mine = [r for r in rows if r["preset"] == preset]
             cells = [_mean_std([r[m] for r in mine if m in r]) for m in REPORTED]
@@ -246,9 +303,13 @@ def summarise(results: List[Dict[str, Any]]) -> str:
         for name, figures in PUBLISHED.get(dataset, {}).items():
             lines.append(f"| {name}, published | {figures['hr@10']:.4f} | {figures['ndcg@10']:.4f} | – | – |")
         present = [b for b in BUCKETS if any(f"hr@10/{b}" in r for r in rows)]
-        lines += ["", f"HR@10 by history length ({dataset}):", "",
-                  "| model | " + " | ".join(f"{b} (users)" for b in present) + " |",
-                  "|---|" + "---|" * len(present)]
+        lines += [
+            "",
+            f"HR@10 by history length ({dataset}):",
+            "",
+            "| model | " + " | ".join(f"{b} (users)" for b in present) + " |",
+            "|---|" + "---|" * len(present),
+        ]
         for preset in _presets_of(rows):
             mine = [r for r in rows if r["preset"] == preset]
             cells = []
@@ -274,11 +335,17 @@ def plot(results: List[Dict[str, Any]], out_dir: Path) -> List[Path]:
         rows = [r for r in results if r["dataset"] == dataset]
         presets = _presets_of(rows)
         values = [[r["hr@10"] for r in rows if r["preset"] == p] for p in presets]
-        ax.bar(presets, [statistics.mean(v) for v in values],
-               yerr=[statistics.stdev(v) if len(v) > 1 else 0 for v in values], capsize=4,
-               color=["#1f77b4", "#ff7f0e", "#2ca02c"][: len(presets)])
+        ax.bar(
+            presets,
+            [statistics.mean(v) for v in values],
+            yerr=[statistics.stdev(v) if len(v) > 1 else 0 for v in values],
+            capsize=4,
+            color=["#1f77b4", "#ff7f0e", "#2ca02c"][: len(presets)],
+        )
         for name, figures in PUBLISHED.get(dataset, {}).items():
-            ax.axhline(figures["hr@10"], color="k", ls="--", lw=1, label=f"published SASRec {figures['hr@10']}")
+            ax.axhline(
+                figures["hr@10"], color="k", ls="--", lw=1, label=f"published SASRec {figures['hr@10']}"
+            )
             ax.legend(fontsize=7)
         ax.set_title(dataset)
         ax.set_ylabel("test HR@10")
@@ -294,8 +361,10 @@ def plot(results: List[Dict[str, Any]], out_dir: Path) -> List[Path]:
         presets = _presets_of(rows)
         width = 0.8 / max(len(presets), 1)
         for i, preset in enumerate(presets):
-            means = [statistics.mean([r.get(f"hr@10/{b}", 0.0) for r in rows if r["preset"] == preset])
-                     for b in present]
+            means = [
+                statistics.mean([r.get(f"hr@10/{b}", 0.0) for r in rows if r["preset"] == preset])
+                for b in present
+            ]
             ax.bar([j + i * width for j in range(len(present))], means, width, label=preset)
         ax.set_xticks([j + width * (len(presets) - 1) / 2 for j in range(len(present))], present, fontsize=8)
         ax.set_title(f"{dataset}: HR@10 by history length")
@@ -314,15 +383,23 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--epochs", type=int, help="override every dataset's epochs")
     p.add_argument("--jobs", type=int, default=2, help="training runs at once (one thread each when > 1)")
-    p.add_argument("--threads", type=int,
-                   help="intra-op threads of each run (default: 1 when --jobs > 1, else every core)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="intra-op threads of each run (default: 1 when --jobs > 1, else every core)",
+    )
     p.add_argument("--out", default=str(ROOT / "docs" / "results"), help="results directory")
     p.add_argument("--data-dir", default=str(ROOT / "runs" / "quality-data"), help="prepared datasets")
-    p.add_argument("--runs-dir", default=str(ROOT / "runs" / "quality"), help="each training run's logs and metrics")
-    p.add_argument("--reuse-finished", action="store_true",
-                   help="take runs in --runs-dir with the same training config and at least the epochs asked "
-                   "for (their first epochs) instead of training again; their wall time is the sum of those "
-                   "epochs' times")
+    p.add_argument(
+        "--runs-dir", default=str(ROOT / "runs" / "quality"), help="each training run's logs and metrics"
+    )
+    p.add_argument(
+        "--reuse-finished",
+        action="store_true",
+        help="take runs in --runs-dir with the same training config and at least the epochs asked "
+        "for (their first epochs) instead of training again; their wall time is the sum of those "
+        "epochs' times",
+    )
     p.add_argument("--tiny", action="store_true", help="a seconds-long smoke run on tiny synthetic data")
     args = p.parse_args(argv)
 
@@ -342,26 +419,41 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
 
     def job_run(job: tuple) -> Dict[str, Any]:
         spec = job[0]
-        return {**run_one(*job, runs_dir=Path(args.runs_dir), threads=threads, reuse=args.reuse_finished), "command": command, "started": started,
-                "epochs": spec.epochs, "overrides": {**COMMON, **spec.overrides}}
+        return {
+            **run_one(*job, runs_dir=Path(args.runs_dir), threads=threads, reuse=args.reuse_finished),
+            "command": command,
+            "started": started,
+            "epochs": spec.epochs,
+            "overrides": {**COMMON, **spec.overrides},
+        }
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         new = list(pool.map(job_run, jobs))
     # Earlier invocations' runs on other (dataset, preset, seed) stay: datasets can be run one by one.
     store = out_dir / "quality.json"
     done = {(r["dataset"], r["preset"], r["seed"]) for r in new}
-    kept = [r for r in json.loads(store.read_text())
-            if (r["dataset"], r["preset"], r["seed"]) not in done] if store.exists() else []
+    kept = (
+        [r for r in json.loads(store.read_text()) if (r["dataset"], r["preset"], r["seed"]) not in done]
+        if store.exists()
+        else []
+    )
     results = kept + new
     store.write_text(json.dumps(results, indent=1))
     table = summarise(results)
     plots = plot(results, out_dir) if results else []
     runs_by_command: Dict[str, List[str]] = {}
     for r in results:
-        runs_by_command.setdefault(f"`{r['command']}` (started {r['started']}; {r['dataset']}: {r['epochs']} epochs, "
-                                   f"`{json.dumps(r['overrides'])}`)", []).append(r["dataset"])
+        runs_by_command.setdefault(
+            f"`{r['command']}` (started {r['started']}; {r['dataset']}: {r['epochs']} epochs, "
+            f"`{json.dumps(r['overrides'])}`)",
+            [],
+        ).append(r["dataset"])
     (out_dir / "quality.md").write_text(
-        "Produced by:\n\n" + "".join(f"- {c}\n" for c in runs_by_command) + "\n" + table + "\n"
+        "Produced by:\n\n"
+        + "".join(f"- {c}\n" for c in runs_by_command)
+        + "\n"
+        + table
+        + "\n"
         + "".join(f"![{p.stem}]({p.name})\n" for p in plots)
     )
     print(table)

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 import torch
-
 from bench_encoder import encoder_configs, make_batch, measure, stream_vs_recompute
+
 from torchrec_hytrec.training import configure_cpu_allocator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,10 +40,20 @@ def plot(rows: List[Dict[str, Any]], path: Path) -> None:
         n = [r["n"] for r in mine]
         train_ax.plot(n, [r["train_events_per_s"] for r in mine], marker="o", label=name)
         infer_ax.plot(n, [r["infer_ms"] for r in mine], marker="o", label=name)
-    train_ax.set(xscale="log", yscale="log", xlabel="history length n (one user)", ylabel="training events/s",
-                 title="training throughput")
-    infer_ax.set(xscale="log", yscale="log", xlabel="history length n (one user)", ylabel="ms",
-                 title="inference latency (forward_last)")
+    train_ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="history length n (one user)",
+        ylabel="training events/s",
+        title="training throughput",
+    )
+    infer_ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="history length n (one user)",
+        ylabel="ms",
+        title="inference latency (forward_last)",
+    )
     for ax in (train_ax, infer_ax):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
@@ -77,39 +87,53 @@ def main() -> None:
     for n in args.lengths:
         results = measure(configs, make_batch([n], args.dim, seed=n), args.repeats)
         for name, r in results.items():
-            rows.append({"encoder": name, "n": n, "train_events_per_s": n / r["train_s"], "infer_ms": r["infer_s"] * 1e3,
-                         "train_x_vs_softmax": results["all_softmax"]["train_s"] / r["train_s"],
-                         "infer_x_vs_softmax": results["all_softmax"]["infer_s"] / r["infer_s"]})
+            rows.append(
+                {
+                    "encoder": name,
+                    "n": n,
+                    "train_events_per_s": n / r["train_s"],
+                    "infer_ms": r["infer_s"] * 1e3,
+                    "train_x_vs_softmax": results["all_softmax"]["train_s"] / r["train_s"],
+                    "infer_x_vs_softmax": results["all_softmax"]["infer_s"] / r["infer_s"],
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
     streams: List[Dict[str, Any]] = []
     for n in args.stream_lengths:
         for name in ("hytrec_windowed", "hytrec_full"):
             r = stream_vs_recompute(configs[name], n, args.repeats)
-            streams.append({
-                "encoder": name,
-                "n": n,
-                "stream_ms": r["step_median_s"] * 1e3,
-                "stream_min_ms": r["step_min_s"] * 1e3,
-                "stream_max_ms": r["step_max_s"] * 1e3,
-                "recompute_ms": r["recompute"] * 1e3,
-                "recompute_over_stream": r["recompute"] / r["step_median_s"],
-                "prefill_over_forward_last": r["prefill"] / r["forward_last"],
-                "load_average": os.getloadavg(),
-            })
+            streams.append(
+                {
+                    "encoder": name,
+                    "n": n,
+                    "stream_ms": r["step_median_s"] * 1e3,
+                    "stream_min_ms": r["step_min_s"] * 1e3,
+                    "stream_max_ms": r["step_max_s"] * 1e3,
+                    "recompute_ms": r["recompute"] * 1e3,
+                    "recompute_over_stream": r["recompute"] / r["step_median_s"],
+                    "prefill_over_forward_last": r["prefill"] / r["forward_last"],
+                    "load_average": os.getloadavg(),
+                }
+            )
             print(json.dumps(streams[-1]), flush=True)
 
     (out / "speed.json").write_text(json.dumps({"curves": rows, "streaming": streams}, indent=1))
     plot(rows, out / "speed_curves.png")
     lines = [
         f"Command: `python benchmarks/speed.py {' '.join(sys.argv[1:])}`  ",
-        f"Started {started:%Y-%m-%d %H:%M} UTC; torch {torch.__version__}, {args.threads} thread(s), d={args.dim}, "
-        f"{args.heads} heads, pattern {configs['hytrec_full'].long_pattern}, K={configs['hytrec_full'].short_window}, "
+        f"Started {started:%Y-%m-%d %H:%M} UTC; torch {torch.__version__}, {args.threads} thread(s), "
+        f"d={args.dim}, {args.heads} heads, pattern {configs['hytrec_full'].long_pattern}, "
+        f"K={configs['hytrec_full'].short_window}, "
         f"W={args.window}; medians of {args.repeats}.",
         "",
-        "| n | encoder | training events/s | inference ms | train speed-up vs all-softmax | inference speed-up |",
+        "| n | encoder | training events/s | inference ms | train speed-up vs all-softmax "
+        "| inference speed-up |",
         "|---|---|---|---|---|---|",
-        *(f"| {r['n']} | {r['encoder']} | {r['train_events_per_s']:.0f} | {r['infer_ms']:.1f} | "
-          f"{r['train_x_vs_softmax']:.2f}x | {r['infer_x_vs_softmax']:.2f}x |" for r in rows),
+        *(
+            f"| {r['n']} | {r['encoder']} | {r['train_events_per_s']:.0f} | {r['infer_ms']:.1f} | "
+            f"{r['train_x_vs_softmax']:.2f}x | {r['infer_x_vs_softmax']:.2f}x |"
+            for r in rows
+        ),
         "",
         "Streaming one new event after n events against a full `forward_last` recompute (one thread, "
         "inference mode; the state from `prefill`):",

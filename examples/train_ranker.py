@@ -24,10 +24,6 @@ import torch
 import torch.distributed as dist
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
-from torchrec_hytrec.data.reader import ReaderConfig, SequenceReader
-from torchrec_hytrec.data.schema import write_sequences
-from torchrec_hytrec.data.splits import Split
-from torchrec_hytrec.data.synthetic import SyntheticConfig, generate
 from torchrec_hytrec.data.ranking import (
     NUM_DERIVED_DENSE,
     RECENT_ITEMS_KEY,
@@ -35,6 +31,10 @@ from torchrec_hytrec.data.ranking import (
     RankingBatch,
     ranking_batch_from_sequences,
 )
+from torchrec_hytrec.data.reader import ReaderConfig, SequenceReader
+from torchrec_hytrec.data.schema import write_sequences
+from torchrec_hytrec.data.splits import Split
+from torchrec_hytrec.data.synthetic import SyntheticConfig, generate
 from torchrec_hytrec.models.embeddings import side_feature_rows
 from torchrec_hytrec.models.ranking import (
     HyTRecRanker,
@@ -87,8 +87,13 @@ def _ranking_batches(
         yield rows
 
 
-def _evaluate(pipeline: TrainPipelineSparseDist, model: torch.nn.Module, batches: Iterable[RankingBatch],
-              world_size: int, rank: int) -> Dict[str, float]:
+def _evaluate(
+    pipeline: TrainPipelineSparseDist,
+    model: torch.nn.Module,
+    batches: Iterable[RankingBatch],
+    world_size: int,
+    rank: int,
+) -> Dict[str, float]:
     """Validation AUC / NE over every rank's rows, on every rank."""
     metrics = None
     for outputs in evaluation_outputs(pipeline, model, batches):
@@ -140,7 +145,11 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, float]]:
         def valid() -> Dict[str, float]:
             # The same negatives at every evaluation: the figures are comparable.
             return _evaluate(
-                pipeline, model, _ranking_batches(valid_reader, args, info.num_items, 1), env.world_size, env.rank
+                pipeline,
+                model,
+                _ranking_batches(valid_reader, args, info.num_items, 1),
+                env.world_size,
+                env.rank,
             )
 
         history = [valid()]
@@ -149,11 +158,14 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, float]]:
         for epoch in range(1, args.epochs + 1):
             start = time.perf_counter()
             train_reader.set_epoch(epoch)
-            losses = train_epoch(pipeline, model, _ranking_batches(train_reader, args, info.num_items, 1000 + epoch))
+            losses = train_epoch(
+                pipeline, model, _ranking_batches(train_reader, args, info.num_items, 1000 + epoch)
+            )
             history.append(valid())
             if env.is_main:
                 print(
-                    f"epoch {epoch}  train bce {sum(losses) / len(losses):.4f}  valid auc {history[-1]['auc']:.4f}  "
+                    f"epoch {epoch}  train bce {sum(losses) / len(losses):.4f}  "
+                    f"valid auc {history[-1]['auc']:.4f}  "
                     f"ne {history[-1]['ne']:.4f}  ({time.perf_counter() - start:.1f}s)",
                     flush=True,
                 )

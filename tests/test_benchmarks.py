@@ -21,8 +21,21 @@ def _run(*args: str) -> str:
 @pytest.mark.slow
 def test_quality_speed_and_report_tiny(tmp_path: Path) -> None:
     results = tmp_path / "results"
-    common = ["--tiny", "--seeds", "0", "--presets", "hytrec", "--jobs", "1", "--out", str(results),
-              "--data-dir", str(tmp_path / "data"), "--runs-dir", str(tmp_path / "runs")]
+    common = [
+        "--tiny",
+        "--seeds",
+        "0",
+        "--presets",
+        "hytrec",
+        "--jobs",
+        "1",
+        "--out",
+        str(results),
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--runs-dir",
+        str(tmp_path / "runs"),
+    ]
     _run("benchmarks/quality.py", *common, "--epochs", "2")
     runs = json.loads((results / "quality.json").read_text())
     assert [(r["dataset"], r["preset"], r["seed"]) for r in runs] == [("synthetic_long", "hytrec", 0)]
@@ -32,7 +45,9 @@ def test_quality_speed_and_report_tiny(tmp_path: Path) -> None:
     # its first epochs are the shorter run.
     _run("benchmarks/quality.py", *common, "--epochs", "1", "--reuse-finished")
     again = json.loads((results / "quality.json").read_text())
-    details = (tmp_path / "runs" / "synthetic_long-hytrec-seed0" / "eval_detail.jsonl").read_text().splitlines()
+    details = (
+        (tmp_path / "runs" / "synthetic_long-hytrec-seed0" / "eval_detail.jsonl").read_text().splitlines()
+    )
     assert [(r["epoch"], r["hr@10"]) for r in again] == [(0, json.loads(details[0])["test"]["hr@10"])]
     assert again[0]["train_wall_s"] < runs[0]["train_wall_s"]
     # A run of another recipe is not taken.
@@ -63,7 +78,11 @@ def test_quality_speed_and_report_tiny(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "script, args, pattern",
     [
-        ("benchmarks/bench_tadn.py", ["--quick"], r"jagged .* fwd\+bwd: [\d.]+ ms vs [\d.]+ ms, ratio [\d.]+"),
+        (
+            "benchmarks/bench_tadn.py",
+            ["--quick"],
+            r"jagged .* fwd\+bwd: [\d.]+ ms vs [\d.]+ ms, ratio [\d.]+",
+        ),
         (
             "benchmarks/bench_encoder.py",
             ["--quick"],

@@ -13,7 +13,8 @@ from torchrec_hytrec.training import configure_cpu_allocator
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+        "keepcost")]
 
 libc = ctypes.CDLL(None)
 libc.mallinfo2.restype = MallInfo2
@@ -37,7 +38,9 @@ def _has_mallinfo2() -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not sys.platform.startswith("linux") or not _has_mallinfo2(), reason="needs glibc >= 2.33")
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or not _has_mallinfo2(), reason="needs glibc >= 2.33"
+)
 def test_configured_allocator_serves_large_tensors_from_the_heap() -> None:
     # A fresh process: the settings are process-wide and glibc's default threshold adapts to
     # what was freed before.

@@ -100,8 +100,11 @@ def test_ten_thousand_event_user_is_truncated_not_exploding(tmp_path: Path, capl
     lengths = np.array([10_000, 5, 7])
     offsets = np.r_[0, np.cumsum(lengths)]
     seqs = Sequences(
-        user_ids=np.array([1, 2, 3]), offsets=offsets, item_ids=np.ones(offsets[-1], np.int64),
-        timestamps=np.arange(offsets[-1]), features={},
+        user_ids=np.array([1, 2, 3]),
+        offsets=offsets,
+        item_ids=np.ones(offsets[-1], np.int64),
+        timestamps=np.arange(offsets[-1]),
+        features={},
     )
     path = tmp_path / "long.parquet"
     write_sequences(path, seqs, SequenceDatasetInfo(num_items=1))
@@ -207,8 +210,11 @@ def test_dataloader_workers_split_the_rank_share_and_resume(synthetic) -> None:
 
 def test_time_unit_is_converted_to_seconds(tmp_path: Path) -> None:
     seqs = Sequences(
-        user_ids=np.array([0]), offsets=np.array([0, 3]), item_ids=np.array([1, 2, 1]),
-        timestamps=np.array([1_500, 2_000, 4_999]), features={},
+        user_ids=np.array([0]),
+        offsets=np.array([0, 3]),
+        item_ids=np.array([1, 2, 1]),
+        timestamps=np.array([1_500, 2_000, 4_999]),
+        features={},
     )
     path = tmp_path / "ms.parquet"
     write_sequences(path, seqs, SequenceDatasetInfo(num_items=2, time_unit="ms"))
@@ -316,8 +322,11 @@ def _same(a: SequenceBatch, b: SequenceBatch) -> bool:
     return all(
         torch.equal(x, y)
         for x, y in [
-            (a.features.values(), b.features.values()), (a.features.lengths(), b.features.lengths()),
-            (a.user_ids, b.user_ids), (a.target_timestamps, b.target_timestamps), (a.weights, b.weights),
+            (a.features.values(), b.features.values()),
+            (a.features.lengths(), b.features.lengths()),
+            (a.user_ids, b.user_ids),
+            (a.target_timestamps, b.target_timestamps),
+            (a.weights, b.weights),
         ]
     )
 
@@ -333,7 +342,10 @@ def _same_users(a: SequenceBatch, b: SequenceBatch) -> bool:
 
 
 def _check_equal_steps(
-    per_rank: List[List[SequenceBatch]], readers: List[SequenceReader], seqs: Sequences, split: Split,
+    per_rank: List[List[SequenceBatch]],
+    readers: List[SequenceReader],
+    seqs: Sequences,
+    split: Split,
     num_workers: Optional[int] = None,
 ) -> None:
     """Same steps on every rank, every split user once with its events, padding of weight 0."""
@@ -389,8 +401,11 @@ def test_padding_when_a_rank_has_no_batch(tmp_path: Path) -> None:
     lengths = np.repeat([2, 6, 2, 6], 5)
     offsets = np.r_[0, np.cumsum(lengths)]
     seqs = Sequences(
-        user_ids=np.arange(lengths.size), offsets=offsets, item_ids=np.ones(offsets[-1], np.int64),
-        timestamps=np.arange(offsets[-1]), features={},
+        user_ids=np.arange(lengths.size),
+        offsets=offsets,
+        item_ids=np.ones(offsets[-1], np.int64),
+        timestamps=np.arange(offsets[-1]),
+        features={},
     )
     path = tmp_path / "short.parquet"
     write_sequences(path, seqs, SequenceDatasetInfo(num_items=1), row_group_size=5)

@@ -24,7 +24,9 @@ def test_seeded_and_valid(small: SyntheticData) -> None:
     other = generate(SyntheticConfig.small(seed=1))
     assert not np.array_equal(other.sequences.lengths, small.sequences.lengths)
     check_sequences(small.sequences, small.info, "synthetic")
-    np.testing.assert_array_equal(small.sequences.features["category"], small.item_cluster[small.sequences.item_ids] + 1)
+    np.testing.assert_array_equal(
+        small.sequences.features["category"], small.item_cluster[small.sequences.item_ids] + 1
+    )
 
 
 def test_small_config_size_and_heavy_tailed_lengths(small: SyntheticData) -> None:
@@ -91,7 +93,9 @@ def test_preferences_drift_but_core_stays() -> None:
 
 def test_long_gaps_bring_back_old_interests() -> None:
     def revisit_rate(return_prob: float) -> float:
-        config = dataclasses.replace(SyntheticConfig.small(), num_users=600, median_length=300, return_prob=return_prob)
+        config = dataclasses.replace(
+            SyntheticConfig.small(), num_users=600, median_length=300, return_prob=return_prob
+        )
         seqs = generate(config).sequences
         hits, total = 0, 0
         for u in range(seqs.num_users):

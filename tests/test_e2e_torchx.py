@@ -17,8 +17,16 @@ def _torchx(tmp_path: Path, extra: List[str], overrides: List[str]) -> dict:
     torchx = Path(sys.executable).with_name("torchx")
     out_dir = tmp_path / "run"
     cmd = [
-        str(torchx), "run", "-s", "local_cwd", "torchx_components/train.py:hytrec", "--out_dir", str(out_dir),
-        "--overrides", ",".join([f"data.cache_dir={tmp_path / 'data'}", *overrides]), *extra,
+        str(torchx),
+        "run",
+        "-s",
+        "local_cwd",
+        "torchx_components/train.py:hytrec",
+        "--out_dir",
+        str(out_dir),
+        "--overrides",
+        ",".join([f"data.cache_dir={tmp_path / 'data'}", *overrides]),
+        *extra,
     ]
     # torchx launches `torchrun` from PATH: the one of this interpreter's environment.
     env = {**os.environ, "PATH": f"{torchx.parent}:{os.environ['PATH']}"}
@@ -35,7 +43,8 @@ def _torchx(tmp_path: Path, extra: List[str], overrides: List[str]) -> dict:
 @pytest.mark.e2e
 def test_two_rank_local_launch_beats_popularity(tmp_path: Path) -> None:
     result = _torchx(
-        tmp_path, ["--epochs", "3"],
+        tmp_path,
+        ["--epochs", "3"],
         ["data.synthetic.num_users=600", "data.row_group_size=32", "model.encoder.embedding_dim=32"],
     )
     rows = result["rows"]
@@ -51,7 +60,8 @@ def test_two_rank_local_launch_beats_popularity(tmp_path: Path) -> None:
 def test_two_nodes_of_one_process_rendezvous_and_train(tmp_path: Path) -> None:
     # Two "nodes" on one machine: the c10d rendezvous path a multi-node cluster job takes.
     result = _torchx(
-        tmp_path, ["--epochs", "1", "-j", "2x1", "--rdzv_port", str(_free_port())],
+        tmp_path,
+        ["--epochs", "1", "-j", "2x1", "--rdzv_port", str(_free_port())],
         ["data.synthetic.num_users=120", "data.row_group_size=16", "model.encoder.embedding_dim=16"],
     )
     assert [r["epoch"] for r in result["rows"]] == [0]

@@ -111,7 +111,9 @@ def test_attention_at_rows_reads_only_its_key_rows(window, seconds) -> None:
     offsets, (q, k, v), timestamps = _batch(LENGTHS, seed=6)
     starts = None
     if seconds is not None:
-        starts = causal_window_starts(offsets=offsets, timestamps=timestamps, window=window, window_seconds=seconds)
+        starts = causal_window_starts(
+            offsets=offsets, timestamps=timestamps, window=window, window_seconds=seconds
+        )
     rows = torch.tensor([4, 5, 100, 134, 198, 199, 399])
     row_starts = starts[rows] if starts is not None else None
     keys = attention_key_rows(offsets=offsets, rows=rows, window=window, window_starts=row_starts)
@@ -126,7 +128,13 @@ def test_attention_at_rows_reads_only_its_key_rows(window, seconds) -> None:
     assert keys.tolist() == sorted(want)
     # Keys and values held only at those rows give the same outputs.
     out = causal_attention_at(
-        q=q[rows], k=k[keys], v=v[keys], offsets=offsets, rows=rows, window=window, window_starts=row_starts,
+        q=q[rows],
+        k=k[keys],
+        v=v[keys],
+        offsets=offsets,
+        rows=rows,
+        window=window,
+        window_starts=row_starts,
         key_rows=keys,
     )
     torch.testing.assert_close(out, ref[rows], rtol=0, atol=1e-12)

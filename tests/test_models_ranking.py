@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import NUM_ITEMS, SIDE, make_batch
 from test_models_retrieval import DIM, make_encoder
+
 from torchrec_hytrec.data.batch import CANDIDATE_KEY, ITEM_KEY, TIMESTAMP_KEY
 from torchrec_hytrec.data.ranking import RECENT_ITEMS_KEY, USER_BUCKET_KEY, ranking_batch_from_sequences
 from torchrec_hytrec.models.ranking import (
@@ -162,10 +162,26 @@ def test_example_runs_on_two_ranks_with_torchrun(tmp_path: Path) -> None:
     import sys
 
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-        "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0",
-        str(EXAMPLE), "--users", "200", "--epochs", "1", "--embedding-dim", "16", "--max-tokens", "1024",
-        "--workdir", str(tmp_path),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        "localhost:0",
+        str(EXAMPLE),
+        "--users",
+        "200",
+        "--epochs",
+        "1",
+        "--embedding-dim",
+        "16",
+        "--max-tokens",
+        "1024",
+        "--workdir",
+        str(tmp_path),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LOGLEVEL": "WARNING"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)

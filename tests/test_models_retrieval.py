@@ -1,12 +1,12 @@
 """HyTRecRetrieval, its losses and full-catalogue evaluation, in one process."""
 
 import math
-from typing import Dict, List, Optional, Sequence
+from typing import List
 
 import pytest
 import torch
-
 from helpers import NUM_ITEMS, SIDE, make_batch
+
 from torchrec_hytrec.models import evaluation
 from torchrec_hytrec.models.evaluation import (
     RetrievalEvaluator,
@@ -58,12 +58,15 @@ def test_full_softmax_loss_matches_log_softmax_by_hand() -> None:
     query, catalogue = torch.randn(6, 4), torch.randn(9, 4)
     positives = torch.tensor([1, 9, 3, 3, 5, 2])
     weights = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0, 1.0])
-    loss = full_softmax_loss(scores=query @ catalogue.t(), positive_ids=positives, weights=weights, temperature=0.5)
+    loss = full_softmax_loss(
+        scores=query @ catalogue.t(), positive_ids=positives, weights=weights, temperature=0.5
+    )
     logp = torch.log_softmax(query @ catalogue.t() / 0.5, dim=1)
     nll = -logp[torch.arange(6), positives - 1]
     assert torch.allclose(loss, nll[weights > 0].mean())  # the zero-weight query counts for nothing
-    zero = full_softmax_loss(scores=query @ catalogue.t(), positive_ids=positives, weights=torch.zeros(6),
-                             temperature=0.5)
+    zero = full_softmax_loss(
+        scores=query @ catalogue.t(), positive_ids=positives, weights=torch.zeros(6), temperature=0.5
+    )
     assert float(zero) == 0.0
 
 
@@ -122,19 +125,32 @@ def test_meta_construction_and_injected_tables() -> None:
     from torchrec_hytrec.models.embeddings import sequence_embedding_collection
 
     config = RetrievalConfig()
-    meta = HyTRecRetrieval(config, make_encoder(), num_items=NUM_ITEMS, side_features=SIDE,
-                           device=torch.device("meta"))
+    meta = HyTRecRetrieval(
+        config, make_encoder(), num_items=NUM_ITEMS, side_features=SIDE, device=torch.device("meta")
+    )
     assert meta.embedding_collection.embeddings["item"].weight.is_meta
-    tables = sequence_embedding_collection(num_items=NUM_ITEMS, embedding_dim=DIM, side_features=SIDE,
-                                           extra_item_features=[TARGET_KEY, CANDIDATE_KEY], init_std=0.1)
-    injected = HyTRecRetrieval(config, make_encoder(), num_items=NUM_ITEMS, side_features=SIDE,
-                               embedding_collection=tables)
+    tables = sequence_embedding_collection(
+        num_items=NUM_ITEMS,
+        embedding_dim=DIM,
+        side_features=SIDE,
+        extra_item_features=[TARGET_KEY, CANDIDATE_KEY],
+        init_std=0.1,
+    )
+    injected = HyTRecRetrieval(
+        config, make_encoder(), num_items=NUM_ITEMS, side_features=SIDE, embedding_collection=tables
+    )
     assert injected.embedding_collection is tables
-    wrong = sequence_embedding_collection(num_items=NUM_ITEMS, embedding_dim=DIM, side_features={},
-                                          extra_item_features=[TARGET_KEY], init_std=0.1)
+    wrong = sequence_embedding_collection(
+        num_items=NUM_ITEMS,
+        embedding_dim=DIM,
+        side_features={},
+        extra_item_features=[TARGET_KEY],
+        init_std=0.1,
+    )
     with pytest.raises(ValueError, match="no table for features"):
-        HyTRecRetrieval(config, make_encoder(), num_items=NUM_ITEMS, side_features=SIDE,
-                        embedding_collection=wrong)
+        HyTRecRetrieval(
+            config, make_encoder(), num_items=NUM_ITEMS, side_features=SIDE, embedding_collection=wrong
+        )
 
 
 def test_metrics_by_hand() -> None:
@@ -219,6 +235,8 @@ def test_learns_successor_structure() -> None:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    before, _ = evaluate_retrieval(make_retrieval("full"), [make_batch([6] * 16, seed=7, evaluation=True)], ks=[1])
+    before, _ = evaluate_retrieval(
+        make_retrieval("full"), [make_batch([6] * 16, seed=7, evaluation=True)], ks=[1]
+    )
     after, _ = evaluate_retrieval(model, [make_batch([6] * 16, seed=7, evaluation=True)], ks=[1])
     assert after["hr@1"] > 0.5 and before["hr@1"] < 0.2, (before, after)

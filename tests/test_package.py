@@ -22,7 +22,6 @@ def test_import_prints_no_warnings_of_its_own() -> None:
     assert proc.stderr == ""
 
 
-
 def test_public_names_resolve_and_carry_runnable_examples() -> None:
     """Every name ``torchrec_hytrec`` exports resolves, and its docstring has a ``>>>`` example
     (pytest runs those as doctests)."""

@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_port
 from torch import nn
 from torchrec.distributed.embedding import ShardedEmbeddingCollection
 from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
 
-from helpers import free_port
 from torchrec_hytrec.data.ranking import (
     NUM_DERIVED_DENSE,
     RECENT_ITEMS_KEY,
@@ -25,7 +25,12 @@ from torchrec_hytrec.data.splits import Split
 from torchrec_hytrec.models.embeddings import side_feature_rows
 from torchrec_hytrec.models.ranking import HyTRecRanker, HyTRecRankerTrain, RankerConfig
 from torchrec_hytrec.models.retrieval import HyTRecRetrieval, HyTRecRetrievalTrain, RetrievalConfig
-from torchrec_hytrec.models.sharding import OptimizerConfig, apply_sparse_optimizer, make_optimizer, shard_model
+from torchrec_hytrec.models.sharding import (
+    OptimizerConfig,
+    apply_sparse_optimizer,
+    make_optimizer,
+    shard_model,
+)
 from torchrec_hytrec.modules import HyTRecConfig, HyTRecEncoder
 from torchrec_hytrec.training.loop import make_pipeline, pipeline_outputs, pipelined_modules
 
@@ -43,14 +48,24 @@ def dataset(synthetic_parquet) -> Path:
 
 
 def _encoder() -> HyTRecEncoder:
-    return HyTRecEncoder(HyTRecConfig.hytrec(embedding_dim=DIM, num_heads=2, short_window=4, long_pattern="TA"))
+    return HyTRecEncoder(
+        HyTRecConfig.hytrec(embedding_dim=DIM, num_heads=2, short_window=4, long_pattern="TA")
+    )
 
 
 def _reader(path: Path, split: Split, retrieval: RetrievalConfig = None) -> SequenceReader:
     negatives, count = retrieval.reader_negatives() if retrieval is not None else ("none", 0)
     return SequenceReader(
-        ReaderConfig(paths=[path], split=split, max_tokens=160, max_seq_len=40, shuffle=True, seed=1,
-                     negatives=negatives, num_negatives=count)
+        ReaderConfig(
+            paths=[path],
+            split=split,
+            max_tokens=160,
+            max_seq_len=40,
+            shuffle=True,
+            seed=1,
+            negatives=negatives,
+            num_negatives=count,
+        )
     )
 
 
@@ -61,8 +76,13 @@ def _retrieval(path: Path, loss: str) -> Tuple[Callable[[], nn.Module], List]:
     batches = list(_reader(path, Split.TRAIN, config))[:STEPS]
 
     def build() -> nn.Module:
-        model = HyTRecRetrieval(config, _encoder(), num_items=plain.info.num_items, side_features=side,
-                                device=torch.device("meta"))
+        model = HyTRecRetrieval(
+            config,
+            _encoder(),
+            num_items=plain.info.num_items,
+            side_features=side,
+            device=torch.device("meta"),
+        )
         return HyTRecRetrievalTrain(model)
 
     return build, batches
@@ -72,14 +92,17 @@ def _ranker(path: Path) -> Tuple[Callable[[], nn.Module], List]:
     reader = _reader(path, Split.TRAIN)
     info = reader.info
     config = RankerConfig(
-        num_items=info.num_items, embedding_dim=DIM, dense_in_features=NUM_DERIVED_DENSE,
+        num_items=info.num_items,
+        embedding_dim=DIM,
+        dense_in_features=NUM_DERIVED_DENSE,
         sparse_features={USER_BUCKET_KEY: USER_BUCKETS, RECENT_ITEMS_KEY: info.num_items + 1},
         side_features=side_feature_rows(info, reader.keys[1:]),
     )
     generator = torch.Generator().manual_seed(3)
     batches = [
-        ranking_batch_from_sequences(b, num_items=info.num_items, num_negatives=3, user_buckets=USER_BUCKETS,
-                                     generator=generator)
+        ranking_batch_from_sequences(
+            b, num_items=info.num_items, num_negatives=3, user_buckets=USER_BUCKETS, generator=generator
+        )
         for b in list(reader)[:STEPS]
     ]
     return (lambda: HyTRecRankerTrain(HyTRecRanker(config, _encoder(), device=torch.device("meta")))), batches

@@ -106,7 +106,12 @@ def test_billion_rows_fit_only_with_enough_memory() -> None:
 
 def test_cpu_plans_fused_kernels_in_host_memory() -> None:
     result = plan_tables(
-        100_000, 32, mean_history_length=50, batch_size=16, world_size=2, compute_device="cpu",
+        100_000,
+        32,
+        mean_history_length=50,
+        batch_size=16,
+        world_size=2,
+        compute_device="cpu",
         side_features={"category": 100},
     )
     assert result.hbm_cap_bytes == 0
@@ -132,13 +137,39 @@ def test_format_plan(plan_100m: PlanResult) -> None:
 
 
 def test_cli(capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["--num-items", "100000000", "--dim", "128", "--world-size", "64", "--local-world-size", "8",
-            "--mean-history-length", "1000", "--batch-size", "128", "--side-feature", "category=1000"]
+    argv = [
+        "--num-items",
+        "100000000",
+        "--dim",
+        "128",
+        "--world-size",
+        "64",
+        "--local-world-size",
+        "8",
+        "--mean-history-length",
+        "1000",
+        "--batch-size",
+        "128",
+        "--side-feature",
+        "category=1000",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "item: 100,000,001 x 128" in out and "category: 1,000 x 128" in out
-    too_small = ["--num-items", "1000000000", "--dim", "128", "--world-size", "2",
-                 "--mean-history-length", "10", "--batch-size", "8", "--compute-kernels", "fused"]
+    too_small = [
+        "--num-items",
+        "1000000000",
+        "--dim",
+        "128",
+        "--world-size",
+        "2",
+        "--mean-history-length",
+        "10",
+        "--batch-size",
+        "8",
+        "--compute-kernels",
+        "fused",
+    ]
     assert main(too_small) == 1
     assert "No plan fits" in capsys.readouterr().out
     with pytest.raises(SystemExit):

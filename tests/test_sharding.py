@@ -7,13 +7,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import NUM_ITEMS, free_port, make_batch
+from test_models_ranking import USER_BUCKETS, make_ranker
+from test_models_retrieval import make_retrieval
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed.model_parallel import DistributedModelParallel
 
-from helpers import NUM_ITEMS, free_port, make_batch
-from test_models_ranking import USER_BUCKETS, make_ranker
-from test_models_retrieval import make_retrieval
 from torchrec_hytrec.data.ranking import ranking_batch_from_sequences
 from torchrec_hytrec.models.evaluation import RetrievalEvaluator, item_table_shards, retrieve_topk
 from torchrec_hytrec.models.sharding import (
@@ -115,9 +115,9 @@ def one_step_worker(
     tables = _assert_weights_equal(sharded, after)
     assert tables, "no table was sharded"
     changed = {k for k in after if not torch.equal(after[k], initial[k])}
-    assert set(tables) <= changed and len(changed) > len(
-        tables
-    ), "the step must move tables and dense weights"
+    assert set(tables) <= changed and len(changed) > len(tables), (
+        "the step must move tables and dense weights"
+    )
     dist.destroy_process_group()
 
 
@@ -134,7 +134,10 @@ def _retrieval_batches() -> list:
 
 
 def _sampled_batches() -> list:
-    return [make_batch([6, 3, 9], seed=10, candidates="uniform"), make_batch([4, 12], seed=11, candidates="uniform")]
+    return [
+        make_batch([6, 3, 9], seed=10, candidates="uniform"),
+        make_batch([4, 12], seed=11, candidates="uniform"),
+    ]
 
 
 @pytest.mark.slow

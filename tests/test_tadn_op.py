@@ -147,8 +147,7 @@ def test_gradients_of_each_user_are_independent_of_the_batch() -> None:
     lo, hi = offsets[2].item(), offsets[3].item()
     (o[lo:hi].square().sum() + s[2].square().sum()).backward()
     alone = {
-        n: (x[2:3] if n == "initial_state" else x[lo:hi]).float().requires_grad_()
-        for n, x in inputs.items()
+        n: (x[2:3] if n == "initial_state" else x[lo:hi]).float().requires_grad_() for n, x in inputs.items()
     }
     o_b, s_b = chunk_tadn(**alone, offsets=torch.tensor([0, hi - lo]), output_final_state=True)
     (o_b.square().sum() + s_b.square().sum()).backward()
@@ -210,8 +209,12 @@ def test_decay_exponentials_stay_normal_and_underflow_to_exact_zeros(dtype: torc
     # Every argument exp sees is clamped to a value whose exp is still a normal number (a
     # denormal result puts CPU exp on a path ~30x slower); what lies below becomes exactly 0.
     tiny = torch.finfo(dtype).tiny
-    x = torch.cat([torch.tensor([-1e4, float(torch.finfo(dtype).min)], dtype=dtype),
-                   torch.linspace(-800.0, 0.0, 20_001, dtype=dtype)])
+    x = torch.cat(
+        [
+            torch.tensor([-1e4, float(torch.finfo(dtype).min)], dtype=dtype),
+            torch.linspace(-800.0, 0.0, 20_001, dtype=dtype),
+        ]
+    )
     mask = torch.zeros_like(x, dtype=torch.bool)
     mask[-1] = True
     y = _exp_or_zero(x, mask)

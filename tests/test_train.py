@@ -9,19 +9,28 @@ import torch
 
 from torchrec_hytrec.data import convert
 from torchrec_hytrec.train import build_parser, config_from_args, main
-from torchrec_hytrec.training.evaluation import popularity_ranks
 from torchrec_hytrec.training.checkpoint import COMPLETE_MARKER, CheckpointManager
+from torchrec_hytrec.training.evaluation import popularity_ranks
 
 TINY = [
-    "--set", "data.synthetic.num_users=80",
-    "--set", "data.synthetic.max_length=60",
-    "--set", "data.row_group_size=16",
-    "--set", "data.token_budget=512",
-    "--set", "data.max_seq_len=50",
-    "--set", "model.encoder.embedding_dim=16",
-    "--set", "model.encoder.short_window=8",
-    "--set", "model.encoder.dropout=0.1",
-    "--set", "checkpoint.every_n_steps=3",
+    "--set",
+    "data.synthetic.num_users=80",
+    "--set",
+    "data.synthetic.max_length=60",
+    "--set",
+    "data.row_group_size=16",
+    "--set",
+    "data.token_budget=512",
+    "--set",
+    "data.max_seq_len=50",
+    "--set",
+    "model.encoder.embedding_dim=16",
+    "--set",
+    "model.encoder.short_window=8",
+    "--set",
+    "model.encoder.dropout=0.1",
+    "--set",
+    "checkpoint.every_n_steps=3",
 ]
 
 
@@ -29,11 +38,29 @@ def test_flags_win_over_overrides_and_file(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("epochs: 9\nseed: 4\n")
     args = build_parser().parse_args(
-        ["--config", str(path), "--set", "epochs=8", "--epochs", "2", "--data", "/x/y.parquet",
-         "--out-dir", "o", "--fault-at-step", "5"]
+        [
+            "--config",
+            str(path),
+            "--set",
+            "epochs=8",
+            "--epochs",
+            "2",
+            "--data",
+            "/x/y.parquet",
+            "--out-dir",
+            "o",
+            "--fault-at-step",
+            "5",
+        ]
     )
     cfg = config_from_args(args)
-    assert (cfg.epochs, cfg.seed, cfg.data.path, cfg.out_dir, cfg.fault_at_step) == (2, 4, "/x/y.parquet", "o", 5)
+    assert (cfg.epochs, cfg.seed, cfg.data.path, cfg.out_dir, cfg.fault_at_step) == (
+        2,
+        4,
+        "/x/y.parquet",
+        "o",
+        5,
+    )
 
 
 def test_popularity_ranks_order_by_count_then_id() -> None:
@@ -82,7 +109,10 @@ def test_resume_with_another_number_of_processes_is_refused(tmp_path: Path) -> N
 def test_resume_refuses_another_runs_checkpoints_naming_the_fields(tmp_path: Path) -> None:
     common = [*TINY, "--set", f"data.cache_dir={tmp_path / 'data'}", "--out-dir", str(tmp_path / "o")]
     main([*common, "--epochs", "1"])
-    with pytest.raises(ValueError, match=r"optim.dense_lr=0.001, this run has optim.dense_lr=0.0003; seed=0, this run has seed=1"):
+    with pytest.raises(
+        ValueError,
+        match=r"optim.dense_lr=0.001, this run has optim.dense_lr=0.0003; seed=0, this run has seed=1",
+    ):
         main([*common, "--epochs", "2", "--resume", "--seed", "1", "--set", "optim.dense_lr=3e-4"])
     with pytest.raises(ValueError, match="data.max_seq_len=50, this run has data.max_seq_len=40"):
         main([*common, "--epochs", "2", "--resume", "--set", "data.max_seq_len=40"])
@@ -113,20 +143,50 @@ def test_two_jobs_cannot_share_an_out_dir(tmp_path: Path) -> None:
 
     out = tmp_path / "o"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
-         "from torchrec_hytrec.training.trainer import OutDirLock; lock = OutDirLock(Path(sys.argv[1])); "
-         "print('locked', flush=True); time.sleep(60)", str(out)],
-        stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; "
+            "from torchrec_hytrec.training.trainer import OutDirLock; lock = OutDirLock(Path(sys.argv[1])); "
+            "print('locked', flush=True); time.sleep(60)",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(RuntimeError, match=f"in use by another job.*pid {holder.pid}"):
-            main([*TINY, "--set", f"data.cache_dir={tmp_path / 'data'}", "--out-dir", str(out), "--epochs", "1"])
+            main(
+                [
+                    *TINY,
+                    "--set",
+                    f"data.cache_dir={tmp_path / 'data'}",
+                    "--out-dir",
+                    str(out),
+                    "--epochs",
+                    "1",
+                ]
+            )
     finally:
         holder.kill()
         holder.wait()
-    assert len(main([*TINY, "--set", f"data.cache_dir={tmp_path / 'data'}", "--out-dir", str(out),
-                     "--epochs", "1"])) == 1
+    assert (
+        len(
+            main(
+                [
+                    *TINY,
+                    "--set",
+                    f"data.cache_dir={tmp_path / 'data'}",
+                    "--out-dir",
+                    str(out),
+                    "--epochs",
+                    "1",
+                ]
+            )
+        )
+        == 1
+    )
 
 
 def test_trains_on_a_converted_interactions_log(tmp_path: Path) -> None:
@@ -137,10 +197,35 @@ def test_trains_on_a_converted_interactions_log(tmp_path: Path) -> None:
             lines.append(f"u{u},item{int(rng.integers(0, 50))},{1_700_000_000 + 3600 * e + u}")
     (tmp_path / "log.csv").write_text("\n".join(lines) + "\n")
     out = tmp_path / "log.parquet"
-    convert.main(["--format", "interactions", str(tmp_path / "log.csv"), str(out), "--user-col", "user",
-                  "--item-col", "item", "--time-col", "ts", "--row-group-size", "8"])
-    rows = main([*TINY, "--data", str(out), "--epochs", "1", "--out-dir", str(tmp_path / "run"),
-                 "--set", "eval_protocols=[all, unseen]"])
+    convert.main(
+        [
+            "--format",
+            "interactions",
+            str(tmp_path / "log.csv"),
+            str(out),
+            "--user-col",
+            "user",
+            "--item-col",
+            "item",
+            "--time-col",
+            "ts",
+            "--row-group-size",
+            "8",
+        ]
+    )
+    rows = main(
+        [
+            *TINY,
+            "--data",
+            str(out),
+            "--epochs",
+            "1",
+            "--out-dir",
+            str(tmp_path / "run"),
+            "--set",
+            "eval_protocols=[all, unseen]",
+        ]
+    )
     assert len(rows) == 1
     assert rows[0]["test_unseen_hr@10"] >= rows[0]["test_hr@10"]  # fewer items to beat
     assert not (tmp_path / "data").exists()
@@ -148,5 +233,14 @@ def test_trains_on_a_converted_interactions_log(tmp_path: Path) -> None:
 
 def test_unknown_preset_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="model.preset. must be one of"):
-        main([*TINY, "--set", "model.preset=hstu", "--set", f"data.cache_dir={tmp_path}",
-              "--out-dir", str(tmp_path / "o")])
+        main(
+            [
+                *TINY,
+                "--set",
+                "model.preset=hstu",
+                "--set",
+                f"data.cache_dir={tmp_path}",
+                "--out-dir",
+                str(tmp_path / "o"),
+            ]
+        )

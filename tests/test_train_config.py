@@ -24,8 +24,13 @@ def test_defaults_file_and_overrides_compose(tmp_path: Path) -> None:
 
 
 def test_nested_sections_are_typed_and_apply_over_the_preset() -> None:
-    cfg = load_config(overrides=["data.synthetic.num_users=50", "model.encoder.short_window=8",
-                                 "model.retrieval.temperature=0.5"])
+    cfg = load_config(
+        overrides=[
+            "data.synthetic.num_users=50",
+            "model.encoder.short_window=8",
+            "model.retrieval.temperature=0.5",
+        ]
+    )
     assert cfg.data.synthetic == SyntheticConfig(num_users=50)
     assert cfg.model.encoder == HyTRecConfig.hytrec(short_window=8)
     assert cfg.model.retrieval == RetrievalConfig(loss="full", temperature=0.5)
@@ -41,13 +46,22 @@ def test_every_key_is_documented_in_help() -> None:
     from torchrec_hytrec.train import build_parser
 
     text = build_parser().format_help()
-    for key in ("data.synthetic.num_users", "model.encoder.embedding_dim", "model.retrieval.loss",
-                "optim.dense_lr", "checkpoint.keep_last", "data.max_seq_len"):
+    for key in (
+        "data.synthetic.num_users",
+        "model.encoder.embedding_dim",
+        "model.retrieval.loss",
+        "optim.dense_lr",
+        "checkpoint.keep_last",
+        "data.max_seq_len",
+    ):
         assert f"  {key} = " in text, key
     lines = config_reference().splitlines()
     # Each key line is followed by its indented description.
-    missing = [line for i, line in enumerate(lines) if not line.startswith("      ")
-               and (i + 1 == len(lines) or not lines[i + 1].startswith("      "))]
+    missing = [
+        line
+        for i, line in enumerate(lines)
+        if not line.startswith("      ") and (i + 1 == len(lines) or not lines[i + 1].startswith("      "))
+    ]
     assert not missing, f"keys without a description: {missing}"
 
 
@@ -96,7 +110,7 @@ def test_metrics_logger_writes_all_formats_and_drops_rows_of_a_redone_epoch(tmp_
     logger.log(1, {"train_loss": 1.25, "valid_hr@10": 0.3})
     logger.close()
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert [l for l in lines] == [
+    assert lines == [
         '{"epoch": 0, "train_loss": 2.0, "valid_hr@10": 0.1}',
         '{"epoch": 1, "train_loss": 1.25, "valid_hr@10": 0.3}',
     ]

@@ -36,28 +36,48 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", help="YAML config (default: the built-in one, as in configs/default.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, repeatable: --set model.preset=sasrec_like --set optim.dense_lr=3e-4")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, repeatable: --set model.preset=sasrec_like --set optim.dense_lr=3e-4",
+    )
     p.add_argument("--data", help="Parquet dataset from the converter (data.path); default: synthetic")
     p.add_argument("--epochs", type=int, help="epochs (epochs)")
     p.add_argument("--out-dir", help="metrics and checkpoints directory (out_dir)")
     p.add_argument("--seed", type=int, help="seed (seed)")
     resume = p.add_mutually_exclusive_group()
-    resume.add_argument("--resume", action="store_true",
-                        help="continue from the newest intact checkpoint of the same run in out_dir "
-                        "(implied on a torchelastic restart)")
-    resume.add_argument("--overwrite", action="store_true",
-                        help="start afresh and delete the checkpoints an earlier run left in out_dir "
-                        "(without it a fresh run refuses such an out_dir)")
-    p.add_argument("--fault-at-step", type=int,
-                   help="test knob: the last rank SIGKILLs itself at this global step on the first attempt")
+    resume.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest intact checkpoint of the same run in out_dir "
+        "(implied on a torchelastic restart)",
+    )
+    resume.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh and delete the checkpoints an earlier run left in out_dir "
+        "(without it a fresh run refuses such an out_dir)",
+    )
+    p.add_argument(
+        "--fault-at-step",
+        type=int,
+        help="test knob: the last rank SIGKILLs itself at this global step on the first attempt",
+    )
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The config file, then ``--set`` overrides, then the explicit flags."""
-    flags = {"data.path": args.data, "epochs": args.epochs, "out_dir": args.out_dir, "seed": args.seed,
-             "fault_at_step": args.fault_at_step}
+    flags = {
+        "data.path": args.data,
+        "epochs": args.epochs,
+        "out_dir": args.out_dir,
+        "seed": args.seed,
+        "fault_at_step": args.fault_at_step,
+    }
     explicit = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
     return load_config(args.config, [*args.overrides, *explicit])
 
@@ -69,8 +89,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     configure_threads()
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     try:
-        return Trainer(cfg, env).fit(resume=args.resume, overwrite=args.overwrite and not restarted,
-                                     restarted=restarted)
+        return Trainer(cfg, env).fit(
+            resume=args.resume, overwrite=args.overwrite and not restarted, restarted=restarted
+        )
     finally:
         dist.destroy_process_group()
 

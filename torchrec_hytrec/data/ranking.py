@@ -175,8 +175,9 @@ def ranking_batch_from_sequences(
     event_keys = [k for k in batch.features.keys() if k not in (TARGET_KEY, CANDIDATE_KEY)]
     sequence = KeyedJaggedTensor(
         keys=[*event_keys, CANDIDATE_KEY],
-        values=torch.cat([*(_gather_jagged(batch.features[k].values(), starts, history) for k in event_keys),
-                          candidates]),
+        values=torch.cat(
+            [*(_gather_jagged(batch.features[k].values(), starts, history) for k in event_keys), candidates]
+        ),
         lengths=torch.cat([history.repeat(len(event_keys)), torch.full_like(history, per_user)]),
     )
     recent = torch.clamp(history, max=num_recent)[rows]

@@ -119,9 +119,7 @@ class ReaderConfig:
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_seq_len <= self.max_tokens:
-            raise ValueError(
-                f"need 1 <= max_seq_len ({self.max_seq_len}) <= max_tokens ({self.max_tokens})"
-            )
+            raise ValueError(f"need 1 <= max_seq_len ({self.max_seq_len}) <= max_tokens ({self.max_tokens})")
         if self.max_batch_size is not None and self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.negatives not in NEGATIVES:
@@ -471,7 +469,11 @@ class SequenceReader(IterableDataset):
         starts its round of workers at worker 0: resumed inside a round, the first few come in
         another order.
         """
-        self._epoch, self._consumed, self._skip = int(state["epoch"]), int(state["batches"]), int(state["batches"])
+        self._epoch, self._consumed, self._skip = (
+            int(state["epoch"]),
+            int(state["batches"]),
+            int(state["batches"]),
+        )
 
     def num_batches(self, num_workers: Optional[int] = None) -> int:
         """Batches every rank yields this epoch, padding included (the same on all ranks).
@@ -536,7 +538,9 @@ class SequenceReader(IterableDataset):
             path = self._files[group.file]
             pf = files.setdefault(group.file, open_parquet(path))
             seqs = read_row_group(pf, group.index, self._info, str(path), group.first_row)
-            rows, start, kept, target = self._input_ranges(seqs.lengths, self._row_order(group, seqs.num_users))
+            rows, start, kept, target = self._input_ranges(
+                seqs.lengths, self._row_order(group, seqs.num_users)
+            )
             first = seqs.offsets[:-1][rows]
             index = _gather_index(first + start, kept)
             scale = self._time_scales[group.file]
@@ -585,11 +589,13 @@ class SequenceReader(IterableDataset):
             features=KeyedJaggedTensor(
                 keys=sequence_keys(self._features),
                 values=torch.from_numpy(np.concatenate(values + [targets, candidates])),
-                lengths=torch.cat([
-                    lengths.repeat(len(self._features) + 2),
-                    torch.full((batch_size,), int(evaluation), dtype=torch.int32),
-                    candidate_lengths,
-                ]),
+                lengths=torch.cat(
+                    [
+                        lengths.repeat(len(self._features) + 2),
+                        torch.full((batch_size,), int(evaluation), dtype=torch.int32),
+                        candidate_lengths,
+                    ]
+                ),
             ),
             user_ids=torch.from_numpy(per_user("user_ids")),
             target_timestamps=torch.from_numpy(per_user("target_timestamps")),
@@ -646,6 +652,11 @@ class SequenceReader(IterableDataset):
             self._warned_truncation = True
             log(
                 "epoch %d rank %d worker %d: %d users cut to their last max_seq_len=%d events "
-                "(%d older events not read)", self._epoch, self._rank, wid, stats.truncated_users,
-                self._config.max_seq_len, stats.truncated_events,
+                "(%d older events not read)",
+                self._epoch,
+                self._rank,
+                wid,
+                stats.truncated_users,
+                self._config.max_seq_len,
+                stats.truncated_events,
             )

@@ -121,8 +121,13 @@ class SyntheticConfig:
     def long(cls, seed: int = 0, num_users: int = 5200) -> "SyntheticConfig":
         """Benchmarks: ~1k events per user on average, histories up to 12k (≈5.2M events at 5.2k users)."""
         return cls(
-            num_users=num_users, num_clusters=200, items_per_cluster=100, median_length=400.0,
-            length_sigma=1.4, max_length=12_000, seed=seed,
+            num_users=num_users,
+            num_clusters=200,
+            items_per_cluster=100,
+            median_length=400.0,
+            length_sigma=1.4,
+            max_length=12_000,
+            seed=seed,
         )
 
 
@@ -212,7 +217,9 @@ def generate(config: SyntheticConfig) -> SyntheticData:
     cluster_cdf = _zipf_cdf(c.num_clusters, c.cluster_zipf)
     cluster_rank_to_id = rng.permutation(c.num_clusters)
     core = cluster_rank_to_id[_draw(rng, cluster_cdf, c.num_users)]
-    slots_per_user = c.interests_per_user + np.bincount(session_user, weights=drift, minlength=c.num_users).astype(np.int64)
+    slots_per_user = c.interests_per_user + np.bincount(
+        session_user, weights=drift, minlength=c.num_users
+    ).astype(np.int64)
     slot_offsets = np.r_[0, np.cumsum(slots_per_user)[:-1]]
     slots = cluster_rank_to_id[_draw(rng, cluster_cdf, int(slots_per_user.sum()))]
 
@@ -301,6 +308,9 @@ def cached_synthetic_dataset(
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         write_sequences(tmp, data.sequences, data.info, row_group_size=row_group_size)
         os.replace(tmp, path)
-        print(f"synthetic dataset: {path} ({data.info.num_users} users, {data.info.num_items} items, "
-              f"{data.info.num_events} events)", flush=True)
+        print(
+            f"synthetic dataset: {path} ({data.info.num_users} users, {data.info.num_items} items, "
+            f"{data.info.num_events} events)",
+            flush=True,
+        )
     return path

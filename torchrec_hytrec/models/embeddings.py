@@ -100,9 +100,7 @@ def sequence_embedding_collection(
     return EmbeddingCollection(tables=tables, device=device)
 
 
-def check_sequence_collection(
-    collection: nn.Module, embedding_dim: int, features: Sequence[str]
-) -> None:
+def check_sequence_collection(collection: nn.Module, embedding_dim: int, features: Sequence[str]) -> None:
     """Raises ``ValueError`` unless ``collection`` looks up every name of ``features`` at
     ``embedding_dim`` (an injected collection must serve the batch's keys)."""
     configs = collection.embedding_configs()

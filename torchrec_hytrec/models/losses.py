@@ -21,7 +21,9 @@ def weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``sum(w * x) / sum(w)``, and ``0`` when every weight is zero (a padding batch: its loss must
     move no weight, yet its step still joins every collective)."""
     total = weights.sum()
-    return torch.where(total > 0, (weights * values).sum() / total.clamp(min=torch.finfo(weights.dtype).tiny), 0.0)
+    return torch.where(
+        total > 0, (weights * values).sum() / total.clamp(min=torch.finfo(weights.dtype).tiny), 0.0
+    )
 
 
 def full_softmax_loss(

@@ -586,8 +586,10 @@ def format_plan(result: PlanResult, *, with_stats: bool = False) -> str:
     if result.compute_device == "cuda":
         memory_caps.insert(0, ("HBM", result.max_hbm_bytes, result.hbm_cap_bytes))
     lines.append(
-        "; ".join(f"max {kind}/rank {_gib(used)} GiB of {cap / GIB:.1f} GiB ({100 * used / cap:.1f}%)"
-                  for kind, used, cap in memory_caps)
+        "; ".join(
+            f"max {kind}/rank {_gib(used)} GiB of {cap / GIB:.1f} GiB ({100 * used / cap:.1f}%)"
+            for kind, used, cap in memory_caps
+        )
     )
     lines.append(
         f"max per-rank perf {result.max_rank_perf_ms:.3f} ms; sum of maxima {result.sum_of_maxima_ms:.3f} ms"

@@ -142,7 +142,8 @@ class SequenceArch(nn.Module):
         candidates = embeddings[CANDIDATE_KEY]
         rows_per_user = candidates.lengths()
         row_user = torch.repeat_interleave(
-            torch.arange(rows_per_user.numel(), device=user.device), rows_per_user,
+            torch.arange(rows_per_user.numel(), device=user.device),
+            rows_per_user,
             output_size=candidates.values().shape[0],
         )
         return torch.stack([user[row_user], candidates.values()], dim=1)
@@ -170,8 +171,9 @@ class HyTRecRanker(nn.Module):
         ...     HyTRecEncoder(HyTRecConfig.hytrec(embedding_dim=16, num_heads=2)),
         ...     device=torch.device("meta"),
         ... )
-        >>> [name for name, _ in ranker.named_children()]
-        ['sparse_arch', 'dense_arch', 'sequence_embedding_collection', 'sequence_arch', 'inter_arch', 'over_arch']
+        >>> [name for name, _ in ranker.named_children()]  # doctest: +NORMALIZE_WHITESPACE
+        ['sparse_arch', 'dense_arch', 'sequence_embedding_collection', 'sequence_arch',
+         'inter_arch', 'over_arch']
     """
 
     def __init__(
@@ -203,7 +205,9 @@ class HyTRecRanker(nn.Module):
         ]
         self.sparse_arch = SparseArch(EmbeddingBagCollection(tables=bags, device=device))
         dense_device = None if device is None or device.type == "meta" else device
-        self.dense_arch = DenseArch(config.dense_in_features, config.dense_arch_layer_sizes, device=dense_device)
+        self.dense_arch = DenseArch(
+            config.dense_in_features, config.dense_arch_layer_sizes, device=dense_device
+        )
         side = list(config.side_features)
         if sequence_embedding_collection is None:
             sequence_embedding_collection = build_sequence_collection(
@@ -248,7 +252,9 @@ class WeightedBCELoss(nn.Module):
 
         >>> import torch
         >>> from torchrec_hytrec.models.ranking import WeightedBCELoss
-        >>> loss = WeightedBCELoss()(torch.tensor([0.0, 9.0]), torch.tensor([1.0, 0.0]), torch.tensor([1.0, 0.0]))
+        >>> logits, labels = torch.tensor([0.0, 9.0]), torch.tensor([1.0, 0.0])
+        >>> weights = torch.tensor([1.0, 0.0])
+        >>> loss = WeightedBCELoss()(logits, labels, weights)
         >>> round(float(loss), 4)  # log 2: the second row has no weight
         0.6931
     """

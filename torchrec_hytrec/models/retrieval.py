@@ -78,7 +78,8 @@ class RetrievalConfig:
         if self.loss == "sampled" and (self.num_uniform_negatives < 1 or self.num_in_batch_negatives < 0):
             raise ValueError(
                 "RetrievalConfig: sampled softmax needs num_uniform_negatives >= 1 and "
-                f"num_in_batch_negatives >= 0, got {self.num_uniform_negatives} and {self.num_in_batch_negatives}"
+                f"num_in_batch_negatives >= 0, got {self.num_uniform_negatives} and "
+                f"{self.num_in_batch_negatives}"
             )
 
     def reader_negatives(self) -> Tuple[str, int]:
@@ -86,7 +87,6 @@ class RetrievalConfig:
         if self.loss == "full":
             return "catalogue", 0
         return "uniform", self.num_uniform_negatives
-
 
 
 class RetrievalOutput(NamedTuple):
@@ -322,7 +322,8 @@ class RetrievalLoss(nn.Module):
             if output.candidate_ids.shape[0] != self.num_items:
                 raise ValueError(
                     f"full softmax needs the whole catalogue ({self.num_items} items) as the batch's "
-                    f"candidates, got {output.candidate_ids.shape[0]}: read with ReaderConfig.negatives='catalogue'"
+                    f"candidates, got {output.candidate_ids.shape[0]}: read with "
+                    "ReaderConfig.negatives='catalogue'"
                 )
             return full_softmax_loss(
                 scores=output.candidate_scores(),
@@ -331,7 +332,9 @@ class RetrievalLoss(nn.Module):
                 temperature=config.temperature,
             )
         if output.candidate_ids.shape[0] == 0:
-            raise ValueError("sampled softmax needs uniform negatives in the batch: ReaderConfig.negatives='uniform'")
+            raise ValueError(
+                "sampled softmax needs uniform negatives in the batch: ReaderConfig.negatives='uniform'"
+            )
         return sampled_softmax_loss(
             query=output.query,
             positive_ids=output.positive_ids,

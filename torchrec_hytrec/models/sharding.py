@@ -141,12 +141,15 @@ def make_optimizer(model: DistributedModelParallel, config: OptimizerConfig) -> 
         >>> from torchrec_hytrec.models import HyTRecRankerTrain, apply_sparse_optimizer
         >>> dist.init_process_group("gloo", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1)
         >>> model = HyTRecRankerTrain(HyTRecRanker(
-        ...     RankerConfig(num_items=50, embedding_dim=8, dense_in_features=2, sparse_features={"user_bucket": 10}),
-        ...     HyTRecEncoder(HyTRecConfig.hytrec(embedding_dim=8, num_heads=2)), device=torch.device("meta")))
+        ...     RankerConfig(num_items=50, embedding_dim=8, dense_in_features=2,
+        ...                  sparse_features={"user_bucket": 10}),
+        ...     HyTRecEncoder(HyTRecConfig.hytrec(embedding_dim=8, num_heads=2)),
+        ...     device=torch.device("meta")))
         >>> config = OptimizerConfig(sparse_lr=0.05, dense_lr=1e-3)
         >>> apply_sparse_optimizer(model, config)
         >>> optimizer = make_optimizer(shard_model(model, "row_wise", device=torch.device("cpu")), config)
-        >>> any("embeddings.item.weight" in key for key in optimizer.state_dict()["state"])  # fused table state
+        >>> # The fused table optimizer's state is in it.
+        >>> any("embeddings.item.weight" in key for key in optimizer.state_dict()["state"])
         True
         >>> dist.destroy_process_group()
     """
@@ -238,7 +241,9 @@ def shard_model(
     group = process_group if process_group is not None else dist.GroupMember.WORLD
     world_size = dist.get_world_size(group)
     topology = TopologyFactory.create_topology(
-        TrainerConfig(world_size=world_size, local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world_size))),
+        TrainerConfig(
+            world_size=world_size, local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        ),
         kernel_config=KernelConfig(compute_device=device.type),
     )
     with quiet_torchrec():
@@ -249,7 +254,11 @@ def shard_model(
         )
         plan = planner.collective_plan(model, sharders(), group)
         return DistributedModelParallel(
-            module=model, device=device, plan=plan, sharders=sharders(), env=ShardingEnv.from_process_group(group)
+            module=model,
+            device=device,
+            plan=plan,
+            sharders=sharders(),
+            env=ShardingEnv.from_process_group(group),
         )
 
 
@@ -264,7 +273,9 @@ def quiet_torchrec() -> Iterator[None]:
     reservation_logger.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=FutureWarning, message=".*(StorageReservation|broadcast_buffers)")
+            warnings.filterwarnings(
+                "ignore", category=FutureWarning, message=".*(StorageReservation|broadcast_buffers)"
+            )
             yield
     finally:
         reservation_logger.setLevel(level)

@@ -74,7 +74,8 @@ class HyTRecConfig:
     def __post_init__(self) -> None:
         if set(self.long_pattern) - {TADN, SOFTMAX}:
             raise ValueError(
-                f"long_pattern may only hold '{TADN}' (TADN) and '{SOFTMAX}' (softmax), got {self.long_pattern!r}"
+                f"long_pattern may only hold '{TADN}' (TADN) and '{SOFTMAX}' (softmax), "
+                f"got {self.long_pattern!r}"
             )
         if not self.long_pattern and not self.use_short_branch:
             raise ValueError("HyTRecConfig needs a long branch (long_pattern) or the short branch")

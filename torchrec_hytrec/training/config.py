@@ -51,10 +51,17 @@ class DataConfig:
     row_group_size: int = 128
 
     def __post_init__(self) -> None:
-        _at_least(1, data_row_group_size=self.row_group_size, data_token_budget=self.token_budget,
-                  data_eval_token_budget=self.eval_token_budget, data_max_seq_len=self.max_seq_len)
-        for key, budget in (("data.token_budget", self.token_budget),
-                            ("data.eval_token_budget", self.eval_token_budget)):
+        _at_least(
+            1,
+            data_row_group_size=self.row_group_size,
+            data_token_budget=self.token_budget,
+            data_eval_token_budget=self.eval_token_budget,
+            data_max_seq_len=self.max_seq_len,
+        )
+        for key, budget in (
+            ("data.token_budget", self.token_budget),
+            ("data.eval_token_budget", self.eval_token_budget),
+        ):
             if self.max_seq_len > budget:
                 raise ValueError(f"data.max_seq_len ({self.max_seq_len}) must be <= {key} ({budget})")
 
@@ -157,7 +164,9 @@ class TrainConfig:
         if not self.eval_ks or min(self.eval_ks) < 1:
             raise ValueError(f"eval_ks must be a non-empty list of cut-offs >= 1, got {self.eval_ks}")
         if not self.eval_protocols or set(self.eval_protocols) - {"all", "unseen"}:
-            raise ValueError(f"eval_protocols must be a non-empty subset of ['all', 'unseen'], got {self.eval_protocols}")
+            raise ValueError(
+                f"eval_protocols must be a non-empty subset of ['all', 'unseen'], got {self.eval_protocols}"
+            )
 
 
 def _at_least(low: int, **values: int) -> None:
@@ -224,8 +233,7 @@ def _fields(cls: type, raw: Dict[str, Any], where: str) -> Dict[str, Any]:
     if unknown:
         prefix = f"{where}." if where else ""
         raise ValueError(
-            f"unknown config key(s) {[prefix + k for k in unknown]}; "
-            f"{cls.__name__} has {sorted(names)}"
+            f"unknown config key(s) {[prefix + k for k in unknown]}; {cls.__name__} has {sorted(names)}"
         )
     out = {}
     for f in dataclasses.fields(cls):

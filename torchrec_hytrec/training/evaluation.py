@@ -79,15 +79,21 @@ def evaluate_retrieval(
     """
     unknown = sorted(set(protocols) - set(PROTOCOLS))
     if unknown or not protocols:
-        raise ValueError(f"evaluation protocols must be a non-empty subset of {list(PROTOCOLS)}, got {list(protocols)}")
+        raise ValueError(
+            f"evaluation protocols must be a non-empty subset of {list(PROTOCOLS)}, got {list(protocols)}"
+        )
     evaluators = {
         protocol: RetrievalEvaluator(
-            model, exclude_seen=protocol == "unseen", metrics=RetrievalMetrics(hr_ks=ks, ndcg_ks=ks, device=device)
+            model,
+            exclude_seen=protocol == "unseen",
+            metrics=RetrievalMetrics(hr_ks=ks, ndcg_ks=ks, device=device),
         )
         for protocol in protocols
     }
     baseline = RetrievalMetrics(hr_ks=ks, ndcg_ks=ks, device=device)
-    outputs = _plain_outputs(model, batches) if pipeline is None else evaluation_outputs(pipeline, model, batches)
+    outputs = (
+        _plain_outputs(model, batches) if pipeline is None else evaluation_outputs(pipeline, model, batches)
+    )
     loss_sum = weight_sum = 0.0
     for out in outputs:
         for evaluator in evaluators.values():
@@ -95,7 +101,9 @@ def evaluate_retrieval(
         weight = float(out.weights.sum())
         loss_sum, weight_sum = loss_sum + float(out.loss) * weight, weight_sum + weight
         if popularity is not None:
-            baseline.update(popularity.to(out.positive_ids.device)[out.positive_ids], out.lengths, out.weights)
+            baseline.update(
+                popularity.to(out.positive_ids.device)[out.positive_ids], out.lengths, out.weights
+            )
     overall: Dict[str, float] = {}
     detail: Dict[str, float] = {}
     for protocol, evaluator in evaluators.items():
@@ -103,7 +111,9 @@ def evaluate_retrieval(
         figures = evaluator.compute()
         detail.update({prefix + name: value for name, value in figures.items()})
         # A split without users (tiny datasets) reports NaN rather than failing the run.
-        overall.update({prefix + name: figures.get(name, math.nan) for name in evaluator.metrics.metric_names})
+        overall.update(
+            {prefix + name: figures.get(name, math.nan) for name in evaluator.metrics.metric_names}
+        )
     overall["loss"] = loss_sum / weight_sum if weight_sum else math.nan
     if popularity is not None:
         if dist.is_initialized():

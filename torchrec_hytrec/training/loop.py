@@ -19,7 +19,9 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 Out = TypeVar("Out")
 
 
-def make_pipeline(model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> TrainPipelineSparseDist:
+def make_pipeline(
+    model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device
+) -> TrainPipelineSparseDist:
     """``TrainPipelineSparseDist(model, optimizer, device)`` for a sharded train wrapper.
 
     Args:

@@ -10,7 +10,6 @@ its own job claimed, so it can never continue another run. One job at a time hol
 (a lock file).
 """
 
-import dataclasses
 import fcntl
 import hashlib
 import json
@@ -48,16 +47,18 @@ def make_reader(cfg: TrainConfig, path: Path, split: Split, with_candidates: boo
     """A reader of ``split``; ``with_candidates``: its batches carry what the loss needs."""
     train = split is Split.TRAIN
     negatives, num_negatives = cfg.model.retrieval.reader_negatives() if with_candidates else ("none", 0)
-    return SequenceReader(ReaderConfig(
-        paths=[path],
-        split=split,
-        max_tokens=cfg.data.token_budget if train else cfg.data.eval_token_budget,
-        max_seq_len=cfg.data.max_seq_len,
-        shuffle=train,
-        seed=cfg.seed,
-        negatives=negatives,
-        num_negatives=num_negatives,
-    ))
+    return SequenceReader(
+        ReaderConfig(
+            paths=[path],
+            split=split,
+            max_tokens=cfg.data.token_budget if train else cfg.data.eval_token_budget,
+            max_seq_len=cfg.data.max_seq_len,
+            shuffle=train,
+            seed=cfg.seed,
+            negatives=negatives,
+            num_negatives=num_negatives,
+        )
+    )
 
 
 def build_model(cfg: TrainConfig, reader: SequenceReader) -> HyTRecRetrievalTrain:
@@ -264,20 +265,29 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.progress.update(state["progress"])
         mine = state[self._rank_key]
-        self.train_reader.load_state_dict({"epoch": self.progress["epoch"], "batches": self.progress["epoch_step"]})
+        self.train_reader.load_state_dict(
+            {"epoch": self.progress["epoch"], "batches": self.progress["epoch_step"]}
+        )
         self.epoch_loss.update(loss_sum=mine["loss_sum"], loss_count=mine["loss_count"])
         set_rng_state(mine["rng"])
         self._saved_step = self.progress["global_step"]
-        self._print(f"resumed from {latest} at epoch {self.progress['epoch']}, "
-                    f"global step {self.progress['global_step']}")
+        self._print(
+            f"resumed from {latest} at epoch {self.progress['epoch']}, "
+            f"global step {self.progress['global_step']}"
+        )
 
     def train_epoch(self, epoch: int) -> float:
         """One pass over this rank's training share (continuing a restored position); the mean loss."""
         every = self.cfg.checkpoint.every_n_steps
         self.train_reader.set_epoch(epoch)
         # Under TorchX/torchrun stderr is a log file: refresh it rarely.
-        bar = tqdm(desc=f"epoch {epoch}", unit="batch", disable=not self.env.is_main, dynamic_ncols=True,
-                   mininterval=0.5 if sys.stderr.isatty() else 15.0)
+        bar = tqdm(
+            desc=f"epoch {epoch}",
+            unit="batch",
+            disable=not self.env.is_main,
+            dynamic_ncols=True,
+            mininterval=0.5 if sys.stderr.isatty() else 15.0,
+        )
 
         def on_step(outputs: Any) -> None:
             self._maybe_inject_fault()
@@ -294,7 +304,9 @@ class Trainer:
 
         train_epoch(self.pipeline, self.model, self.train_reader, on_step)
         bar.close()
-        totals = torch.tensor([self.epoch_loss["loss_sum"], self.epoch_loss["loss_count"]], dtype=torch.float64)
+        totals = torch.tensor(
+            [self.epoch_loss["loss_sum"], self.epoch_loss["loss_count"]], dtype=torch.float64
+        )
         dist.all_reduce(totals)
         return float(totals[0] / totals[1])
 
@@ -309,8 +321,13 @@ class Trainer:
         detail: Dict[str, Any] = {}
         for split, reader in self.eval_readers.items():
             metrics, detail[split.value] = evaluate_retrieval(
-                self.model, reader, pipeline=self.pipeline, ks=self.cfg.eval_ks,
-                protocols=self.cfg.eval_protocols, popularity=self.popularity_ranks, device=self.env.device,
+                self.model,
+                reader,
+                pipeline=self.pipeline,
+                ks=self.cfg.eval_ks,
+                protocols=self.cfg.eval_protocols,
+                popularity=self.popularity_ranks,
+                device=self.env.device,
             )
             row.update({f"{split.value}_{k}": v for k, v in metrics.items()})
         return row, detail
@@ -329,7 +346,9 @@ class Trainer:
 
     def _fit(self, resume: bool, overwrite: bool, restarted: bool) -> List[Dict[str, Any]]:
         self.restore(resume, overwrite, restarted)
-        metrics_log = MetricsLogger(self.out_dir, start_epoch=self.progress["epoch"], enabled=self.env.is_main)
+        metrics_log = MetricsLogger(
+            self.out_dir, start_epoch=self.progress["epoch"], enabled=self.env.is_main
+        )
         if self.env.is_main:
             (self.out_dir / "config.json").write_text(json.dumps(config_to_dict(self.cfg), indent=2))
         detail: Dict[str, Any] = {}
@@ -347,7 +366,10 @@ class Trainer:
             self.save()
         self._print(f"\nfinal metrics ({self.out_dir / 'metrics.jsonl'}):\n{metrics_log.table()}")
         if "test" in detail:
-            self._print(f"\ntest split by history length (last epoch):\n{bucket_table(detail['test'], self.cfg.eval_ks)}")
+            self._print(
+                "\ntest split by history length (last epoch):\n"
+                + bucket_table(detail["test"], self.cfg.eval_ks)
+            )
         metrics_log.close()
         return metrics_log.rows
 
