@@ -9,6 +9,9 @@ from test_encoder import CONFIGS, K, _batch, _encoder
 
 from torchrec_hytrec.modules.export import export_user_tower
 
+# Each export traces the whole encoder: the slow tier.
+pytestmark = pytest.mark.slow
+
 # One user of one event; users around the short window K, past the long window (12) and past the
 # TADN chunk (32) together; many users of mixed lengths.
 BATCHES = [[1], [K - 1, 1, K + 1, 40, 2 * 32 + 3], [70, 2, 100, 1, 9, 33, K, 5]]

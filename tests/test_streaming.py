@@ -158,6 +158,7 @@ def test_full_causal_tails_are_compacted() -> None:
 @pytest.mark.parametrize(
     "name", ["hytrec", "hytrec_windowed", "hytrec_adaptive", "sasrec_like", "pure_linear"]
 )
+@pytest.mark.slow
 def test_exported_step_serves_every_batch_size_and_cache_length(name: str) -> None:
     """One program, exported once, takes states of any batch size (one user included) and, for
     full-causal layers, any block and tail lengths; it equals eager step after step."""
@@ -177,6 +178,7 @@ def test_exported_step_serves_every_batch_size_and_cache_length(name: str) -> No
         assert exported.num_events.tolist() == state.num_events.tolist()
 
 
+@pytest.mark.slow
 def test_exported_step_saves_and_loads(tmp_path) -> None:
     encoder = _encoder("hytrec")
     path = tmp_path / "step.pt2"

@@ -12,6 +12,9 @@ from torchrec_hytrec.train import build_parser, config_from_args, main
 from torchrec_hytrec.training.checkpoint import COMPLETE_MARKER, CheckpointManager
 from torchrec_hytrec.training.evaluation import popularity_ranks
 
+# Every test runs the training entry point end to end: the slow tier.
+pytestmark = pytest.mark.slow
+
 TINY = [
     "--set",
     "data.synthetic.num_users=80",
