@@ -1,10 +1,12 @@
 """Process-group set-up from torchrun's environment: the one place that picks device and backend."""
 
+import logging
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.fx
 
 from torchrec_hytrec.training.cpu_allocator import configure_cpu_allocator
 
@@ -64,6 +66,7 @@ def init_distributed() -> DistEnv:
         device = torch.device("cpu")
         backend = "gloo"
         configure_cpu_allocator()
+    mute_fx_tracing_notice()
     if not dist.is_initialized():
         if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True):
             # torchelastic (torch 2.13) keeps one agent TCP store across worker restarts, so a
@@ -93,3 +96,21 @@ def configure_threads() -> int:
     )
     torch.set_num_threads(max(1, threads))
     return torch.get_num_threads()
+
+
+def mute_fx_tracing_notice() -> None:
+    """Uses up torch.fx's once-per-process notice about ``is_fx_tracing`` with its logger silenced."""
+    # TorchRec's KeyedJaggedTensor (and the pipeline's tracer) ask torch.fx whether it is tracing; torch then
+    # logs, once per process, advice about which of its own APIs to call instead: nothing a user
+    # of ours can act on. The notice is an lru-cached function: running it once with its logger
+    # silenced uses up its one time.
+    notice = getattr(torch.fx._symbolic_trace, "is_fx_tracing_warning", None)
+    if notice is None:
+        return
+    fx_logger = logging.getLogger(torch.fx._symbolic_trace.__name__)
+    level = fx_logger.level
+    fx_logger.setLevel(logging.ERROR)
+    try:
+        notice()
+    finally:
+        fx_logger.setLevel(level)

@@ -9,12 +9,13 @@ Every rank must hold the same number of batches, as each step is a collective:
 ``SequenceReader`` pads the shorter shares with zero-weight batches.
 """
 
-import logging
 from typing import Callable, Iterable, Iterator, List, Optional, TypeVar
 
 import torch
 from torch import nn
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+from torchrec_hytrec.training.distributed import mute_fx_tracing_notice
 
 Out = TypeVar("Out")
 
@@ -31,24 +32,8 @@ def make_pipeline(
         optimizer: from :func:`~torchrec_hytrec.models.sharding.make_optimizer`.
         device: the compute device.
     """
-    _mute_fx_tracing_notice()
+    mute_fx_tracing_notice()
     return TrainPipelineSparseDist(model, optimizer, device)
-
-
-def _mute_fx_tracing_notice() -> None:
-    # The pipeline's tracer runs TorchRec code that asks torch.fx whether it is tracing; torch then
-    # logs, once per process, advice about which of its own APIs to call instead: nothing a user
-    # of ours can act on. The notice is an lru-cached function: running it once with its logger
-    # silenced uses up its one time.
-    notice = getattr(torch.fx._symbolic_trace, "is_fx_tracing_warning", None)
-    if notice is None:
-        return
-    fx_logger = logging.getLogger(torch.fx._symbolic_trace.__name__)
-    level, fx_logger.level = fx_logger.level, logging.ERROR
-    try:
-        notice()
-    finally:
-        fx_logger.setLevel(level)
 
 
 def pipeline_outputs(pipeline: TrainPipelineSparseDist, batches: Iterable[Out]) -> Iterator[Out]:
