@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+import torch
 
 from torchrec_hytrec.data.schema import write_sequences
 from torchrec_hytrec.data.synthetic import SyntheticConfig, generate
@@ -26,3 +27,13 @@ def synthetic_parquet(tmp_path_factory: pytest.TempPathFactory) -> Callable[...,
         return made[key]
 
     return make
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: streaming and small kernels run many tiny ops, and on
+    shared cores each would wait for a second thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,6 +1,10 @@
 """Builders shared by the tests: hand-made batches and free ports for process groups."""
 
+import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -69,3 +73,46 @@ def make_batch(
         target_timestamps=target_times,
         weights=torch.ones(batch_size),
     )
+
+
+# Small enough for ~1 minute per run on 2 cores; several checkpoint intervals per epoch.
+TINY_JOB = [
+    "--epochs",
+    "2",
+    "--set",
+    "data.synthetic.num_users=160",
+    "--set",
+    "data.synthetic.max_length=120",
+    "--set",
+    "data.row_group_size=16",
+    "--set",
+    "data.token_budget=512",
+    "--set",
+    "data.eval_token_budget=4096",
+    "--set",
+    "data.max_seq_len=100",
+    "--set",
+    "model.encoder.embedding_dim=16",
+    "--set",
+    "model.encoder.short_window=8",
+    "--set",
+    "model.encoder.dropout=0.1",
+    "--set",
+    "checkpoint.every_n_steps=4",
+    "--set",
+    "checkpoint.keep_last=2",
+]
+
+
+def launch_tiny_job(out_dir: Path, data_dir: Path, extra: Sequence[str] = ()) -> subprocess.Popen:
+    """Starts the ``TINY_JOB`` training run as 2 processes under torchrun (one restart allowed),
+    its output in ``<out_dir>.log``."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max-restarts", "1",
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", "--monitor-interval", "0.5",
+        "-m", "torchrec_hytrec.train", *TINY_JOB, "--out-dir", str(out_dir),
+        "--set", f"data.cache_dir={data_dir}", *extra,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LOGLEVEL": "WARNING"}
+    log = open(out_dir.parent / f"{out_dir.name}.log", "w")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).parents[1])

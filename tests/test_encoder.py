@@ -15,6 +15,8 @@ from torchrec_hytrec.modules import (
     gap_buckets,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 D = 32
 K = 8
 CONFIGS = {
@@ -26,15 +28,6 @@ CONFIGS = {
     "sasrec_like": HyTRecConfig.sasrec_like(embedding_dim=D),
     "pure_linear": HyTRecConfig.pure_linear(embedding_dim=D),
 }
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Streaming runs many tiny ops; on shared cores each one would wait for a second thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _encoder(name: str, seed: int = 0) -> HyTRecEncoder:

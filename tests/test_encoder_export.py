@@ -10,19 +10,11 @@ from test_encoder import CONFIGS, K, _batch, _encoder
 from torchrec_hytrec.modules.export import export_user_tower
 
 # Each export traces the whole encoder: the slow tier.
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 # One user of one event; users around the short window K, past the long window (12) and past the
 # TADN chunk (32) together; many users of mixed lengths.
 BATCHES = [[1], [K - 1, 1, K + 1, 40, 2 * 32 + 3], [70, 2, 100, 1, 9, 33, K, 5]]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

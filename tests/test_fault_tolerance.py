@@ -1,42 +1,13 @@
 """A worker SIGKILLed mid-epoch under torchrun: the job restarts, resumes and ends where it would have."""
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Dict, List
 
 import pytest
+from helpers import launch_tiny_job
 
-# Small enough for ~1 minute per run on 2 cores; several checkpoint intervals per epoch.
-TINY = [
-    "--epochs",
-    "2",
-    "--set",
-    "data.synthetic.num_users=160",
-    "--set",
-    "data.synthetic.max_length=120",
-    "--set",
-    "data.row_group_size=16",
-    "--set",
-    "data.token_budget=512",
-    "--set",
-    "data.eval_token_budget=4096",
-    "--set",
-    "data.max_seq_len=100",
-    "--set",
-    "model.encoder.embedding_dim=16",
-    "--set",
-    "model.encoder.short_window=8",
-    "--set",
-    "model.encoder.dropout=0.1",
-    "--set",
-    "checkpoint.every_n_steps=4",
-    "--set",
-    "checkpoint.keep_last=2",
-]
 EVERY = 4
 FAULT_AT = 7
 # Runs on CPU with the same thread count are bitwise deterministic; the tolerance only absorbs
@@ -45,33 +16,9 @@ TOLERANCE = 1e-9
 
 
 def _torchrun(out_dir: Path, data_dir: Path, extra: List[str]) -> str:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--max-restarts",
-        "1",
-        "--rdzv-backend",
-        "c10d",
-        "--rdzv-endpoint",
-        "localhost:0",
-        "--monitor-interval",
-        "0.5",
-        "-m",
-        "torchrec_hytrec.train",
-        *TINY,
-        "--out-dir",
-        str(out_dir),
-        "--set",
-        f"data.cache_dir={data_dir}",
-        *extra,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "LOGLEVEL": "WARNING"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    log = proc.stdout + proc.stderr
-    (out_dir.parent / f"{out_dir.name}.log").write_text(log)
+    proc = launch_tiny_job(out_dir, data_dir, extra)
+    proc.wait(timeout=300)
+    log = (out_dir.parent / f"{out_dir.name}.log").read_text()
     assert proc.returncode == 0, log[-5000:]
     return log
 

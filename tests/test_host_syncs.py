@@ -25,6 +25,8 @@ from torch.utils._pytree import tree_leaves
 
 from torchrec_hytrec.modules import HyTRecConfig, HyTRecEncoder
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 aten = torch.ops.aten
 # Ops whose output shape is read back from the device.
 _DATA_DEPENDENT = {
@@ -104,14 +106,6 @@ class _SyncCounter(TorchDispatchMode):
 
 def _on_device(x: torch.Tensor) -> torch.Tensor:
     return x.as_subclass(_OnDevice)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_the_counter_sees_every_kind_of_sync_and_nothing_else() -> None:

@@ -17,19 +17,13 @@ from test_models_retrieval import make_retrieval
 from torchrec_hytrec.data.ranking import ranking_batch_from_sequences
 from torchrec_hytrec.ops.tadn import chunk_tadn, tadn_step
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TOLERANCE = 2e-2
 LENGTHS = [1, 9, 40, 130]
 DEVICES = [("cpu", torch.bfloat16)]
 if torch.cuda.is_available():
     DEVICES += [("cuda", torch.bfloat16), ("cuda", torch.float16)]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -11,47 +11,16 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List
 
 import pytest
-from test_fault_tolerance import TINY
+from helpers import launch_tiny_job
 
 from torchrec_hytrec.training.checkpoint import CheckpointManager
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def launch(out_dir: Path, data_dir: Path, extra: Sequence[str] = ()) -> subprocess.Popen:
-    """Starts the tiny 2-process job under torchrun (one restart allowed); output to ``<out_dir>.log``."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--max-restarts",
-        "1",
-        "--rdzv-backend",
-        "c10d",
-        "--rdzv-endpoint",
-        "localhost:0",
-        "--monitor-interval",
-        "0.5",
-        "-m",
-        "torchrec_hytrec.train",
-        *TINY,
-        "--out-dir",
-        str(out_dir),
-        "--set",
-        f"data.cache_dir={data_dir}",
-        *extra,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "LOGLEVEL": "WARNING"}
-    log = open(out_dir.parent / f"{out_dir.name}.log", "w")
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
 
 
 def finish(proc: subprocess.Popen, out_dir: Path, timeout: float = 300) -> str:
@@ -112,7 +81,7 @@ def clean(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, object]:
     """An uninterrupted run: the metrics every faulty run must end with."""
     root = tmp_path_factory.mktemp("faults")
     out = root / "clean"
-    log = finish(launch(out, root / "data"), out)
+    log = finish(launch_tiny_job(out, root / "data"), out)
     assert "resumed from" not in log
     return {"root": root, "rows": rows(out)}
 
@@ -124,7 +93,7 @@ def test_a_worker_killed_from_outside_resumes_to_the_same_metrics(clean, moment:
     root: Path = clean["root"]
     out = root / f"{moment}-rank{rank}"
     ckpt = out / "checkpoints"
-    proc = launch(out, root / "data")
+    proc = launch_tiny_job(out, root / "data")
     if moment == "mid-epoch":
         # Just after the first step checkpoint, while the epoch goes on.
         wait_for(proc, lambda: (ckpt / "step_000000004" / "COMPLETE").is_file())
@@ -150,7 +119,7 @@ def test_a_worker_killed_from_outside_resumes_to_the_same_metrics(clean, moment:
 def test_a_damaged_newest_checkpoint_is_never_loaded(clean) -> None:
     root: Path = clean["root"]
     out = root / "damaged"
-    log = finish(launch(out, root / "data", ["--epochs", "1"]), out)
+    log = finish(launch_tiny_job(out, root / "data", ["--epochs", "1"]), out)
     manager = CheckpointManager(out / "checkpoints")
     newest = manager.latest()
     assert newest is not None and newest.name == "step_000000009", log[-3000:]
@@ -160,7 +129,7 @@ def test_a_damaged_newest_checkpoint_is_never_loaded(clean) -> None:
     shard.write_bytes(bytes(data))
     assert manager.verify(newest) == "checksum mismatch in __1_0.distcp"
 
-    proc = launch(out, root / "data", ["--resume"])
+    proc = launch_tiny_job(out, root / "data", ["--resume"])
     log = finish(proc, out)
     # The trainer takes the newest *intact* checkpoint: it falls back and ends as a clean run.
     assert proc.returncode == 0, log[-5000:]

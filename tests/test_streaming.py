@@ -12,19 +12,12 @@ from test_encoder import CONFIGS, D, K, _batch, _encoder
 from torchrec_hytrec.modules import GrowingKVCache, HyTRecStreamState, KVCache, streaming
 from torchrec_hytrec.modules.export import compile_stream_step, export_stream_step
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # Users of a prefilled batch: none, one event, around the short window K, past the long window
 # (12) and past the TADN chunk (32).
 LENGTHS = [0, 1, K - 1, K, K + 1, 40, 70]
 NEW_EVENTS = 4
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Streaming runs many tiny ops; on shared cores each one would wait for a second thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _histories_and_new_events(
