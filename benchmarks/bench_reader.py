@@ -16,8 +16,8 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
+from torchrec_hytrec.data.parquet import write_sequences
 from torchrec_hytrec.data.reader import NEGATIVES, ReaderConfig, SequenceReader
-from torchrec_hytrec.data.schema import write_sequences
 from torchrec_hytrec.data.synthetic import SyntheticConfig, generate
 
 
@@ -51,14 +51,10 @@ def main() -> None:
             f"{path.stat().st_size / 2**20:.0f} MiB"
         )
         reader = SequenceReader(
-            ReaderConfig(
-                paths=[path],
-                max_tokens=args.max_tokens,
-                max_seq_len=args.max_seq_len,
-                shuffle=args.shuffle,
-                negatives=args.negatives,
-                num_negatives=args.num_negatives,
-            )
+            [path],
+            ReaderConfig(max_tokens=args.max_tokens, max_seq_len=args.max_seq_len, shuffle=args.shuffle),
+            negatives=args.negatives,
+            num_negatives=args.num_negatives,
         )
         rates = []
         for epoch in range(args.repeats):

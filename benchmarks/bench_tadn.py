@@ -14,41 +14,15 @@ total number of events.
 """
 
 import argparse
-import os
-import statistics
-import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from timing import checked_gflops, load_average, time_in_turns
 
+from torchrec_hytrec.modules.config import HyTRecConfig
 from torchrec_hytrec.ops.tadn import chunk_tadn, naive_recurrent_tadn
 from torchrec_hytrec.training import configure_cpu_allocator
-
-
-def median_ms(
-    fns: Dict[str, Callable[[], object]], repeats: Dict[str, int], device: torch.device
-) -> Dict[str, float]:
-    """Median wall time in ms of each function, after one warm-up call each.
-
-    The functions are timed in turns (one call of each per round) so that a change in the load of
-    a shared machine hits all of them alike and their ratios stay meaningful.
-    """
-    times: Dict[str, List[float]] = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()
-    for round_ in range(max(repeats.values())):
-        for name, fn in fns.items():
-            if round_ >= repeats[name]:
-                continue
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def chunk_tadn_flops(
@@ -133,7 +107,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--quick", action="store_true", help="n in {1k, 2k}, 3 repeats, small jagged batch")
     parser.add_argument("--heads", type=int, default=2)
     parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--chunk-size", type=int, default=64)
+    parser.add_argument("--chunk-size", type=int, default=HyTRecConfig().tadn_chunk_size)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--ref-repeats", type=int, default=3)
     parser.add_argument("--max-ref-len", type=int, default=4096)
@@ -146,18 +120,20 @@ def main(argv: Optional[List[str]] = None) -> None:
     configure_cpu_allocator()  # as the training entry point runs
     device = torch.device(args.device)
     H, D, C = args.heads, args.dim, args.chunk_size
+    threads = torch.get_num_threads()
     print(
-        f"device={device} threads={torch.get_num_threads()} heads={H} dim={D} chunk={C} "
-        f"torch={torch.__version__} load average={os.getloadavg()[0]:.1f}"
+        f"device={device} threads={threads} heads={H} dim={D} chunk={C} torch={torch.__version__} "
+        f"load average={load_average()}"
     )
+    print("times: min/median/max ms over the repeats; ratios and GFLOP/s from the medians")
 
     a = torch.randn(2048, 2048, device=device)
-    mm_ms = median_ms({"mm": lambda: a @ a}, {"mm": args.repeats}, device)["mm"]
-    mm_gflops = 2 * 2048**3 / mm_ms / 1e6
-    print(f"2048x2048 matmul: {mm_ms:.2f} ms = {mm_gflops:.0f} GFLOP/s")
+    mm = time_in_turns({"mm": lambda: a @ a}, {"mm": args.repeats}, device)["mm"]
+    mm_gflops = checked_gflops(2 * 2048**3, mm.median, threads, device)
+    print(f"2048x2048 matmul: {mm} ms = {mm_gflops:.0f} GFLOP/s")
 
     header = (
-        f"{'n':>6} {'pass':>8} {'chunk ms':>9} {'ref ms':>9} {'sdpa ms':>9} "
+        f"{'n':>6} {'pass':>8} {'chunk ms':>22} {'ref ms':>9} {'sdpa ms':>24} "
         f"{'ref/chunk':>9} {'sdpa/chunk':>10} {'GFLOP/s':>8} {'%mm':>5}"
     )
     print(header)
@@ -174,13 +150,14 @@ def main(argv: Optional[List[str]] = None) -> None:
             if n <= args.max_ref_len:
                 fns["ref"] = tadn_step_fn(naive_recurrent_tadn, inputs, backward)
                 repeats["ref"] = args.ref_repeats
-            times = median_ms(fns, repeats, device)
-            ms, sdpa, ref = times["chunk"], times["sdpa"], times.get("ref", float("nan"))
+            times = time_in_turns(fns, repeats, device)
+            ms, sdpa = times["chunk"].median, times["sdpa"].median
+            ref = times["ref"].median if "ref" in times else float("nan")
             chunk_ms[(n, backward)] = ms
-            gflops = chunk_tadn_flops([n], H, D, D, C, backward) / ms / 1e6
+            gflops = checked_gflops(chunk_tadn_flops([n], H, D, D, C, backward), ms, threads, device)
             print(
-                f"{n:>6} {name:>8} {ms:>9.2f} {ref:>9.1f} {sdpa:>9.2f} {ref / ms:>9.1f} "
-                f"{sdpa / ms:>10.2f} {gflops:>8.1f} {100 * gflops / mm_gflops:>4.0f}%"
+                f"{n:>6} {name:>8} {str(times['chunk']):>22} {ref:>9.1f} {str(times['sdpa']):>24} "
+                f"{ref / ms:>9.1f} {sdpa / ms:>10.2f} {gflops:>8.1f} {100 * gflops / mm_gflops:>4.0f}%"
             )
     for lo, hi in zip(args.lengths, args.lengths[1:]):
         if hi == 2 * lo:
@@ -194,7 +171,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     total = sum(jagged)
     for backward in (False, True):
         name = "fwd+bwd" if backward else "fwd"
-        times = median_ms(
+        times = time_in_turns(
             {
                 "jagged": tadn_step_fn(chunk_tadn, tadn_inputs(jagged, H, D, device), backward, chunk_size=C),
                 "one": tadn_step_fn(chunk_tadn, tadn_inputs([total], H, D, device), backward, chunk_size=C),
@@ -205,11 +182,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         jag, one = times["jagged"], times["one"]
         print(
             f"jagged 1x{long_len} + {shorts}x{short_len} vs one sequence of {total}, {name}: "
-            f"{jag:.2f} ms vs {one:.2f} ms, ratio {jag / one:.2f}"
+            f"{jag} ms vs {one} ms, ratio of medians {jag.median / one.median:.2f}"
         )
-
-    # The machine may be shared: the load says how much to trust the absolute numbers.
-    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
+    print(f"load average at the end: {load_average()}")
 
 
 if __name__ == "__main__":

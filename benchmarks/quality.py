@@ -86,9 +86,10 @@ DATASETS = {
         epochs=3,
         # 20k items: sampled softmax (in-batch + uniform negatives, logQ) instead of the full one.
         overrides={
-            "data.max_seq_len": 12_000,
-            "data.token_budget": 12_288,
-            "data.eval_token_budget": 32_768,
+            "data.train.max_seq_len": 12_000,
+            "data.train.max_tokens": 12_288,
+            "data.eval.max_seq_len": 12_000,
+            "data.eval.max_tokens": 32_768,
             "model.encoder.short_window": 64,
             "model.retrieval.loss": "sampled",
         },
@@ -101,8 +102,9 @@ DATASETS = {
         # Histories average 9 events: a window of 8 leaves the long branch something to read.
         # Sparse data (8 interactions per item): heavy dropout, small batches, many steps.
         overrides={
-            "data.max_seq_len": 50,
-            "data.token_budget": 2048,
+            "data.train.max_seq_len": 50,
+            "data.train.max_tokens": 2048,
+            "data.eval.max_seq_len": 50,
             "model.encoder.short_window": 8,
             "model.encoder.dropout": 0.5,
             "optim.dense_lr": 0.001,
@@ -113,7 +115,11 @@ DATASETS = {
         source=SHARED_DATA / "ml-100k.inter",
         convert_format="recbole",
         epochs=15,
-        overrides={"data.max_seq_len": 200, "data.token_budget": 4096, "model.encoder.short_window": 32},
+        overrides={
+            "data.train.max_seq_len": 200,
+            "data.eval.max_seq_len": 200,
+            "model.encoder.short_window": 32,
+        },
     ),
 }
 
@@ -123,8 +129,9 @@ TINY = {
         synthetic_users=40,
         epochs=1,
         overrides={
-            "data.max_seq_len": 12_000,
-            "data.token_budget": 16_384,
+            "data.train.max_seq_len": 12_000,
+            "data.train.max_tokens": 16_384,
+            "data.eval.max_seq_len": 12_000,
             "model.encoder.short_window": 16,
             "model.encoder.embedding_dim": 16,
             "data.row_group_size": 8,
@@ -159,7 +166,7 @@ def prepare(spec: DatasetSpec, data_dir: Path, tiny: bool) -> Optional[Path]:
         return out
     import dataclasses
 
-    from torchrec_hytrec.data.schema import write_sequences
+    from torchrec_hytrec.data.parquet import write_sequences
     from torchrec_hytrec.data.synthetic import SyntheticConfig, generate
 
     config = dataclasses.replace(

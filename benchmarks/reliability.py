@@ -52,14 +52,9 @@ from torchx.specs.builders import materialize_appdef  # noqa: E402
 
 from torchrec_hytrec.data.convert import main as convert  # noqa: E402
 from torchrec_hytrec.data.convert import mapping_path  # noqa: E402
+from torchrec_hytrec.data.parquet import read_sequences, write_sequences  # noqa: E402
 from torchrec_hytrec.data.reader import ReaderConfig, SequenceReader  # noqa: E402
-from torchrec_hytrec.data.schema import (  # noqa: E402
-    METADATA_KEY,
-    SequenceDatasetInfo,
-    Sequences,
-    read_sequences,
-    write_sequences,
-)
+from torchrec_hytrec.data.schema import METADATA_KEY, SequenceDatasetInfo, Sequences  # noqa: E402
 from torchrec_hytrec.training.checkpoint import COMPLETE_MARKER, CheckpointManager  # noqa: E402
 
 OUTCOMES = [
@@ -492,7 +487,7 @@ def reader_damage(rng: np.random.Generator, n: int, tmp: Path) -> Tally:
             paths = [case]
         try:
             got, got_info = read_sequences(path)
-            reader = SequenceReader(ReaderConfig(paths=paths, split="test", max_tokens=64, max_seq_len=64))
+            reader = SequenceReader(paths, ReaderConfig(max_tokens=64, max_seq_len=64), split="test")
             list(reader)
         except ValueError as e:
             if valid:

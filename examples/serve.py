@@ -33,8 +33,9 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from torchrec_hytrec.models.evaluation import item_table_shards, retrieve_topk
+from torchrec_hytrec.models.item_table import item_table_shards
 from torchrec_hytrec.models.retrieval import HyTRecRetrieval, RetrievalConfig
+from torchrec_hytrec.models.serving import retrieve_topk
 from torchrec_hytrec.modules import HyTRecConfig, HyTRecEncoder
 from torchrec_hytrec.modules.export import export_user_tower
 from torchrec_hytrec.training import configure_cpu_allocator

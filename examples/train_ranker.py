@@ -15,6 +15,7 @@ ones)::
 """
 
 import argparse
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
+from torchrec_hytrec.data.parquet import write_sequences
 from torchrec_hytrec.data.ranking import (
     NUM_DERIVED_DENSE,
     RECENT_ITEMS_KEY,
@@ -32,7 +34,6 @@ from torchrec_hytrec.data.ranking import (
     ranking_batch_from_sequences,
 )
 from torchrec_hytrec.data.reader import ReaderConfig, SequenceReader
-from torchrec_hytrec.data.schema import write_sequences
 from torchrec_hytrec.data.splits import Split
 from torchrec_hytrec.data.synthetic import SyntheticConfig, generate
 from torchrec_hytrec.models.embeddings import side_feature_rows
@@ -43,15 +44,11 @@ from torchrec_hytrec.models.ranking import (
     ranking_metric_inputs,
     ranking_metric_module,
 )
-from torchrec_hytrec.models.sharding import (
-    OptimizerConfig,
-    apply_sparse_optimizer,
-    make_optimizer,
-    shard_model,
-)
+from torchrec_hytrec.models.sharding import shard_model
 from torchrec_hytrec.modules import HyTRecConfig, HyTRecEncoder
 from torchrec_hytrec.training.distributed import init_distributed
 from torchrec_hytrec.training.loop import evaluation_outputs, make_pipeline, train_epoch
+from torchrec_hytrec.training.optimizer import OptimizerConfig, apply_sparse_optimizer, make_optimizer
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -120,9 +117,11 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, float]]:
         info = write_sequences(
             path, data.sequences, data.info, row_group_size=max(1, args.users // (4 * env.world_size))
         )
-        read = dict(paths=[path], max_tokens=args.max_tokens, max_seq_len=args.max_seq_len)
-        train_reader = SequenceReader(ReaderConfig(split=Split.TRAIN, shuffle=True, seed=args.seed, **read))
-        valid_reader = SequenceReader(ReaderConfig(split=Split.VALID, **read))
+        batching = ReaderConfig(max_tokens=args.max_tokens, max_seq_len=args.max_seq_len)
+        train_reader = SequenceReader(
+            [path], dataclasses.replace(batching, shuffle=True), split=Split.TRAIN, seed=args.seed
+        )
+        valid_reader = SequenceReader([path], batching, split=Split.VALID)
 
         d = args.embedding_dim
         config = RankerConfig(

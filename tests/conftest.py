@@ -7,7 +7,7 @@ from typing import Callable
 import pytest
 import torch
 
-from torchrec_hytrec.data.schema import write_sequences
+from torchrec_hytrec.data.parquet import write_sequences
 from torchrec_hytrec.data.synthetic import SyntheticConfig, generate
 
 

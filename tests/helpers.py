@@ -35,7 +35,7 @@ def make_batch(
     """A hand-built batch: items follow ``item + 1`` chains (learnable), gaps of minutes to days.
 
     ``candidates`` is ``"catalogue"`` (every item), ``"uniform"`` (``num_negatives`` random items)
-    or ``"none"``, as ``ReaderConfig.negatives``; an evaluation batch's target is the successor of
+    or ``"none"``, as ``SequenceReader(negatives=...)``; an evaluation batch's target is the successor of
     each user's last item, an hour after it.
     """
     side_features = SIDE if side_features is None else side_features
@@ -86,11 +86,13 @@ TINY_JOB = [
     "--set",
     "data.row_group_size=16",
     "--set",
-    "data.token_budget=512",
+    "data.train.max_tokens=512",
     "--set",
-    "data.eval_token_budget=4096",
+    "data.eval.max_tokens=4096",
     "--set",
-    "data.max_seq_len=100",
+    "data.train.max_seq_len=100",
+    "--set",
+    "data.eval.max_seq_len=100",
     "--set",
     "model.encoder.embedding_dim=16",
     "--set",

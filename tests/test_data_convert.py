@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from torchrec_hytrec.data.convert import main, mapping_path
-from torchrec_hytrec.data.schema import DataValidationError, DataWriteError, read_sequences
+from torchrec_hytrec.data.parquet import read_sequences
+from torchrec_hytrec.data.schema import DataValidationError, DataWriteError
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 BEAUTY = DATA / "amazon_beauty.txt"

@@ -9,15 +9,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from torchrec_hytrec.data.parquet import read_info, read_sequences, write_sequences
 from torchrec_hytrec.data.schema import (
     METADATA_KEY,
     DataValidationError,
     SequenceDatasetInfo,
     Sequences,
     arrow_schema,
-    read_info,
-    read_sequences,
-    write_sequences,
 )
 
 INFO = SequenceDatasetInfo(num_items=9, feature_cardinalities={"category": 3})

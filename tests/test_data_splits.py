@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from torchrec_hytrec.data.batch import ITEM_KEY
+from torchrec_hytrec.data.parquet import write_sequences
 from torchrec_hytrec.data.reader import ReaderConfig, SequenceReader
-from torchrec_hytrec.data.schema import SequenceDatasetInfo, Sequences, write_sequences
+from torchrec_hytrec.data.schema import SequenceDatasetInfo, Sequences
 from torchrec_hytrec.data.splits import Split, split_positions
 
 
@@ -43,7 +44,7 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Tuple[Path, Sequences]:
 
 def _read(path: Path, split: Split, max_seq_len: int) -> Dict[int, Tuple[np.ndarray, np.ndarray, int, int]]:
     """user -> (input items, input timestamps, target item, target time)."""
-    reader = SequenceReader(ReaderConfig(paths=[path], split=split, max_tokens=64, max_seq_len=max_seq_len))
+    reader = SequenceReader([path], ReaderConfig(max_tokens=64, max_seq_len=max_seq_len), split=split)
     out = {}
     for batch in reader:
         items = batch.features[ITEM_KEY].to_dense()
@@ -51,7 +52,9 @@ def _read(path: Path, split: Split, max_seq_len: int) -> Dict[int, Tuple[np.ndar
         # Training batches carry no target: report -1 like their target times.
         targets = batch.targets.tolist() if split is not Split.TRAIN else [-1] * batch.batch_size
         for b, uid in enumerate(batch.user_ids.tolist()):
-            assert uid not in out
+            # A training user's windows come oldest first: the most recent one is kept (every
+            # window ends by its end, test_data_reader checks).
+            assert uid not in out or (split is Split.TRAIN and batch.context_lengths[b])
             out[uid] = (items[b].numpy(), times[b].numpy(), targets[b], int(batch.target_timestamps[b]))
     return out
 

@@ -5,9 +5,10 @@ import dataclasses
 import numpy as np
 import pytest
 
-from torchrec_hytrec.data.schema import check_sequences, read_sequences
+from torchrec_hytrec.data.parquet import read_sequences
 from torchrec_hytrec.data.splits import Split, split_positions
 from torchrec_hytrec.data.synthetic import DAY_S, SyntheticConfig, SyntheticData, generate, main
+from torchrec_hytrec.data.validation import check_sequences
 
 HOUR_S = 3_600
 

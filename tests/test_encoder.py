@@ -7,6 +7,7 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 from torchrec_hytrec.modules import (
+    HSTULayer,
     HyTRecConfig,
     HyTRecEncoder,
     SequenceContext,
@@ -26,6 +27,8 @@ CONFIGS = {
         embedding_dim=D, short_window=K, short_window_seconds=3 * 3600.0, long_pattern="TATA"
     ),
     "sasrec_like": HyTRecConfig.sasrec_like(embedding_dim=D),
+    "windowed_softmax": HyTRecConfig.windowed_softmax(embedding_dim=D, window=12),
+    "hstu_like": HyTRecConfig.hstu_like(embedding_dim=D),
     "pure_linear": HyTRecConfig.pure_linear(embedding_dim=D),
 }
 
@@ -172,7 +175,10 @@ def test_streaming_equals_full_forward_2k_events() -> None:
     _assert_stream_equals_forward(_encoder("hytrec"), n=2_000)
 
 
-@pytest.mark.parametrize("name", ["hytrec_windowed", "hytrec_adaptive", "sasrec_like", "pure_linear"])
+@pytest.mark.parametrize(
+    "name",
+    ["hytrec_windowed", "hytrec_adaptive", "sasrec_like", "windowed_softmax", "hstu_like", "pure_linear"],
+)
 def test_streaming_equals_full_forward(name: str) -> None:
     _assert_stream_equals_forward(_encoder(name), n=150)
 
@@ -241,6 +247,12 @@ def test_presets() -> None:
     assert sasrec.short_layer is None and sasrec.fusion is None
     linear = HyTRecEncoder(CONFIGS["pure_linear"])
     assert all(isinstance(layer, TADNLayer) for layer in linear.long_layers) and linear.short_layer is None
+    local = HyTRecEncoder(CONFIGS["windowed_softmax"])
+    assert all(isinstance(layer, SoftmaxAttentionLayer) and layer.window == 12 for layer in local.long_layers)
+    assert local.short_layer is None and HyTRecConfig.windowed_softmax().long_attention_window == 256
+    hstu = HyTRecEncoder(CONFIGS["hstu_like"])
+    assert len(hstu.long_layers) == 4 and all(isinstance(layer, HSTULayer) for layer in hstu.long_layers)
+    assert hstu.short_layer is None and hstu.fusion is None
     short_only = HyTRecEncoder(HyTRecConfig(embedding_dim=D, long_pattern=""))
     assert len(short_only.long_layers) == 0 and short_only.fusion is None
 
@@ -253,6 +265,7 @@ def test_presets() -> None:
         ({"embedding_dim": 30, "num_heads": 4}, "even width"),
         ({"short_window": 0}, "short_window"),
         ({"long_attention_window": 0}, "long_attention_window"),
+        ({"long_pattern": "TTH", "long_attention_window": 8}, r"HSTU-style layers \('H'\).*full causal"),
         ({"time_constant_range": (10.0, 1.0)}, "time_constant_range"),
     ],
 )

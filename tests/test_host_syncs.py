@@ -142,6 +142,8 @@ def _config(name: str, depth: int) -> HyTRecConfig:
         return HyTRecConfig.sasrec_like(num_layers=depth, embedding_dim=32)
     if name == "pure_linear":
         return HyTRecConfig.pure_linear(num_layers=depth, embedding_dim=32)
+    if name == "hstu_like":
+        return HyTRecConfig.hstu_like(num_layers=depth, embedding_dim=32)
     pattern = "TA" if depth == 2 else "TTTA" * (depth // 4)
     windows = {
         "hytrec": {},
@@ -157,13 +159,15 @@ def _config(name: str, depth: int) -> HyTRecConfig:
 # branch): 1 to size their windows, 2 more to find the input rows of a windowed layer (the short
 # branch included). Before the batch context, at depths 2 / 4 / 8: hytrec 31 / 35 / 62 and
 # 14 / 18 / 45, sasrec_like 47 / 89 / 173 and 28 / 70 / 154, pure_linear 9 / 13 / 21 and
-# 10 / 14 / 22.
+# 10 / 14 / 22. Not listed: windowed_softmax, whose forward_last grows with depth by design (a run of
+# windowed layers finds the input rows of each one: 6 / 12 / 24 at depths 2 / 4 / 8, forward 2).
 BOUNDS = {
     "hytrec": (2, 6),
     "hytrec_windowed": (2, 8),
     "hytrec_adaptive": (2, 6),
     "sasrec_like": (2, 3),
     "pure_linear": (2, 2),
+    "hstu_like": (2, 3),
 }
 
 

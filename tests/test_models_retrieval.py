@@ -1,4 +1,4 @@
-"""HyTRecRetrieval, its losses and full-catalogue evaluation, in one process."""
+"""HyTRecRetrieval, its losses, full-catalogue evaluation and top-K retrieval, in one process."""
 
 import math
 from typing import List
@@ -7,16 +7,12 @@ import pytest
 import torch
 from helpers import NUM_ITEMS, SIDE, make_batch
 
-from torchrec_hytrec.models import evaluation
-from torchrec_hytrec.models.evaluation import (
-    RetrievalEvaluator,
-    RetrievalMetrics,
-    catalogue_ranks,
-    item_table_shards,
-    retrieve_topk,
-)
+from torchrec_hytrec.models import item_table
+from torchrec_hytrec.models.evaluation import RetrievalEvaluator, RetrievalMetrics, catalogue_ranks
+from torchrec_hytrec.models.item_table import item_table_shards
 from torchrec_hytrec.models.losses import full_softmax_loss, sampled_softmax_loss
 from torchrec_hytrec.models.retrieval import HyTRecRetrieval, HyTRecRetrievalTrain, RetrievalConfig
+from torchrec_hytrec.models.serving import retrieve_topk
 from torchrec_hytrec.modules import HyTRecConfig, HyTRecEncoder
 from torchrec_hytrec.training.evaluation import evaluate_retrieval
 
@@ -170,7 +166,7 @@ def test_metrics_by_hand() -> None:
 
 @pytest.mark.parametrize("exclude_seen", [False, True])
 def test_catalogue_ranks_equal_brute_force(exclude_seen: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(evaluation, "_BLOCK_ROWS", 7)  # several score blocks per shard
+    monkeypatch.setattr(item_table, "_BLOCK_ROWS", 7)  # several score blocks per shard
     model = make_retrieval()
     batch = make_batch([5, 9, 2], seed=3, evaluation=True)
     model.eval()

@@ -25,14 +25,10 @@ from torchrec_hytrec.data.splits import Split
 from torchrec_hytrec.models.embeddings import side_feature_rows
 from torchrec_hytrec.models.ranking import HyTRecRanker, HyTRecRankerTrain, RankerConfig
 from torchrec_hytrec.models.retrieval import HyTRecRetrieval, HyTRecRetrievalTrain, RetrievalConfig
-from torchrec_hytrec.models.sharding import (
-    OptimizerConfig,
-    apply_sparse_optimizer,
-    make_optimizer,
-    shard_model,
-)
+from torchrec_hytrec.models.sharding import shard_model
 from torchrec_hytrec.modules import HyTRecConfig, HyTRecEncoder
 from torchrec_hytrec.training.loop import make_pipeline, pipeline_outputs, pipelined_modules
+from torchrec_hytrec.training.optimizer import OptimizerConfig, apply_sparse_optimizer, make_optimizer
 
 WORLD = 2
 DIM = 16
@@ -56,16 +52,12 @@ def _encoder() -> HyTRecEncoder:
 def _reader(path: Path, split: Split, retrieval: RetrievalConfig = None) -> SequenceReader:
     negatives, count = retrieval.reader_negatives() if retrieval is not None else ("none", 0)
     return SequenceReader(
-        ReaderConfig(
-            paths=[path],
-            split=split,
-            max_tokens=160,
-            max_seq_len=40,
-            shuffle=True,
-            seed=1,
-            negatives=negatives,
-            num_negatives=count,
-        )
+        [path],
+        ReaderConfig(max_tokens=160, max_seq_len=40, shuffle=True),
+        split=split,
+        seed=1,
+        negatives=negatives,
+        num_negatives=count,
     )
 
 

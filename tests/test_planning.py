@@ -1,12 +1,12 @@
-"""Dry-run sharding plans (models/planning.py): no process group, tables on ``meta``."""
+"""Dry-run sharding plans (training/planning.py): no process group, tables on ``meta``."""
 
 import doctest
 from typing import List, Tuple
 
 import pytest
 
-from torchrec_hytrec.models import planning
-from torchrec_hytrec.models.planning import (
+from torchrec_hytrec.training import planning
+from torchrec_hytrec.training.planning import (
     GIB,
     PlanDoesNotFit,
     PlanResult,

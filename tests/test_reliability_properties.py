@@ -24,15 +24,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from torchrec_hytrec.data.convert import main, mapping_path
+from torchrec_hytrec.data.parquet import read_sequences, write_sequences
 from torchrec_hytrec.data.reader import ReaderConfig, SequenceReader
-from torchrec_hytrec.data.schema import (
-    METADATA_KEY,
-    DataValidationError,
-    SequenceDatasetInfo,
-    Sequences,
-    read_sequences,
-    write_sequences,
-)
+from torchrec_hytrec.data.schema import METADATA_KEY, DataValidationError, SequenceDatasetInfo, Sequences
 
 # Fast enough for < 60 s on 2 shared cores; deadline off (a first example pays imports).
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -338,7 +332,7 @@ def test_parquet_reader_round_trip_or_named_error(case) -> None:
             pq.write_table(table, str(path))
         try:
             got, got_info = read_sequences(path)
-            reader = SequenceReader(ReaderConfig(paths=[path], split="test", max_tokens=64, max_seq_len=64))
+            reader = SequenceReader([path], ReaderConfig(max_tokens=64, max_seq_len=64), split="test")
             batches = list(reader)
         except DataValidationError as e:
             event(f"{damage}: named error")

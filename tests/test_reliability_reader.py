@@ -10,14 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from torchrec_hytrec.data import convert
+from torchrec_hytrec.data.parquet import write_sequences
 from torchrec_hytrec.data.reader import ReaderConfig, SequenceReader
-from torchrec_hytrec.data.schema import (
-    METADATA_KEY,
-    DataValidationError,
-    SequenceDatasetInfo,
-    Sequences,
-    write_sequences,
-)
+from torchrec_hytrec.data.schema import METADATA_KEY, DataValidationError, SequenceDatasetInfo, Sequences
 
 INFO = SequenceDatasetInfo(num_items=5)
 
@@ -34,7 +29,7 @@ def _seqs(user_ids: list) -> Sequences:
 
 
 def _reader(*paths: Path) -> SequenceReader:
-    return SequenceReader(ReaderConfig(paths=list(paths), max_tokens=64, max_seq_len=8, split="test"))
+    return SequenceReader(list(paths), ReaderConfig(max_tokens=64, max_seq_len=8), split="test")
 
 
 def test_a_converter_output_directory_is_read_without_its_mappings(tmp_path: Path) -> None:

@@ -15,14 +15,15 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed.model_parallel import DistributedModelParallel
 
 from torchrec_hytrec.data.ranking import ranking_batch_from_sequences
-from torchrec_hytrec.models.evaluation import RetrievalEvaluator, item_table_shards, retrieve_topk
-from torchrec_hytrec.models.sharding import (
+from torchrec_hytrec.models.evaluation import RetrievalEvaluator
+from torchrec_hytrec.models.item_table import item_table_shards
+from torchrec_hytrec.models.serving import retrieve_topk
+from torchrec_hytrec.models.sharding import shard_model, sharding_constraints
+from torchrec_hytrec.training.optimizer import (
     OptimizerConfig,
     apply_sparse_optimizer,
     make_dense_optimizer,
     make_optimizer,
-    shard_model,
-    sharding_constraints,
 )
 
 WORLD = 2

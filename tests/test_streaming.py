@@ -148,9 +148,7 @@ def test_full_causal_tails_are_compacted() -> None:
     torch.testing.assert_close(more, same, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize(
-    "name", ["hytrec", "hytrec_windowed", "hytrec_adaptive", "sasrec_like", "pure_linear"]
-)
+@pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.slow
 def test_exported_step_serves_every_batch_size_and_cache_length(name: str) -> None:
     """One program, exported once, takes states of any batch size (one user included) and, for

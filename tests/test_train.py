@@ -23,9 +23,9 @@ TINY = [
     "--set",
     "data.row_group_size=16",
     "--set",
-    "data.token_budget=512",
+    "data.train.max_tokens=512",
     "--set",
-    "data.max_seq_len=50",
+    "data.train.max_seq_len=50",
     "--set",
     "model.encoder.embedding_dim=16",
     "--set",
@@ -117,8 +117,8 @@ def test_resume_refuses_another_runs_checkpoints_naming_the_fields(tmp_path: Pat
         match=r"optim.dense_lr=0.001, this run has optim.dense_lr=0.0003; seed=0, this run has seed=1",
     ):
         main([*common, "--epochs", "2", "--resume", "--seed", "1", "--set", "optim.dense_lr=3e-4"])
-    with pytest.raises(ValueError, match="data.max_seq_len=50, this run has data.max_seq_len=40"):
-        main([*common, "--epochs", "2", "--resume", "--set", "data.max_seq_len=40"])
+    with pytest.raises(ValueError, match="data.train.max_seq_len=50, this run has data.train.max_seq_len=40"):
+        main([*common, "--epochs", "2", "--resume", "--set", "data.train.max_seq_len=40"])
 
 
 def test_fresh_run_never_deletes_or_continues_an_earlier_run(tmp_path: Path) -> None:

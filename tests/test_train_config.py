@@ -52,7 +52,8 @@ def test_every_key_is_documented_in_help() -> None:
         "model.retrieval.loss",
         "optim.dense_lr",
         "checkpoint.keep_last",
-        "data.max_seq_len",
+        "data.train.max_seq_len",
+        "data.eval.max_tokens",
     ):
         assert f"  {key} = " in text, key
     lines = config_reference().splitlines()
@@ -80,8 +81,10 @@ def test_shipped_default_config_is_the_built_in_default() -> None:
         (["model=3"], "'model' must be a mapping"),
         (["epochs=0"], "'epochs' must be >= 1"),
         (["model.encoder.embedding_dim=0"], "model.encoder: embedding_dim"),
-        (["data.token_budget=0"], "'data.token_budget' must be >= 1"),
-        (["data.max_seq_len=9000"], r"data.max_seq_len \(9000\) must be <= data.token_budget"),
+        (["data.train.max_tokens=0"], r"data.train: need 1 <= max_seq_len \(2000\) <= max_tokens \(0\)"),
+        (["data.eval.max_seq_len=20000"], r"data.eval: need 1 <= max_seq_len \(20000\) <= max_tokens"),
+        (["data.train.window_overlap=2000"], r"data.train: window_overlap must be in \[0, max_seq_len"),
+        (["data.row_group_size=0"], "'data.row_group_size' must be >= 1"),
         (["checkpoint.every_n_steps=-1"], "'checkpoint.every_n_steps' must be >= 0"),
         (["eval_ks=[]"], "eval_ks must be a non-empty list"),
         (["model.preset=hstu"], "model.preset' must be one of"),

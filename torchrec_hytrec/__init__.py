@@ -30,8 +30,8 @@ _EXPORTS: Dict[str, str] = {
     "SequenceReader": "torchrec_hytrec.data.reader",
     "ReaderConfig": "torchrec_hytrec.data.reader",
     "shard_model": "torchrec_hytrec.models.sharding",
-    "make_optimizer": "torchrec_hytrec.models.sharding",
-    "OptimizerConfig": "torchrec_hytrec.models.sharding",
+    "make_optimizer": "torchrec_hytrec.training.optimizer",
+    "OptimizerConfig": "torchrec_hytrec.training.optimizer",
 }
 
 __all__ = ["__version__", *_EXPORTS]

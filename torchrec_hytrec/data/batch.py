@@ -13,13 +13,20 @@ while batch ``i`` computes, and timestamps travel with the ids:
 * ``"candidate_item_id"``: softmax candidates shared by the whole batch (uniform negatives or the
   whole catalogue), all in the last user's slot; empty when the reader draws none.
 
-A batch is either a training batch (every event but a user's last predicts the next) or an
-evaluation batch (each user's last event predicts its target); the reader that made it knows
-which, and the model is told by ``train()`` / ``eval()``, never by looking at the values.
+A batch is either a training batch (every event but a user's last predicts the next, see
+:func:`training_queries`) or an evaluation batch (each user's last event predicts its target);
+the reader that made it knows which, and the model is told by ``train()`` / ``eval()``, never by
+looking at the values.
+
+A batch row is a window of one user's history: a training history longer than the reader's
+``max_seq_len`` comes as several rows (windows) of the same user, each later window starting with
+``context_lengths`` events of the one before it, which it reads but does not predict again; an
+evaluation row holds the last events before its target. ``history_starts`` places each row in
+its user's whole history.
 """
 
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional, Tuple
 
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -47,6 +54,12 @@ class SequenceBatch(Pipelineable):
             evaluation batches; ``-1`` in training batches.
         weights: ``[B]`` float32 weight of each user: ``1`` for real users, ``0`` for the users of
             a padding batch (made by the reader so every rank takes the same number of steps).
+        context_lengths: optional ``[B]`` int64 leading events of each row that an earlier window
+            of the same user already predicted: read as context, never predicted again. ``None``
+            (no row has any) is the same as zeros.
+        history_starts: optional ``[B]`` int64 position of each row's first event in its user's
+            whole history (``> 0`` when older events are in another window or were not read).
+            ``None`` is the same as zeros.
 
     Example::
 
@@ -67,26 +80,44 @@ class SequenceBatch(Pipelineable):
     user_ids: torch.Tensor
     target_timestamps: torch.Tensor
     weights: torch.Tensor
+    context_lengths: Optional[torch.Tensor] = None
+    history_starts: Optional[torch.Tensor] = None
+
+    def _tensors(self) -> List[Optional[torch.Tensor]]:
+        return [
+            self.user_ids,
+            self.target_timestamps,
+            self.weights,
+            self.context_lengths,
+            self.history_starts,
+        ]
+
+    def _with(self, features: KeyedJaggedTensor, tensors: List[Optional[torch.Tensor]]) -> "SequenceBatch":
+        user_ids, target_timestamps, weights, context_lengths, history_starts = tensors
+        return SequenceBatch(
+            features=features,
+            user_ids=user_ids,
+            target_timestamps=target_timestamps,
+            weights=weights,
+            context_lengths=context_lengths,
+            history_starts=history_starts,
+        )
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "SequenceBatch":
-        return SequenceBatch(
-            features=self.features.to(device=device, non_blocking=non_blocking),
-            user_ids=self.user_ids.to(device=device, non_blocking=non_blocking),
-            target_timestamps=self.target_timestamps.to(device=device, non_blocking=non_blocking),
-            weights=self.weights.to(device=device, non_blocking=non_blocking),
+        return self._with(
+            self.features.to(device=device, non_blocking=non_blocking),
+            [None if t is None else t.to(device=device, non_blocking=non_blocking) for t in self._tensors()],
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
         self.features.record_stream(stream)
-        for t in (self.user_ids, self.target_timestamps, self.weights):
-            t.record_stream(stream)
+        for t in self._tensors():
+            if t is not None:
+                t.record_stream(stream)
 
     def pin_memory(self) -> "SequenceBatch":
-        return SequenceBatch(
-            features=self.features.pin_memory(),
-            user_ids=self.user_ids.pin_memory(),
-            target_timestamps=self.target_timestamps.pin_memory(),
-            weights=self.weights.pin_memory(),
+        return self._with(
+            self.features.pin_memory(), [None if t is None else t.pin_memory() for t in self._tensors()]
         )
 
     @property
@@ -116,3 +147,43 @@ class SequenceBatch(Pipelineable):
     def candidates(self) -> torch.Tensor:
         """``[M]`` softmax candidates shared by the batch."""
         return self.features[CANDIDATE_KEY].values()
+
+    def history_lengths(self) -> torch.Tensor:
+        """``[B]`` events of each row's user up to the row's end (its own plus the older ones)."""
+        offsets = self.offsets()
+        lengths = offsets[1:] - offsets[:-1]
+        return lengths if self.history_starts is None else lengths + self.history_starts
+
+
+def training_queries(
+    offsets: torch.Tensor, context_lengths: Optional[torch.Tensor] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The queries of a training batch: every event whose next event in the row is a target.
+
+    A row's events predict their successors, except its last event (no successor in the row) and
+    the events before its last context event (their successors are context, predicted by an
+    earlier window). Over all windows of a user, every event but the user's first is a target
+    exactly once.
+
+    Args:
+        offsets: ``[B + 1]`` start of each row's events.
+        context_lengths: optional ``[B]`` context events of each row.
+
+    Returns:
+        ``(rows, users)``: ``[Q]`` event rows of the queries (each predicts ``rows + 1``) and the
+        batch row of each.
+
+    Example::
+
+        >>> import torch
+        >>> rows, users = training_queries(torch.tensor([0, 3, 7]), torch.tensor([0, 2]))
+        >>> rows.tolist(), users.tolist()  # row 1's events 3, 4 are context: 4 predicts 5
+        ([0, 1, 4, 5], [0, 0, 1, 1])
+    """
+    lengths = offsets[1:] - offsets[:-1]
+    users = torch.repeat_interleave(torch.arange(lengths.numel(), device=offsets.device), lengths)
+    position = torch.arange(users.numel(), device=offsets.device) - offsets[:-1][users]
+    first = torch.zeros_like(lengths) if context_lengths is None else (context_lengths - 1).clamp(min=0)
+    is_query = (position >= first[users]) & (position < lengths[users] - 1)
+    rows = torch.nonzero(is_query).flatten()
+    return rows, users[rows]

@@ -52,6 +52,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from torchrec_hytrec.data.parquet import atomic_path, write_sequences
 from torchrec_hytrec.data.schema import (
     DEFAULT_ROW_GROUP_SIZE,
     MAPPING_COLUMNS,
@@ -61,8 +62,6 @@ from torchrec_hytrec.data.schema import (
     PathLike,
     SequenceDatasetInfo,
     Sequences,
-    atomic_path,
-    write_sequences,
 )
 
 logger = logging.getLogger(__name__)

@@ -16,8 +16,12 @@ that has any, packed as without workers (so every rank builds the same one). No 
 
 Batching: users are packed greedily, in (optionally shuffled) order, while the batch holds at
 most ``max_tokens`` events (and ``max_batch_size`` users, if set); batches may span row groups.
-A user's input is cut to its most recent ``max_seq_len`` events (``max_seq_len <= max_tokens``),
-so a 10k-event user never makes a batch explode. Truncation is a configured choice, counted in
+No batch row exceeds ``max_seq_len`` events (``max_seq_len <= max_tokens``), so a 10k-event
+user never makes a batch explode, and no training event is left out: a longer training history
+is read as consecutive windows, each after the oldest starting with ``overlap`` events of the
+previous one as context (:class:`ReaderConfig`; the batch's ``context_lengths``), so every event
+but the user's first is predicted exactly once per epoch (``stats.targets`` counts them). An
+evaluation row holds the last ``max_seq_len`` events before its target; that cut is counted in
 :attr:`SequenceReader.stats` and logged once per epoch.
 
 Splits (see :mod:`torchrec_hytrec.data.splits`): training batches hold all but each user's last
@@ -26,7 +30,7 @@ history before the held-out event and its item / time in ``target_item_id`` (one
 ``target_timestamps``. Users without a row in the split (e.g. fewer than 3 events in valid /
 test, fewer than 2 input events in train) are skipped and counted in the stats.
 
-Softmax candidates (``ReaderConfig.negatives``, every split): none, ``num_negatives`` uniform
+Softmax candidates (``negatives``, every split): none, ``num_negatives`` uniform
 item ids, or the whole catalogue, all in the last user's slot of ``candidate_item_id``. Uniform
 draws are seeded by ``(seed, epoch, rank, b)``, ``b`` the batch's position in the rank's stream,
 so they do not depend on the number of ``DataLoader`` workers.
@@ -42,7 +46,7 @@ the share each ``DataLoader`` worker had already produced.
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
@@ -53,7 +57,8 @@ import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from torchrec_hytrec.data.batch import ITEM_KEY, SequenceBatch, sequence_keys
+from torchrec_hytrec.data.batch import ITEM_KEY, SequenceBatch, sequence_keys, training_queries
+from torchrec_hytrec.data.parquet import info_of, open_parquet, read_row_group
 from torchrec_hytrec.data.schema import (
     ITEM_IDS,
     MAPPING_COLUMNS,
@@ -63,9 +68,6 @@ from torchrec_hytrec.data.schema import (
     DataValidationError,
     PathLike,
     SequenceDatasetInfo,
-    info_of,
-    open_parquet,
-    read_row_group,
 )
 from torchrec_hytrec.data.splits import Split, split_positions
 
@@ -79,57 +81,53 @@ _CANDIDATE_STREAM = 1
 
 @dataclass(frozen=True)
 class ReaderConfig:
-    """What and how a :class:`SequenceReader` reads.
+    """How a :class:`SequenceReader` batches what it reads (what it reads is given to the reader).
 
     Args:
-        paths: Parquet files, or directories whose ``*.parquet`` files are read in name order
-            (the converter's id mappings, ``*.map.parquet``, skipped). No file may be given twice,
-            and no user may have rows in two places (row groups or files).
-        split: ``train``, ``valid`` or ``test`` (leave-one-out).
         max_tokens: most events in one batch.
-        max_seq_len: most recent events kept per user (older ones are not read).
-        max_batch_size: most users in one batch (``None``: bounded by tokens only).
+        max_seq_len: most events of one batch row. A training history longer than this is read
+            as consecutive windows of at most ``max_seq_len`` events (see ``window_overlap``), so
+            every event is read and predicted; an evaluation row keeps the last ``max_seq_len``
+            events before its target.
+        window_overlap: events each training window after a user's oldest repeats from the one
+            before it, as context it reads but does not predict again; ``None``: half of
+            ``max_seq_len``.
+        max_batch_size: most rows in one batch (``None``: bounded by tokens only).
         shuffle: shuffle row groups and users within row groups each epoch.
-        seed: shuffling and uniform-candidate seed.
-        features: side features to load (``None``: all in the file metadata).
-        negatives: softmax candidates of every batch (``candidate_item_id``): ``"none"``,
-            ``"uniform"`` (``num_negatives`` item ids drawn uniformly, with replacement, from
-            ``[1, num_items]``) or ``"catalogue"`` (every item id, ``1 .. num_items``).
-        num_negatives: candidates per batch with ``negatives="uniform"`` (>= 1); unused otherwise.
 
     Example::
 
         >>> from torchrec_hytrec import ReaderConfig
-        >>> config = ReaderConfig(paths=["train.parquet"], max_tokens=32768, max_seq_len=2048,
-        ...                       negatives="uniform", num_negatives=4096)
-        >>> config.split.value
-        'train'
+        >>> config = ReaderConfig(max_tokens=32768, max_seq_len=2048, shuffle=True)
+        >>> config.overlap, config.stride  # a 5000-event input: windows end at 5000, 3976, 2952, 1928
+        (1024, 1024)
     """
 
-    paths: Sequence[PathLike]
-    split: Split = Split.TRAIN
     max_tokens: int = 65_536
     max_seq_len: int = 2_048
+    window_overlap: Optional[int] = None
     max_batch_size: Optional[int] = None
     shuffle: bool = False
-    seed: int = 0
-    features: Optional[Sequence[str]] = None
-    negatives: str = "none"
-    num_negatives: int = 0
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_seq_len <= self.max_tokens:
             raise ValueError(f"need 1 <= max_seq_len ({self.max_seq_len}) <= max_tokens ({self.max_tokens})")
+        if self.window_overlap is not None and not 0 <= self.window_overlap < self.max_seq_len:
+            raise ValueError(
+                f"window_overlap must be in [0, max_seq_len = {self.max_seq_len}), got {self.window_overlap}"
+            )
         if self.max_batch_size is not None and self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
-        if self.negatives not in NEGATIVES:
-            raise ValueError(f"negatives must be one of {list(NEGATIVES)}, got {self.negatives!r}")
-        if self.num_negatives < 0 or (self.negatives == "uniform" and self.num_negatives < 1):
-            raise ValueError(
-                f"num_negatives must be >= 1 with negatives='uniform' (>= 0 otherwise), "
-                f"got {self.num_negatives}"
-            )
-        object.__setattr__(self, "split", Split(self.split))
+
+    @property
+    def overlap(self) -> int:
+        """Context events at the start of every training window but a user's oldest."""
+        return self.max_seq_len // 2 if self.window_overlap is None else self.window_overlap
+
+    @property
+    def stride(self) -> int:
+        """Events between the ends of two consecutive training windows of a user."""
+        return self.max_seq_len - self.overlap
 
 
 @dataclass
@@ -137,20 +135,26 @@ class ReaderStats:
     """Counts of one pass of a reader (one worker).
 
     Args:
-        users: real (weight 1) users yielded.
-        events: events of those users yielded.
-        truncated_users: users cut to ``max_seq_len``.
-        truncated_events: older events those users lost.
+        users: real (weight 1) rows yielded (a training history read as several windows counts
+            once per window).
+        events: events of those rows yielded (a window's context included).
+        targets: training targets among them (every training event but each user's first,
+            once); 0 for evaluation splits.
+        windowed_users: training histories longer than ``max_seq_len``, read as several windows.
+        truncated_users: evaluation rows cut to their last ``max_seq_len`` events.
+        truncated_events: older events those rows do not hold.
         skipped_users: users with no row in the split.
         padding_batches: padding (all-zero weight) batches yielded.
 
     Example::
 
-        reader.stats.truncated_users
+        reader.stats.targets
     """
 
     users: int = 0
     events: int = 0
+    targets: int = 0
+    windowed_users: int = 0
     truncated_users: int = 0
     truncated_events: int = 0
     skipped_users: int = 0
@@ -167,6 +171,20 @@ class _RowGroup:
 
 
 @dataclass
+class _Ranges:
+    """The batch rows of one row group's users: a user's row (``users``) may repeat, once per
+    training window; ``starts`` / ``lengths`` place each row in the user's events, ``contexts``
+    are its leading context events, ``targets`` the held-out event's position (``-1`` in
+    training)."""
+
+    users: np.ndarray
+    starts: np.ndarray
+    lengths: np.ndarray
+    contexts: np.ndarray
+    targets: np.ndarray
+
+
+@dataclass
 class _Block:
     """Users of one row group ready for batching: inputs gathered, in batching order.
 
@@ -174,6 +192,8 @@ class _Block:
     """
 
     lengths: np.ndarray
+    contexts: np.ndarray
+    history_starts: np.ndarray
     offsets: np.ndarray
     user_ids: np.ndarray
     values: List[np.ndarray]
@@ -268,7 +288,17 @@ class SequenceReader(IterableDataset):
     ``weights`` are all zero.
 
     Args:
-        config: what to read and how to batch it.
+        paths: Parquet files, or directories whose ``*.parquet`` files are read in name order
+            (the converter's id mappings, ``*.map.parquet``, skipped). No file may be given twice,
+            and no user may have rows in two places (row groups or files).
+        config: how to batch (:class:`ReaderConfig`).
+        split: ``train``, ``valid`` or ``test`` (leave-one-out).
+        features: side features to load (``None``: all in the file metadata).
+        negatives: softmax candidates of every batch (``candidate_item_id``): ``"none"``,
+            ``"uniform"`` (``num_negatives`` item ids drawn uniformly, with replacement, from
+            ``[1, num_items]``) or ``"catalogue"`` (every item id, ``1 .. num_items``).
+        num_negatives: candidates per batch with ``negatives="uniform"`` (>= 1); unused otherwise.
+        seed: shuffling and uniform-candidate seed.
         rank: this process' rank (default: ``torch.distributed`` rank, or 0).
         world_size: number of ranks (default: ``torch.distributed`` world size, or 1).
 
@@ -277,13 +307,13 @@ class SequenceReader(IterableDataset):
         >>> import tempfile
         >>> from pathlib import Path
         >>> from torchrec_hytrec import ReaderConfig, SequenceReader
-        >>> from torchrec_hytrec.data.schema import write_sequences
+        >>> from torchrec_hytrec.data.parquet import write_sequences
         >>> from torchrec_hytrec.data.synthetic import SyntheticConfig, generate
         >>> data = generate(SyntheticConfig(num_users=40, median_length=10, max_length=30, seed=0))
         >>> path = Path(tempfile.mkdtemp()) / "seq.parquet"
         >>> _ = write_sequences(path, data.sequences, data.info, row_group_size=8)
-        >>> reader = SequenceReader(ReaderConfig(paths=[path], max_tokens=256, max_seq_len=64,
-        ...                                      negatives="uniform", num_negatives=16), rank=1, world_size=2)
+        >>> reader = SequenceReader([path], ReaderConfig(max_tokens=256, max_seq_len=64),
+        ...                         negatives="uniform", num_negatives=16, rank=1, world_size=2)
         >>> reader.set_epoch(0)
         >>> batches = list(reader)  # every rank yields reader.num_batches() of them
         >>> len(batches) == reader.num_batches(), batches[0].candidates.numel()
@@ -294,22 +324,40 @@ class SequenceReader(IterableDataset):
     """
 
     def __init__(
-        self, config: ReaderConfig, rank: Optional[int] = None, world_size: Optional[int] = None
+        self,
+        paths: Sequence[PathLike],
+        config: Optional[ReaderConfig] = None,
+        *,
+        split: Union[Split, str] = Split.TRAIN,
+        features: Optional[Sequence[str]] = None,
+        negatives: str = "none",
+        num_negatives: int = 0,
+        seed: int = 0,
+        rank: Optional[int] = None,
+        world_size: Optional[int] = None,
     ) -> None:
         super().__init__()
+        if negatives not in NEGATIVES:
+            raise ValueError(f"negatives must be one of {list(NEGATIVES)}, got {negatives!r}")
+        if num_negatives < 0 or (negatives == "uniform" and num_negatives < 1):
+            raise ValueError(
+                f"num_negatives must be >= 1 with negatives='uniform' (>= 0 otherwise), got {num_negatives}"
+            )
         distributed = dist.is_available() and dist.is_initialized()
-        self._config = config
+        self._config = config if config is not None else ReaderConfig()
+        self._split = Split(split)
+        self._negatives, self._num_negatives, self._seed = negatives, num_negatives, seed
         self._rank = rank if rank is not None else (dist.get_rank() if distributed else 0)
         self._world_size = (
             world_size if world_size is not None else (dist.get_world_size() if distributed else 1)
         )
         if not 0 <= self._rank < self._world_size:
             raise ValueError(f"rank {self._rank} outside world size {self._world_size}")
-        self._files = self._list_files(config.paths)
+        self._files = self._list_files(paths)
         infos = [info_of(open_parquet(p), str(p)) for p in self._files]
         self._info = self._merge_infos(infos)
         self._time_scales = [TIME_UNITS[i.time_unit] for i in infos]
-        names = list(config.features) if config.features is not None else self._info.feature_names
+        names = list(features) if features is not None else self._info.feature_names
         unknown = sorted(set(names) - set(self._info.feature_names))
         if unknown:
             raise ValueError(f"features {unknown} not in {self._files[0]} (has {self._info.feature_names})")
@@ -492,7 +540,7 @@ class SequenceReader(IterableDataset):
         """Row groups of ``rank`` this epoch."""
         order = list(self._row_groups)
         if self._config.shuffle:
-            perm = np.random.default_rng([self._config.seed, self._epoch]).permutation(len(order))
+            perm = np.random.default_rng([self._seed, self._epoch]).permutation(len(order))
             order = [order[i] for i in perm]
         return order[rank :: self._world_size]
 
@@ -504,7 +552,9 @@ class SequenceReader(IterableDataset):
 
             def count(groups: List[_RowGroup]) -> int:
                 kept = [np.zeros(0, np.int64)]
-                kept += [self._input_ranges(g.lengths, self._row_order(g, g.lengths.size))[2] for g in groups]
+                kept += [
+                    self._input_ranges(g.lengths, self._row_order(g, g.lengths.size)).lengths for g in groups
+                ]
                 return _count_packed(np.concatenate(kept), c.max_tokens, c.max_batch_size)
 
             self._counts[key] = [
@@ -516,20 +566,35 @@ class SequenceReader(IterableDataset):
     def _row_order(self, group: _RowGroup, num_rows: int) -> Optional[np.ndarray]:
         if not self._config.shuffle:
             return None
-        seed = [self._config.seed, self._epoch, group.file, group.index]
+        seed = [self._seed, self._epoch, group.file, group.index]
         return np.random.default_rng(seed).permutation(num_rows)
 
-    def _input_ranges(
-        self, lengths: np.ndarray, order: Optional[np.ndarray]
-    ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Kept rows (in batching order), their input start / length, and target positions."""
-        end, target = split_positions(lengths, self._config.split)
-        min_input = 2 if self._config.split is Split.TRAIN else 1
-        rows = np.flatnonzero(end >= min_input)
+    def _input_ranges(self, lengths: np.ndarray, order: Optional[np.ndarray]) -> _Ranges:
+        """The batch rows of the users of one row group, in batching order (see :class:`_Ranges`).
+
+        A training input of ``n > max_seq_len`` events becomes windows ending at ``n``,
+        ``n - stride``, ... (oldest first): each starts ``max_seq_len`` events before its end,
+        the oldest at 0, and every window but the oldest begins with ``overlap`` events of the
+        one before it, its context. An evaluation input keeps its last ``max_seq_len`` events.
+        """
+        c = self._config
+        end, target = split_positions(lengths, self._split)
+        min_input = 2 if self._split is Split.TRAIN else 1
+        users = np.flatnonzero(end >= min_input)
         if order is not None:
-            rows = order[np.isin(order, rows)]
-        start = np.maximum(end[rows] - self._config.max_seq_len, 0)
-        return rows, start, end[rows] - start, target[rows]
+            users = order[np.isin(order, users)]
+        end, target = end[users], target[users]
+        if self._split is Split.TRAIN:
+            windows = 1 + -(-np.maximum(end - c.max_seq_len, 0) // c.stride)
+            users, end = np.repeat(users, windows), np.repeat(end, windows)
+            # Index of each window from the user's most recent (0), listed oldest first.
+            first = np.repeat(np.cumsum(windows) - windows, windows)
+            back = np.repeat(windows, windows) - 1 - (np.arange(users.size) - first)
+            end = end - back * c.stride
+            target = np.full_like(end, -1)
+        start = np.maximum(end - c.max_seq_len, 0)
+        context = np.where(start > 0, c.overlap, 0) if self._split is Split.TRAIN else np.zeros_like(start)
+        return _Ranges(users=users, starts=start, lengths=end - start, contexts=context, targets=target)
 
     def _blocks(self, groups: List[_RowGroup], stats: ReaderStats) -> Iterator[_Block]:
         """Reads each row group into a :class:`_Block`."""
@@ -538,20 +603,25 @@ class SequenceReader(IterableDataset):
             path = self._files[group.file]
             pf = files.setdefault(group.file, open_parquet(path))
             seqs = read_row_group(pf, group.index, self._info, str(path), group.first_row)
-            rows, start, kept, target = self._input_ranges(
-                seqs.lengths, self._row_order(group, seqs.num_users)
-            )
+            r = self._input_ranges(seqs.lengths, self._row_order(group, seqs.num_users))
+            rows = r.users
             first = seqs.offsets[:-1][rows]
-            index = _gather_index(first + start, kept)
+            index = _gather_index(first + r.starts, r.lengths)
             scale = self._time_scales[group.file]
+            target = r.targets
             has_target = target >= 0
             target_index = first + np.where(has_target, target, 0)
-            stats.skipped_users += seqs.num_users - rows.size
-            stats.truncated_users += int((start > 0).sum())
-            stats.truncated_events += int(start.sum())
+            stats.skipped_users += seqs.num_users - np.unique(rows).size
+            if self._split is Split.TRAIN:
+                stats.windowed_users += np.unique(rows[r.starts > 0]).size
+            else:
+                stats.truncated_users += int((r.starts > 0).sum())
+                stats.truncated_events += int(r.starts.sum())
             yield _Block(
-                lengths=kept,
-                offsets=np.r_[0, np.cumsum(kept)],
+                lengths=r.lengths,
+                contexts=r.contexts,
+                history_starts=r.starts,
+                offsets=np.r_[0, np.cumsum(r.lengths)],
                 user_ids=seqs.user_ids[rows],
                 values=[seqs.timestamps[index] // scale, seqs.item_ids[index]]
                 + [seqs.features[k][index] for k in self._features],
@@ -561,11 +631,10 @@ class SequenceReader(IterableDataset):
 
     def _candidates(self, index: int) -> np.ndarray:
         """Softmax candidates of the rank's ``index``-th batch this epoch."""
-        c = self._config
-        if c.negatives == "uniform":
-            rng = np.random.default_rng([c.seed, self._epoch, self._rank, index, _CANDIDATE_STREAM])
-            return rng.integers(1, self._info.num_items + 1, size=c.num_negatives, dtype=np.int64)
-        if c.negatives == "catalogue":
+        if self._negatives == "uniform":
+            rng = np.random.default_rng([self._seed, self._epoch, self._rank, index, _CANDIDATE_STREAM])
+            return rng.integers(1, self._info.num_items + 1, size=self._num_negatives, dtype=np.int64)
+        if self._negatives == "catalogue":
             return np.arange(1, self._info.num_items + 1, dtype=np.int64)
         return np.zeros(0, np.int64)
 
@@ -579,7 +648,7 @@ class SequenceReader(IterableDataset):
 
         lengths = torch.from_numpy(per_user("lengths")).to(torch.int32)
         batch_size = lengths.numel()
-        evaluation = self._config.split is not Split.TRAIN
+        evaluation = self._split is not Split.TRAIN
         targets = per_user("targets") if evaluation else np.zeros(0, np.int64)
         candidates = self._candidates(index)
         candidate_lengths = torch.zeros(batch_size, dtype=torch.int32)
@@ -600,6 +669,8 @@ class SequenceReader(IterableDataset):
             user_ids=torch.from_numpy(per_user("user_ids")),
             target_timestamps=torch.from_numpy(per_user("target_timestamps")),
             weights=torch.full((batch_size,), weight, dtype=torch.float32),
+            context_lengths=torch.from_numpy(per_user("contexts")),
+            history_starts=torch.from_numpy(per_user("history_starts")),
         )
 
     def _parts(
@@ -642,6 +713,8 @@ class SequenceReader(IterableDataset):
             if weight:
                 stats.users += batch.batch_size
                 stats.events += batch.timestamps.numel()
+                if self._split is Split.TRAIN:
+                    stats.targets += training_queries(batch.offsets(), batch.context_lengths)[0].numel()
             else:
                 stats.padding_batches += 1
             self._consumed += 1
@@ -651,12 +724,13 @@ class SequenceReader(IterableDataset):
             log = logger.info if self._warned_truncation else logger.warning
             self._warned_truncation = True
             log(
-                "epoch %d rank %d worker %d: %d users cut to their last max_seq_len=%d events "
+                "epoch %d rank %d worker %d: %d %s inputs cut to their last max_seq_len=%d events "
                 "(%d older events not read)",
                 self._epoch,
                 self._rank,
                 wid,
                 stats.truncated_users,
+                self._split.value,
                 self._config.max_seq_len,
                 stats.truncated_events,
             )

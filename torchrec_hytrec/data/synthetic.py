@@ -41,12 +41,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from torchrec_hytrec.data.schema import (
-    DEFAULT_ROW_GROUP_SIZE,
-    SequenceDatasetInfo,
-    Sequences,
-    write_sequences,
-)
+from torchrec_hytrec.data.parquet import write_sequences
+from torchrec_hytrec.data.schema import DEFAULT_ROW_GROUP_SIZE, SequenceDatasetInfo, Sequences
 from torchrec_hytrec.data.splits import Split, split_positions
 
 CATEGORY = "category"

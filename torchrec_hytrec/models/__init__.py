@@ -3,9 +3,11 @@
 * ``retrieval``: :class:`HyTRecRetrieval` (batch -> user representations and scores),
   :class:`HyTRecRetrievalTrain` (adds the softmax loss), :class:`RetrievalConfig`.
 * ``evaluation``: full-catalogue HR@K / NDCG@K / MRR, sharded-table aware.
+* ``serving``: :func:`~torchrec_hytrec.models.serving.retrieve_topk`, top-K over the catalogue.
+* ``item_table``: walking the (sharded) item table, shared by ``evaluation`` and ``serving``.
 * ``ranking``: :class:`HyTRecRanker` (batch -> logits), :class:`HyTRecRankerTrain` (adds BCE),
   :class:`RankerConfig`, AUC / NE.
-* ``sharding``: :func:`shard_model`, :func:`apply_sparse_optimizer`, :func:`make_optimizer`.
+* ``sharding``: :func:`shard_model` (the optimizers are ``torchrec_hytrec.training.optimizer``).
 * ``embeddings`` and ``losses``: the shared item-table configs and the softmax losses.
 """
 
@@ -24,27 +26,19 @@ from torchrec_hytrec.models.retrieval import (
     RetrievalOutput,
     RetrievalTrainOutput,
 )
-from torchrec_hytrec.models.sharding import (
-    OptimizerConfig,
-    apply_sparse_optimizer,
-    make_optimizer,
-    shard_model,
-)
+from torchrec_hytrec.models.sharding import shard_model
 
 __all__ = [
     "HyTRecRanker",
     "HyTRecRankerTrain",
     "HyTRecRetrieval",
     "HyTRecRetrievalTrain",
-    "OptimizerConfig",
     "RankerConfig",
     "RetrievalConfig",
     "RetrievalEvaluator",
     "RetrievalMetrics",
     "RetrievalOutput",
     "RetrievalTrainOutput",
-    "apply_sparse_optimizer",
-    "make_optimizer",
     "ranking_metric_inputs",
     "ranking_metric_module",
     "shard_model",

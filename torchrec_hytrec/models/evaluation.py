@@ -8,8 +8,8 @@ MRR = 1 / (rank + 1). Metrics are reported overall and by history-length bucket.
 With the item table row-wise (or table-wise) sharded by ``DistributedModelParallel``, no rank
 holds the catalogue: every rank gathers all ranks' queries, scores them against its own rows and
 counts the items above each target; the counts are summed across ranks, so the ranks (and every
-metric) equal those of the unsharded table. :func:`retrieve_topk` likewise merges each shard's
-top-K into the global top-K.
+metric) equal those of the unsharded table. Walking the table is ``models/item_table.py``, shared
+with top-K serving (``models/serving.py``).
 
 Public API:
 
@@ -18,23 +18,21 @@ Public API:
   outputs of ``HyTRecRetrievalTrain`` in evaluation mode (from a plain loop or from
   ``TrainPipelineSparseDist.progress``), then ``compute()``.
 - the loop over an evaluation set is :func:`torchrec_hytrec.training.evaluation.evaluate_retrieval`.
-- :func:`item_table_shards`, :func:`catalogue_ranks`, :func:`retrieve_topk`.
+- :func:`catalogue_ranks`: the ranks themselves, for any query and item rows.
 
 Under ``DistributedModelParallel`` every rank must call ``update`` (and ``compute``) the same
 number of times: they are collective.
 """
 
 import copy
-import warnings
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed.model_parallel import DistributedModelParallel
 
-from torchrec_hytrec.models.embeddings import ITEM_TABLE
+from torchrec_hytrec.models.item_table import all_gather_rows, item_collection, item_table_shards, row_blocks
 from torchrec_hytrec.models.retrieval import RetrievalTrainOutput
 
 HR_KS: Tuple[int, ...] = (1, 10, 50)
@@ -136,62 +134,6 @@ class RetrievalMetrics:
         return out
 
 
-def item_table_shards(embedding_collection: nn.Module) -> Tuple[List[Tuple[int, torch.Tensor]], bool]:
-    """The item-table rows this rank holds.
-
-    Args:
-        embedding_collection: an ``EmbeddingCollection`` or its sharded form, with table ``"item"``.
-
-    Returns:
-        ``([(first_row, rows [R, d]), ...], sharded)``: every local block of whole rows, and
-        whether the table is split over ranks (a ``ShardedTensor``) rather than held whole.
-    """
-    weight = embedding_collection.state_dict()[f"embeddings.{ITEM_TABLE}.weight"]
-    if not isinstance(weight, ShardedTensor):
-        return [(0, weight)], False
-    with warnings.catch_warnings():
-        # TorchRec 1.9's sharded tables are ShardedTensors; their deprecation notice is TorchRec's to act on.
-        warnings.filterwarnings("ignore", category=FutureWarning, message=".*ShardedTensor")
-        return _whole_row_shards(weight), True
-
-
-def _whole_row_shards(weight: ShardedTensor) -> List[Tuple[int, torch.Tensor]]:
-    dim = weight.size(1)
-    shards = []
-    for shard in weight.local_shards():
-        row, col = shard.metadata.shard_offsets
-        if col != 0 or shard.tensor.size(1) != dim:
-            raise ValueError(
-                "evaluation needs whole item rows per shard: column-wise sharding is not supported"
-            )
-        shards.append((row, shard.tensor))
-    return shards
-
-
-# Item rows scored per matmul: bounds the [users, rows] score block for large catalogues.
-_BLOCK_ROWS = 65_536
-
-
-def _row_blocks(shards: List[Tuple[int, torch.Tensor]]) -> Iterator[Tuple[int, torch.Tensor]]:
-    for row0, weight in shards:
-        for start in range(0, weight.shape[0], _BLOCK_ROWS):
-            yield row0 + start, weight[start : start + _BLOCK_ROWS]
-
-
-def _all_gather_rows(t: torch.Tensor, group: dist.ProcessGroup) -> Tuple[torch.Tensor, List[int]]:
-    """Concatenates every rank's ``t`` along dim 0 (sizes may differ); returns it and the sizes."""
-    world = dist.get_world_size(group)
-    size = torch.tensor([t.shape[0]], dtype=torch.long, device=t.device)
-    sizes = [torch.zeros_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size, group=group)
-    counts = [int(s) for s in sizes]
-    padded = t.new_zeros((max(counts), *t.shape[1:]))
-    padded[: t.shape[0]] = t
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded, group=group)
-    return torch.cat([p[:c] for p, c in zip(parts, counts)]), counts
-
-
 def catalogue_ranks(
     *,
     query: torch.Tensor,
@@ -208,7 +150,8 @@ def catalogue_ranks(
         query: ``[B, d]`` user states of this rank.
         target_ids: ``[B]`` held-out items.
         target_score: ``[B]`` ``query . target``.
-        shards: this rank's item rows, from :func:`item_table_shards`.
+        shards: this rank's item rows, from
+            :func:`~torchrec_hytrec.models.item_table.item_table_shards`.
         seen_ids: ``[S]`` jagged history items to exclude (``None``: exclude nothing).
         seen_offsets: ``[B + 1]`` offsets of ``seen_ids``.
         process_group: the group the table is split over; ``None`` when ``shards`` is the
@@ -234,8 +177,8 @@ def catalogue_ranks(
     seen = seen_ids if seen_ids is not None else target_ids.new_zeros(0)
     first = 0
     if process_group is not None:
-        rows, counts = _all_gather_rows(rows, process_group)
-        seen, _ = _all_gather_rows(seen, process_group)
+        rows, counts = all_gather_rows(rows, process_group)
+        seen, _ = all_gather_rows(seen, process_group)
         first = sum(counts[: dist.get_rank(process_group)])
     queries = rows[:, :-3].to(query.dtype)
     scores_at_target, targets = rows[:, -3].to(query.dtype), rows[:, -2].long()
@@ -244,7 +187,7 @@ def catalogue_ranks(
     seen, seen_user = seen[keep], seen_user[keep]
 
     above = torch.zeros(rows.shape[0], dtype=torch.long, device=rows.device)
-    for row0, weight in _row_blocks(shards):
+    for row0, weight in row_blocks(shards):
         item = torch.arange(row0, row0 + weight.shape[0], device=rows.device)
         greater = (queries @ weight.t().to(queries.dtype)) > scores_at_target[:, None]
         greater &= (item[None, :] != targets[:, None]) & (item[None, :] != 0)
@@ -254,56 +197,6 @@ def catalogue_ranks(
     if process_group is not None:
         dist.all_reduce(above, group=process_group)
     return above[first : first + batch]
-
-
-def retrieve_topk(
-    query: torch.Tensor,
-    shards: List[Tuple[int, torch.Tensor]],
-    k: int,
-    process_group: Optional[dist.ProcessGroup] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Top-``k`` items of the catalogue for each query: per-shard top-``k``, then merged.
-
-    Args:
-        query: ``[B, d]`` user states of this rank.
-        shards: this rank's item rows, from :func:`item_table_shards`.
-        k: items to return.
-        process_group: the group the table is split over (collective), ``None`` for a whole table.
-
-    Returns:
-        ``(scores [B, k], item_ids [B, k])`` best first; padding id 0 is never returned.
-    """
-    first, batch = 0, query.shape[0]
-    if process_group is not None:
-        gathered, counts = _all_gather_rows(query, process_group)
-        first, query = sum(counts[: dist.get_rank(process_group)]), gathered
-    best_scores = query.new_full((query.shape[0], k), float("-inf"))
-    best_ids = torch.full((query.shape[0], k), -1, dtype=torch.long, device=query.device)
-    for row0, weight in _row_blocks(shards):
-        scores = query @ weight.t().to(query.dtype)
-        if row0 == 0:
-            scores[:, 0] = float("-inf")
-        s, i = scores.topk(min(k, scores.shape[1]), dim=1)
-        best_scores, picked = torch.cat([best_scores, s], 1).topk(k, dim=1)
-        best_ids = torch.cat([best_ids, i + row0], 1).gather(1, picked)
-    if process_group is not None:
-        world = dist.get_world_size(process_group)
-        all_scores = [torch.empty_like(best_scores) for _ in range(world)]
-        all_ids = [torch.empty_like(best_ids) for _ in range(world)]
-        dist.all_gather(all_scores, best_scores, group=process_group)
-        dist.all_gather(all_ids, best_ids, group=process_group)
-        best_scores, picked = torch.cat(all_scores, 1).topk(k, dim=1)
-        best_ids = torch.cat(all_ids, 1).gather(1, picked)
-    return best_scores[first : first + batch], best_ids[first : first + batch]
-
-
-def item_collection(model: nn.Module) -> nn.Module:
-    """The (possibly sharded) collection holding table ``"item"`` of a retrieval model, given the
-    model, its train wrapper, or ``DistributedModelParallel`` around either."""
-    if isinstance(model, DistributedModelParallel):
-        model = model.module
-    model = getattr(model, "model", model)  # HyTRecRetrievalTrain -> HyTRecRetrieval
-    return getattr(model, "embedding_collection", model)
 
 
 class RetrievalEvaluator:
@@ -360,7 +253,7 @@ class RetrievalEvaluator:
             seen_offsets=seen_offsets if self._exclude_seen else None,
             process_group=self._group if sharded else None,
         )
-        self.metrics.update(ranks, outputs.lengths, outputs.weights)
+        self.metrics.update(ranks, outputs.history_lengths, outputs.weights)
         return ranks
 
     def compute(self) -> Dict[str, float]:

@@ -14,7 +14,7 @@ Split the way TorchRec's ``DLRM`` / ``DLRMTrain`` are:
 ``batch.features`` (so the sharded lookup of the next batch is distributed while this one
 computes) and everything after the lookup runs in submodules without tables, which the pipeline's
 tracer treats as leaves. Uniform negatives and the catalogue are put into the batch by the reader
-(``ReaderConfig.negatives``) for the same reason: a sharded table's input must be a batch field.
+(``SequenceReader(negatives=...)``) for the same reason: a sharded table's input must be a batch field.
 
 Scores are dot products ``user . item``; the temperature belongs to the loss. Item id 0 is padding.
 """
@@ -27,7 +27,7 @@ from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
-from torchrec_hytrec.data.batch import CANDIDATE_KEY, ITEM_KEY, TARGET_KEY, SequenceBatch
+from torchrec_hytrec.data.batch import CANDIDATE_KEY, ITEM_KEY, TARGET_KEY, SequenceBatch, training_queries
 from torchrec_hytrec.models.embeddings import (
     check_sequence_collection,
     event_embeddings,
@@ -83,7 +83,7 @@ class RetrievalConfig:
             )
 
     def reader_negatives(self) -> Tuple[str, int]:
-        """``(ReaderConfig.negatives, ReaderConfig.num_negatives)`` this loss needs in its batches."""
+        """``(negatives, num_negatives)`` of the ``SequenceReader`` whose batches this loss reads."""
         if self.loss == "full":
             return "catalogue", 0
         return "uniform", self.num_uniform_negatives
@@ -159,15 +159,9 @@ class RetrievalUserTower(nn.Module):
         candidate_emb = embeddings[CANDIDATE_KEY].values()
         if self.training:
             states = self.encoder(events, offsets, batch.timestamps)
-            # Every event but a user's last is a query; its positive is the next event. Rows
-            # after a user's last event belong to the next user, hence the mask.
-            is_query = torch.ones(states.shape[0], dtype=torch.bool, device=states.device)
-            is_query[offsets[1:][lengths > 0] - 1] = False
-            query_rows = torch.nonzero(is_query).flatten()
+            query_rows, query_user = training_queries(offsets, batch.context_lengths)
             if query_rows.numel() == 0:
                 raise ValueError("training batch has no user with 2 or more events: nothing to predict")
-            users = torch.repeat_interleave(torch.arange(lengths.numel(), device=offsets.device), lengths)
-            query_user = users[query_rows]
             query = states[query_rows]
             positive_ids = batch.item_ids[query_rows + 1]
             positive_emb = items[query_rows + 1]
@@ -277,7 +271,9 @@ class RetrievalTrainOutput(NamedTuple):
         weights: ``[Q]`` query weights (0 for padding).
         positive_ids: ``[Q]`` positives (the held-out targets in evaluation mode).
         positive_scores: ``[Q]`` ``query . positive``.
-        lengths: ``[B]`` events of every user of the batch.
+        lengths: ``[B]`` events of every user (row) of the batch.
+        history_lengths: ``[B]`` events of each row's user up to the row's end, older events the
+            row does not hold included (what history-length buckets count).
         seen_ids: ``[sum(n)]`` the users' history items (for rankings that remove seen items).
     """
 
@@ -287,6 +283,7 @@ class RetrievalTrainOutput(NamedTuple):
     positive_ids: torch.Tensor
     positive_scores: torch.Tensor
     lengths: torch.Tensor
+    history_lengths: torch.Tensor
     seen_ids: torch.Tensor
 
 
@@ -323,7 +320,7 @@ class RetrievalLoss(nn.Module):
                 raise ValueError(
                     f"full softmax needs the whole catalogue ({self.num_items} items) as the batch's "
                     f"candidates, got {output.candidate_ids.shape[0]}: read with "
-                    "ReaderConfig.negatives='catalogue'"
+                    "SequenceReader(negatives='catalogue')"
                 )
             return full_softmax_loss(
                 scores=output.candidate_scores(),
@@ -333,7 +330,7 @@ class RetrievalLoss(nn.Module):
             )
         if output.candidate_ids.shape[0] == 0:
             raise ValueError(
-                "sampled softmax needs uniform negatives in the batch: ReaderConfig.negatives='uniform'"
+                "sampled softmax needs uniform negatives in the batch: SequenceReader(negatives='uniform')"
             )
         return sampled_softmax_loss(
             query=output.query,
@@ -392,5 +389,6 @@ class HyTRecRetrievalTrain(nn.Module):
             positive_ids=output.positive_ids,
             positive_scores=output.positive_scores.detach(),
             lengths=offsets[1:] - offsets[:-1],
+            history_lengths=batch.history_lengths(),
             seen_ids=batch.item_ids,
         )

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from torchrec_hytrec.ops.buckets import gap_buckets
 from torchrec_hytrec.ops.jagged_attention import JaggedLayout, causal_window_starts
 
 
@@ -84,8 +85,8 @@ class SequenceContext:
         return self.layout.offsets
 
     def gap_buckets(self, num_buckets: int, scale: float) -> torch.Tensor:
-        """:func:`gap_buckets` of the batch's gaps, computed once per ``(num_buckets, scale)``: the
-        input and every TADN layer embed the same buckets."""
+        """:func:`~torchrec_hytrec.ops.buckets.gap_buckets` of the batch's gaps, computed once per
+        ``(num_buckets, scale)``: the input and every TADN layer embed the same buckets."""
         key = (num_buckets, scale)
         if key not in self._gap_buckets:
             self._gap_buckets[key] = gap_buckets(self.gaps, num_buckets, scale)
@@ -140,20 +141,6 @@ def checked_context(
             f"follows {int(timestamps[row - 1])}"
         )
     return ctx
-
-
-def gap_buckets(gaps: torch.Tensor, num_buckets: int, scale: float) -> torch.Tensor:
-    """Bucket of a time gap: ``floor(scale * log1p(gap))``, clamped to ``num_buckets - 1``.
-
-    Args:
-        gaps: seconds, ``>= 0``, any shape.
-        num_buckets: number of buckets.
-        scale: buckets per unit of ``log1p(gap)``.
-
-    Returns:
-        int64 buckets of ``gaps``' shape.
-    """
-    return (torch.log1p(gaps.float().clamp(min=0)) * scale).long().clamp(max=num_buckets - 1)
 
 
 class SwiGLU(nn.Module):

@@ -5,16 +5,17 @@ from typing import Any, Optional, Tuple
 
 TADN = "T"
 SOFTMAX = "A"
+HSTU = "H"
 # The named configurations of HyTRecConfig (its classmethods of these names).
-PRESETS = ("hytrec", "sasrec_like", "pure_linear")
+PRESETS = ("hytrec", "sasrec_like", "windowed_softmax", "hstu_like", "pure_linear")
 
 
 @dataclass
 class HyTRecConfig:
     """Hyper-parameters of the HyTRec encoder and of its baselines.
 
-    The baselines of the paper are configurations of the same code: see :meth:`hytrec`,
-    :meth:`sasrec_like` and :meth:`pure_linear`.
+    The baselines are configurations of the same code: see :meth:`hytrec`, :meth:`sasrec_like`,
+    :meth:`windowed_softmax`, :meth:`hstu_like` and :meth:`pure_linear`.
 
     Args:
         embedding_dim: width ``d`` of the event embeddings and of every layer.
@@ -26,9 +27,11 @@ class HyTRecConfig:
             ``short_window`` events. The long branch then covers every earlier event, so no
             event falls between the two branches. ``None`` keeps the fixed window of ``K``.
         long_pattern: layers of the long branch, first to last: ``"T"`` a TADN layer, ``"A"`` a
-            softmax-attention layer. ``""`` means no long branch.
+            softmax-attention layer, ``"H"`` an HSTU-style layer (pointwise attention with
+            relative position and time biases, full causal). ``""`` means no long branch.
         long_attention_window: ``None`` for full causal softmax layers in the long branch,
-            ``W`` for a causal window of ``W`` events.
+            ``W`` for a causal window of ``W`` events. Only for softmax layers: a pattern with
+            ``"H"`` layers must leave it ``None``.
         use_short_branch: encode the short window with one softmax block and fuse it with
             the long branch. Without it the output at ``i`` is the long branch's own output at
             ``i`` (nothing is held out of the long branch).
@@ -72,10 +75,15 @@ class HyTRecConfig:
     tadn_chunk_size: int = 32
 
     def __post_init__(self) -> None:
-        if set(self.long_pattern) - {TADN, SOFTMAX}:
+        if set(self.long_pattern) - {TADN, SOFTMAX, HSTU}:
             raise ValueError(
-                f"long_pattern may only hold '{TADN}' (TADN) and '{SOFTMAX}' (softmax), "
-                f"got {self.long_pattern!r}"
+                f"long_pattern may only hold '{TADN}' (TADN), '{SOFTMAX}' (softmax) and '{HSTU}' "
+                f"(HSTU-style), got {self.long_pattern!r}"
+            )
+        if self.long_attention_window is not None and HSTU in self.long_pattern:
+            raise ValueError(
+                f"long_attention_window windows the softmax layers ('{SOFTMAX}'); the HSTU-style layers "
+                f"('{HSTU}') of long_pattern {self.long_pattern!r} are full causal: leave it None"
             )
         if not self.long_pattern and not self.use_short_branch:
             raise ValueError("HyTRecConfig needs a long branch (long_pattern) or the short branch")
@@ -113,6 +121,25 @@ class HyTRecConfig:
     def sasrec_like(cls, num_layers: int = 4, **overrides: Any) -> "HyTRecConfig":
         """All-softmax baseline: a stack of full causal softmax layers, no split."""
         return cls(**{"long_pattern": SOFTMAX * num_layers, "use_short_branch": False, **overrides})
+
+    @classmethod
+    def windowed_softmax(cls, num_layers: int = 4, window: int = 256, **overrides: Any) -> "HyTRecConfig":
+        """All-softmax baseline with local attention: each layer sees the last ``window`` events
+        (HyTRec's ``long_attention_window`` for a like-for-like comparison), no split."""
+        return cls(
+            **{
+                "long_pattern": SOFTMAX * num_layers,
+                "long_attention_window": window,
+                "use_short_branch": False,
+                **overrides,
+            }
+        )
+
+    @classmethod
+    def hstu_like(cls, num_layers: int = 4, **overrides: Any) -> "HyTRecConfig":
+        """HSTU-style baseline (Zhai et al., ICML 2024): a stack of HSTU layers
+        (:class:`~torchrec_hytrec.modules.hstu.HSTULayer`), no split."""
+        return cls(**{"long_pattern": HSTU * num_layers, "use_short_branch": False, **overrides})
 
     @classmethod
     def pure_linear(cls, num_layers: int = 4, **overrides: Any) -> "HyTRecConfig":

@@ -9,7 +9,8 @@ from torch.profiler import record_function
 from torchrec_hytrec.modules import streaming
 from torchrec_hytrec.modules.attention import SoftmaxAttentionLayer
 from torchrec_hytrec.modules.blocks import SequenceContext, checked_context, gap_buckets
-from torchrec_hytrec.modules.config import TADN, HyTRecConfig
+from torchrec_hytrec.modules.config import HSTU, TADN, HyTRecConfig
+from torchrec_hytrec.modules.hstu import HSTULayer
 from torchrec_hytrec.modules.streaming import HyTRecStreamState
 from torchrec_hytrec.modules.tadn import TADNLayer
 
@@ -63,7 +64,9 @@ class HyTRecEncoder(nn.Module):
     At the last position this is exactly the paper's split (short = MHSA over the last ``K``
     events, long = the hybrid stack over the first ``n - K``). Positions are the relative
     rotary positions of the softmax layers plus gap-bucket embeddings ``phi(Delta)`` added to
-    the input (see :class:`SoftmaxAttentionLayer` for why not HSTU's end-relative positions).
+    the input (see :class:`SoftmaxAttentionLayer` for why not HSTU's end-relative positions);
+    the HSTU-style layers of the ``hstu_like`` baseline (:class:`HSTULayer`) read relative
+    position and time-gap biases instead of rotations.
 
     Serving: :meth:`forward_last` optionally reads at a request time ``t*``: every TADN
     readout is multiplied per head by ``exp(-(t* - t_last) / T_h)`` (``t_last`` = the user's
@@ -116,14 +119,7 @@ class HyTRecEncoder(nn.Module):
         # drown item identity at the input, so time starts silent and training scales it up.
         nn.init.zeros_(self.gap_embedding.weight)
         self.input_dropout = nn.Dropout(config.dropout)
-        self.long_layers = nn.ModuleList(
-            (
-                TADNLayer(config)
-                if kind == TADN
-                else SoftmaxAttentionLayer(config, window=config.long_attention_window)
-            )
-            for kind in config.long_pattern
-        )
+        self.long_layers = nn.ModuleList(self._long_layer(kind) for kind in config.long_pattern)
         self.short_layer: Optional[SoftmaxAttentionLayer] = None
         self.fusion: Optional[LongShortFusion] = None
         if config.use_short_branch:
@@ -134,6 +130,14 @@ class HyTRecEncoder(nn.Module):
                 self.fusion = LongShortFusion(d, config.num_gap_buckets, config.gate_gap_dim)
                 self.empty_long = nn.Parameter(torch.randn(d) * d**-0.5)
         self.final_norm = nn.RMSNorm(d)
+
+    def _long_layer(self, kind: str) -> nn.Module:
+        """The long-branch layer of a ``long_pattern`` letter."""
+        if kind == TADN:
+            return TADNLayer(self.config)
+        if kind == HSTU:
+            return HSTULayer(self.config)
+        return SoftmaxAttentionLayer(self.config, window=self.config.long_attention_window)
 
     def _buckets(self, gaps: torch.Tensor) -> torch.Tensor:
         return gap_buckets(gaps, self.config.num_gap_buckets, self.config.gap_bucket_scale)

@@ -7,6 +7,8 @@ A :class:`HyTRecStreamState` holds, for a batch of users:
 * per softmax layer, the rotated keys and values of the events it can still attend to: the last
   ``W`` for a windowed layer (the short branch: the last ``K``), in a :class:`KVCache` of fixed
   capacity; every event for a full-causal layer, in a :class:`GrowingKVCache`;
+* per HSTU-style layer, the keys, values and times of every event, in a :class:`GrowingKVCache`
+  (positions and counts follow from the slots and the user's event count);
 * the long branch's outputs at the last ``K`` events (the candidates for the long summary
   ``l_{i-K}``) and their times.
 
@@ -49,7 +51,9 @@ import torch.nn.functional as F
 
 from torchrec_hytrec.modules.attention import SoftmaxAttentionLayer
 from torchrec_hytrec.modules.blocks import SequenceContext, checked_context
+from torchrec_hytrec.modules.hstu import HSTULayer
 from torchrec_hytrec.modules.tadn import TADNLayer
+from torchrec_hytrec.ops.hstu_attention import hstu_bias_index, pointwise_attention
 from torchrec_hytrec.ops.jagged_attention import JaggedLayout
 from torchrec_hytrec.ops.tadn import tadn_step
 
@@ -156,16 +160,25 @@ torch.export.register_dataclass(HyTRecStreamState, serialized_type_name=f"{__nam
 torch.serialization.add_safe_globals([KVCache, GrowingKVCache, HyTRecStreamState])
 
 
-def _empty_cache(batch_size: int, layer: SoftmaxAttentionLayer, slots: int, device: torch.device) -> KVCache:
+AttentionLayer = Union[SoftmaxAttentionLayer, HSTULayer]
+
+
+def _empty_cache(batch_size: int, layer: AttentionLayer, slots: int, device: torch.device) -> KVCache:
     keys = torch.zeros(batch_size, layer.num_heads, slots, layer.head_dim, device=device)
-    return KVCache(keys, keys.clone(), torch.zeros(batch_size, slots, dtype=torch.long, device=device))
+    value_dim = layer.value_dim if isinstance(layer, HSTULayer) else layer.head_dim
+    values = torch.zeros(batch_size, layer.num_heads, slots, value_dim, device=device)
+    return KVCache(keys, values, torch.zeros(batch_size, slots, dtype=torch.long, device=device))
+
+
+def _windowed(layer: AttentionLayer) -> bool:
+    return isinstance(layer, SoftmaxAttentionLayer) and layer.window is not None
 
 
 def _layer_cache(
-    layer: SoftmaxAttentionLayer, block: KVCache, device: torch.device
+    layer: AttentionLayer, block: KVCache, device: torch.device
 ) -> Union[KVCache, GrowingKVCache]:
     """A windowed layer's cache is ``block``; a full-causal layer's starts its tail empty."""
-    if layer.window is not None:
+    if _windowed(layer):
         return block
     return GrowingKVCache(block=block, tail=_empty_cache(block.keys.shape[0], layer, 0, device))
 
@@ -191,7 +204,7 @@ def init_stream(
             heads, dim = layer.num_heads, layer.head_dim
             long_states.append(torch.zeros(batch_size, heads, dim, dim, device=device))
         else:
-            slots = layer.window if layer.window is not None else 0
+            slots = layer.window if _windowed(layer) else 0
             long_states.append(_layer_cache(layer, _empty_cache(batch_size, layer, slots, device), device))
     short_cache = None
     if encoder.short_layer is not None:
@@ -276,6 +289,25 @@ def compact_stream_state(state: HyTRecStreamState, max_tail: int = 0) -> HyTRecS
     )
 
 
+def _grow(cache: GrowingKVCache, k: torch.Tensor, v: torch.Tensor, times: torch.Tensor) -> GrowingKVCache:
+    """``cache`` with one more event per user (``[B, H, D]`` key and value, ``[B, 1]`` time) in its tail."""
+    tail = cache.tail
+    tail = KVCache(
+        keys=torch.cat([tail.keys, k[:, :, None]], dim=2),
+        values=torch.cat([tail.values, v[:, :, None]], dim=2),
+        timestamps=torch.cat([tail.timestamps, times], dim=1),
+    )
+    return GrowingKVCache(block=cache.block, tail=tail)
+
+
+def _compacted(cache: GrowingKVCache) -> GrowingKVCache:
+    """``cache`` with its tail moved into the block once it holds ``_TAIL_EVENTS`` (an exported
+    step only appends: its driver compacts)."""
+    if not torch.compiler.is_exporting() and cache.tail.keys.shape[2] >= _TAIL_EVENTS:
+        return _merge(cache)
+    return cache
+
+
 def _softmax_step(
     layer: SoftmaxAttentionLayer,
     x: torch.Tensor,
@@ -287,14 +319,8 @@ def _softmax_step(
     q, k, v = layer.project(x, ctx.positions)
     times = ctx.timestamps[:, None]
     if isinstance(cache, GrowingKVCache):
-        tail = cache.tail
-        tail = KVCache(
-            keys=torch.cat([tail.keys, k[:, :, None]], dim=2),
-            values=torch.cat([tail.values, v[:, :, None]], dim=2),
-            timestamps=torch.cat([tail.timestamps, times], dim=1),
-        )
-        cache = GrowingKVCache(block=cache.block, tail=tail)
-        blocks = [cache.block, tail]
+        cache = _grow(cache, k, v, times)
+        blocks = [cache.block, cache.tail]
     else:
         # The oldest slot leaves: the capacity is the window.
         cache = KVCache(
@@ -308,13 +334,47 @@ def _softmax_step(
         # Same rule as causal_window_starts: t_j >= t_i - floor(seconds) for integer times.
         masked = masked | (cache.timestamps < times - int(layer.window_seconds))
     o = _attend(q[:, :, None], blocks, masked[:, None], layer.head_dim**-0.5)
-    if (
-        isinstance(cache, GrowingKVCache)
-        and not torch.compiler.is_exporting()
-        and cache.tail.keys.shape[2] >= _TAIL_EVENTS
-    ):
-        cache = _merge(cache)
+    if isinstance(cache, GrowingKVCache):
+        cache = _compacted(cache)
     return layer.finish(x, o[:, :, 0]), cache
+
+
+def _hstu_step(
+    layer: HSTULayer, x: torch.Tensor, ctx: SequenceContext, num_events: torch.Tensor, cache: GrowingKVCache
+) -> Tuple[torch.Tensor, GrowingKVCache]:
+    """One event per user through an HSTU-style layer; ``num_events`` counts the new one."""
+    u, q, k, v = layer.project(x)
+    cache = _grow(cache, k, v, ctx.timestamps[:, None])
+    blocks = [cache.block, cache.tail]
+    sizes = [block.keys.shape[2] for block in blocks]
+    slots = sum(sizes)
+    # Slots read as one right-aligned sequence: the last is the new event.
+    distances = (slots - 1 - torch.arange(slots, device=x.device)).split(sizes)
+    valid = (~_padding(slots, num_events)).split(sizes, dim=1)
+    # Pointwise attention has no normaliser across keys: each block's share simply adds up.
+    o = None
+    for block, distance, block_valid in zip(blocks, distances, valid):
+        index = hstu_bias_index(
+            distance=distance[None, None],
+            time_gap=(ctx.timestamps[:, None] - block.timestamps)[:, None],
+            num_position_buckets=layer.position_bias.shape[0],
+            num_time_buckets=layer.time_bias.shape[0],
+            bucket_scale=layer.bucket_scale,
+        )
+        share = pointwise_attention(
+            q=q[:, :, None],
+            k=block.keys,
+            v=block.values,
+            bias_index=index,
+            valid=block_valid[:, None],
+            count=num_events[:, None].float(),
+            position_bias=layer.position_bias,
+            time_bias=layer.time_bias,
+            scale=layer.head_dim**-0.5,
+        )
+        o = share if o is None else o + share
+    assert o is not None
+    return layer.finish(x, u, o[:, :, 0]), _compacted(cache)
 
 
 def stream_step(
@@ -357,6 +417,8 @@ def stream_step(
                 state=layer_state, q=q, k=k, v=v, log_alpha=log_alpha, beta=beta, scale=layer.head_dim**-0.5
             )
             long = layer.finish(long, e, o, ctx.elapsed)
+        elif isinstance(layer, HSTULayer):
+            long, layer_state = _hstu_step(layer, long, ctx, num_events, layer_state)
         else:
             long, layer_state = _softmax_step(layer, long, ctx, num_events, layer_state)
         long_states.append(layer_state)
@@ -416,10 +478,10 @@ def _suffix(ctx: SequenceContext, size: int) -> _Suffix:
     return _Suffix(rows=rows.flatten(), positions=position.clamp(min=0), valid=position >= 0)
 
 
-def _input_suffix(layer: Union[TADNLayer, SoftmaxAttentionLayer], size: Optional[int]) -> Optional[int]:
+def _input_suffix(layer: Union[TADNLayer, AttentionLayer], size: Optional[int]) -> Optional[int]:
     """Events at the end of each user that ``layer`` reads of its input to give its outputs at the
     last ``size`` events (``None``: every event) and its stream state."""
-    if size is None or isinstance(layer, TADNLayer) or layer.window is None:
+    if size is None or not _windowed(layer):
         return None
     return max(size + layer.window - 1, layer.window)
 
@@ -498,6 +560,47 @@ def _prefill_softmax(
     return layer.finish(inputs, o.transpose(1, 2).flatten(0, 1)), cache
 
 
+def _prefill_hstu(
+    layer: HSTULayer, h: torch.Tensor, out: Optional[_Suffix], ctx: SequenceContext
+) -> Tuple[torch.Tensor, GrowingKVCache]:
+    """An HSTU-style layer's outputs at ``out`` (every row if ``None``) and its stream cache, from
+    its inputs ``h`` at every row."""
+    batch, slots = ctx.layout.num_users, ctx.layout.max_len
+    projected = layer.project(h)
+    u, q, k, v = projected
+    queries = 0 if out is None else out.positions.shape[1]
+    # Projected once per event, then laid out per user: B * max(n) slots (more if fewer than the
+    # queries), which the queries read as one padded batch.
+    at = _suffix(ctx, max(slots, queries))
+    keys, values, times = _heads(k[at.rows], batch), _heads(v[at.rows], batch), ctx.timestamps[at.rows]
+    cache = _layer_cache(layer, _cache_of(keys, values, times, at, slots), h.device)
+    assert isinstance(cache, GrowingKVCache)
+    if out is None:
+        return layer.attend(h, projected, ctx), cache
+    first = at.valid.shape[1] - queries  # slot of the first query
+    query_positions, key_positions = at.positions[:, first:, None], at.positions[:, None, :]
+    times = times.view(at.valid.shape)
+    index = hstu_bias_index(
+        distance=query_positions - key_positions,
+        time_gap=times[:, first:, None] - times[:, None, :],
+        num_position_buckets=layer.position_bias.shape[0],
+        num_time_buckets=layer.time_bias.shape[0],
+        bucket_scale=layer.bucket_scale,
+    )
+    o = pointwise_attention(
+        q=_heads(q[at.rows], batch)[:, :, first:],
+        k=keys,
+        v=values,
+        bias_index=index,
+        valid=at.valid[:, None, :] & (key_positions <= query_positions),
+        count=query_positions[..., 0].float() + 1,
+        position_bias=layer.position_bias,
+        time_bias=layer.time_bias,
+        scale=layer.head_dim**-0.5,
+    )
+    return layer.finish(h[out.rows], u[out.rows], o.transpose(1, 2).flatten(0, 1)), cache
+
+
 def prefill(
     encoder: "HyTRecEncoder", values: torch.Tensor, offsets: torch.Tensor, timestamps: torch.Tensor
 ) -> HyTRecStreamState:
@@ -534,6 +637,8 @@ def prefill(
         out = None if size is None else _suffix(ctx, size)
         if isinstance(layer, TADNLayer):
             h, layer_state = layer.forward_with_state(h, ctx, rows=None if out is None else out.rows)
+        elif isinstance(layer, HSTULayer):
+            h, layer_state = _prefill_hstu(layer, h, out, ctx)
         else:
             h, layer_state = _prefill_softmax(layer, h, held, out, ctx)
         held = out

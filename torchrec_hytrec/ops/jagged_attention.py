@@ -278,6 +278,10 @@ def _jagged_causal_attention(
         return _full_causal(q, k, v, layout, scale)
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
+    if window_starts is None and layout.max_len <= window:
+        # No user is longer than the window: it is full causal attention, and the length groups
+        # cost ~n^2 per user where the block layout pads every user to (W / C + 1) blocks of C.
+        return _full_causal(q, k, v, layout, scale)
     return _windowed_causal(q, k, v, layout, window, window_starts, min(block_size, window), scale)
 
 
@@ -459,7 +463,7 @@ def _attention_key_rows_fake(offsets: torch.Tensor, rows: torch.Tensor, *args: A
 
 
 @dataclass
-class _LengthGroup:
+class LengthGroup:
     """The users of one ``ceil(log2(n))`` group, padded to the group's longest."""
 
     num_users: int
@@ -471,10 +475,26 @@ class _LengthGroup:
 
 
 @dataclass
-class _LengthGroups:
-    groups: List[_LengthGroup]
+class LengthGroups:
+    """A batch's users grouped by ``ceil(log2(n))`` (users without events in none)."""
+
+    groups: List[LengthGroup]
     # [T] row of every kept output, group after group.
     rows: torch.Tensor
+
+
+def length_groups(layout: JaggedLayout) -> LengthGroups:
+    """The ``ceil(log2(n))`` length groups of ``layout``'s users, planned once per layout: every
+    kernel that pads users to their group's longest (full causal softmax, HSTU-style attention)
+    shares the one plan.
+
+    Args:
+        layout: the batch's layout.
+
+    Returns:
+        The groups, in increasing length, and the row of every kept output.
+    """
+    return layout.plan(("length_groups",), lambda: _plan_length_groups(layout))
 
 
 def _length_group(lengths: torch.Tensor) -> torch.Tensor:
@@ -485,7 +505,7 @@ def _length_group(lengths: torch.Tensor) -> torch.Tensor:
     return torch.where(lengths > 0, torch.frexp((lengths - 1).double()).exponent.long(), -1)
 
 
-def _plan_length_groups(layout: JaggedLayout) -> _LengthGroups:
+def _plan_length_groups(layout: JaggedLayout) -> LengthGroups:
     """Sizes come from the host copy, index tensors are built on the device: no copy either way."""
     host_lengths, lengths = layout.host_lengths, layout.lengths
     host_group = _length_group(host_lengths)
@@ -507,9 +527,9 @@ def _plan_length_groups(layout: JaggedLayout) -> _LengthGroups:
         # own outputs are dropped, so no gradient reaches row 0 through them.
         rows = torch.where(valid, layout.offsets[users, None] + span, 0).flatten()
         keep = torch.nonzero_static(valid.flatten(), size=int(n_host.sum())).flatten()
-        groups.append(_LengthGroup(num_users=count, longest=longest, rows=rows, keep=keep))
+        groups.append(LengthGroup(num_users=count, longest=longest, rows=rows, keep=keep))
     kept = torch.cat([group.rows.index_select(0, group.keep) for group in groups])
-    return _LengthGroups(groups=groups, rows=kept)
+    return LengthGroups(groups=groups, rows=kept)
 
 
 def _full_causal(
@@ -521,7 +541,7 @@ def _full_causal(
     # Users are grouped by ceil(log2(n)) and every group is padded to its longest user: one SDPA
     # call per group (a few dozen at most, instead of one per user, which costs more than the
     # attention itself on batches of short histories), and padding at most 4x sum n^2 of work.
-    plan = layout.plan(("length_groups",), lambda: _plan_length_groups(layout))
+    plan = length_groups(layout)
     flat_q, flat_k, flat_v = (x.reshape(T, H * D) for x in (q, k, v))
     outputs = []
     for group in plan.groups:

@@ -10,10 +10,12 @@ from typing import Any, Dict, List, Optional, Sequence, Type, TypeVar
 
 import yaml
 
+from torchrec_hytrec.data.reader import ReaderConfig
 from torchrec_hytrec.data.synthetic import SyntheticConfig
 from torchrec_hytrec.models.retrieval import RetrievalConfig
-from torchrec_hytrec.models.sharding import PLAN_KINDS, OptimizerConfig
+from torchrec_hytrec.models.sharding import PLAN_KINDS
 from torchrec_hytrec.modules.config import PRESETS, HyTRecConfig
+from torchrec_hytrec.training.optimizer import OptimizerConfig
 
 T = TypeVar("T")
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -21,49 +23,38 @@ _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 @dataclass
 class DataConfig:
-    """Where the sequences come from and how the reader batches them.
+    """Where the sequences come from and how the readers batch them.
 
     Args:
         path: a Parquet dataset written by ``python -m torchrec_hytrec.data.convert``; ``None``
             generates the seeded synthetic dataset instead.
         cache_dir: where the synthetic dataset is written once and reused (keyed by its config).
         synthetic: the synthetic generator's settings (:class:`SyntheticConfig`).
-        max_seq_len: a training input keeps at most its last ``max_seq_len`` events (the reader's
-            ``ReaderConfig.max_seq_len``).
-        token_budget: events per training batch on each rank (``ReaderConfig.max_tokens``).
-        eval_token_budget: events per evaluation batch on each rank.
         row_group_size: users per row group of the generated synthetic file (row groups are
             what ranks share out, so keep several per rank).
+        train: the training reader's batching on each rank (:class:`ReaderConfig`): training
+            histories longer than ``max_seq_len`` are read as windows.
+        eval: the validation and test readers' batching: an evaluation input keeps its last
+            ``max_seq_len`` events.
 
     Example::
 
         >>> from torchrec_hytrec.training.config import DataConfig
-        >>> DataConfig(path="beauty.parquet", token_budget=4096).synthetic.num_users
-        3000
+        >>> DataConfig(path="beauty.parquet").train.max_tokens
+        4096
     """
 
     path: Optional[str] = None
     cache_dir: str = "runs/data"
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig.small)
-    max_seq_len: int = 2000
-    token_budget: int = 4096
-    eval_token_budget: int = 16384
     row_group_size: int = 128
+    train: ReaderConfig = field(
+        default_factory=lambda: ReaderConfig(max_tokens=4096, max_seq_len=2000, shuffle=True)
+    )
+    eval: ReaderConfig = field(default_factory=lambda: ReaderConfig(max_tokens=16384, max_seq_len=2000))
 
     def __post_init__(self) -> None:
-        _at_least(
-            1,
-            data_row_group_size=self.row_group_size,
-            data_token_budget=self.token_budget,
-            data_eval_token_budget=self.eval_token_budget,
-            data_max_seq_len=self.max_seq_len,
-        )
-        for key, budget in (
-            ("data.token_budget", self.token_budget),
-            ("data.eval_token_budget", self.eval_token_budget),
-        ):
-            if self.max_seq_len > budget:
-                raise ValueError(f"data.max_seq_len ({self.max_seq_len}) must be <= {key} ({budget})")
+        _at_least(1, data_row_group_size=self.row_group_size)
 
 
 @dataclass
@@ -137,7 +128,7 @@ class TrainConfig:
         data: see :class:`DataConfig`.
         model: see :class:`ModelConfig`.
         optim: the table and dense optimizers
-            (:class:`torchrec_hytrec.models.sharding.OptimizerConfig`).
+            (:class:`torchrec_hytrec.training.optimizer.OptimizerConfig`).
         checkpoint: see :class:`CheckpointConfig`.
 
     Example::
@@ -170,7 +161,7 @@ class TrainConfig:
 
 
 def _at_least(low: int, **values: int) -> None:
-    """Raises naming the config key (``data_token_budget`` -> ``data.token_budget``) below ``low``."""
+    """Raises naming the config key (``data_row_group_size`` -> ``data.row_group_size``) below ``low``."""
     for name, value in values.items():
         if value < low:
             key = name.replace("_", ".", 1) if name.split("_")[0] in ("data", "checkpoint") else name

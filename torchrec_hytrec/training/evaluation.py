@@ -102,7 +102,7 @@ def evaluate_retrieval(
         loss_sum, weight_sum = loss_sum + float(out.loss) * weight, weight_sum + weight
         if popularity is not None:
             baseline.update(
-                popularity.to(out.positive_ids.device)[out.positive_ids], out.lengths, out.weights
+                popularity.to(out.positive_ids.device)[out.positive_ids], out.history_lengths, out.weights
             )
     overall: Dict[str, float] = {}
     detail: Dict[str, float] = {}

@@ -29,7 +29,7 @@ def make_pipeline(
         model: ``DistributedModelParallel`` around ``HyTRecRetrievalTrain`` or ``HyTRecRankerTrain``
             (whose outputs are ``(loss, outputs)`` with the batch's detached loss first and its
             weights in ``outputs.weights`` or as the last element).
-        optimizer: from :func:`~torchrec_hytrec.models.sharding.make_optimizer`.
+        optimizer: from :func:`~torchrec_hytrec.training.optimizer.make_optimizer`.
         device: the compute device.
     """
     mute_fx_tracing_notice()

@@ -18,19 +18,19 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, TextIO
+from typing import Any, Dict, List, Optional, TextIO, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from torchrec_hytrec.data.reader import ReaderConfig, SequenceReader
+from torchrec_hytrec.data.reader import SequenceReader
 from torchrec_hytrec.data.splits import Split
 from torchrec_hytrec.data.synthetic import cached_synthetic_dataset
 from torchrec_hytrec.models.embeddings import side_feature_rows
 from torchrec_hytrec.models.retrieval import HyTRecRetrieval, HyTRecRetrievalTrain
-from torchrec_hytrec.models.sharding import apply_sparse_optimizer, make_optimizer, shard_model
+from torchrec_hytrec.models.sharding import shard_model
 from torchrec_hytrec.modules import HyTRecEncoder
 from torchrec_hytrec.training.checkpoint import CheckpointManager, rng_state, set_rng_state
 from torchrec_hytrec.training.config import TrainConfig, config_to_dict
@@ -38,6 +38,7 @@ from torchrec_hytrec.training.distributed import DistEnv
 from torchrec_hytrec.training.evaluation import evaluate_retrieval, item_popularity, popularity_ranks
 from torchrec_hytrec.training.loop import batch_weight, make_pipeline, train_epoch
 from torchrec_hytrec.training.metrics_log import MetricsLogger, format_table
+from torchrec_hytrec.training.optimizer import apply_sparse_optimizer, make_optimizer
 
 # Config keys a resumed run may change: how long it runs, where it writes, how it checkpoints.
 _RESUMABLE_CHANGES = ("epochs", "out_dir", "fault_at_step", "checkpoint")
@@ -45,19 +46,14 @@ _RESUMABLE_CHANGES = ("epochs", "out_dir", "fault_at_step", "checkpoint")
 
 def make_reader(cfg: TrainConfig, path: Path, split: Split, with_candidates: bool = True) -> SequenceReader:
     """A reader of ``split``; ``with_candidates``: its batches carry what the loss needs."""
-    train = split is Split.TRAIN
     negatives, num_negatives = cfg.model.retrieval.reader_negatives() if with_candidates else ("none", 0)
     return SequenceReader(
-        ReaderConfig(
-            paths=[path],
-            split=split,
-            max_tokens=cfg.data.token_budget if train else cfg.data.eval_token_budget,
-            max_seq_len=cfg.data.max_seq_len,
-            shuffle=train,
-            seed=cfg.seed,
-            negatives=negatives,
-            num_negatives=num_negatives,
-        )
+        [path],
+        cfg.data.train if split is Split.TRAIN else cfg.data.eval,
+        split=split,
+        negatives=negatives,
+        num_negatives=num_negatives,
+        seed=cfg.seed,
     )
 
 
@@ -276,8 +272,13 @@ class Trainer:
             f"global step {self.progress['global_step']}"
         )
 
-    def train_epoch(self, epoch: int) -> float:
-        """One pass over this rank's training share (continuing a restored position); the mean loss."""
+    def train_epoch(self, epoch: int) -> Tuple[float, int]:
+        """One pass over this rank's training share (continuing a restored position).
+
+        Returns:
+            ``(mean loss, targets)``: the targets are the training events all ranks predicted in
+            this pass (every training event but each user's first, on a pass from the start).
+        """
         every = self.cfg.checkpoint.every_n_steps
         self.train_reader.set_epoch(epoch)
         # Under TorchX/torchrun stderr is a log file: refresh it rarely.
@@ -305,10 +306,11 @@ class Trainer:
         train_epoch(self.pipeline, self.model, self.train_reader, on_step)
         bar.close()
         totals = torch.tensor(
-            [self.epoch_loss["loss_sum"], self.epoch_loss["loss_count"]], dtype=torch.float64
+            [self.epoch_loss["loss_sum"], self.epoch_loss["loss_count"], self.train_reader.stats.targets],
+            dtype=torch.float64,
         )
         dist.all_reduce(totals)
-        return float(totals[0] / totals[1])
+        return float(totals[0] / totals[1]), int(totals[2])
 
     def evaluate(self) -> tuple:
         """Model and popularity metrics on the valid and test splits.
@@ -354,9 +356,14 @@ class Trainer:
         detail: Dict[str, Any] = {}
         for epoch in range(self.progress["epoch"], self.cfg.epochs):
             started = time.perf_counter()
-            train_loss = self.train_epoch(epoch)
+            train_loss, train_targets = self.train_epoch(epoch)
             metrics, detail = self.evaluate()
-            row = {"train_loss": train_loss, **metrics, "epoch_s": time.perf_counter() - started}
+            row = {
+                "train_loss": train_loss,
+                "train_targets": train_targets,
+                **metrics,
+                "epoch_s": time.perf_counter() - started,
+            }
             metrics_log.log(epoch, row, detail)
             if self.env.is_main:
                 table = metrics_log.table()

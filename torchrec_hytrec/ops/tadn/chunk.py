@@ -15,14 +15,15 @@ so the only sequential work is ``S <- M S + R``: one batched matmul per chunk in
 that still have a chunk there. Everything else is a batched product over every chunk of every user
 and head at once. The backward mirrors this: one reverse pass ``dS_in = M^T dS_out + Qeff^T dO_s``
 and batched per-chunk gradients, recomputing the per-chunk ``C x C`` matrices (``Gam``, ``A``, ``P``)
-and keeping only ``[W | U]``, the transitions ``M`` and the chunk-boundary states from the forward.
+and keeping only ``[W | U]``, ``(I + A)^{-1}`` (:func:`unit_lower_inverse`), the transitions ``M``
+and the chunk-boundary states from the forward.
 
 Numerics: only ``exp`` of non-positive sums of log-gates is ever formed, each sum taken directly
 over its own segment (never as a difference of prefix sums), so a finite ``log_alpha`` down to
 ``-1e4`` gives exact zeros instead of overflow or cancellation. Work is done in fp32 (fp64 when the
 inputs are fp64), with autocast turned off around the forward and the backward: under
-``torch.autocast`` the batched products would be re-cast to bf16/fp16, where the triangular solves
-do not exist on CPU and the decays and the state lose the precision they need. Inputs of any dtype
+``torch.autocast`` the batched products would be re-cast to bf16/fp16, where the decays, the
+triangular inverses and the state lose the precision they need. Inputs of any dtype
 are cast to fp32; the output comes back in the queries' dtype (what autocast gives the projections
 that make them), the final state in fp32.
 
@@ -37,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import FunctionCtx, once_differentiable
 from torch.profiler import record_function
 
@@ -214,15 +216,56 @@ def _transition(kd: torch.Tensor, w: torch.Tensor, total: torch.Tensor) -> torch
     return m
 
 
+def unit_lower_inverse(a: torch.Tensor) -> torch.Tensor:
+    """``(I + tril(a, -1))^{-1}``: the inverse of the unit lower triangular matrices of ``a``.
+
+    Blockwise doubling, as LAPACK's recursive triangular inverse: with the inverses ``T1``, ``T2``
+    of the two diagonal blocks of size ``b`` of every block of size ``2b``, the block's inverse has
+    ``-T2 A21 T1`` below them. ``log2(C)`` levels of two batched products replace ``C``-step
+    substitutions (one small LAPACK call per chunk and head, each a few microseconds of overhead);
+    the inverse then serves the forward and, transposed, the backward as plain products.
+
+    Args:
+        a: ``[N, C, C]``; only the strict lower part is read.
+
+    Returns:
+        ``[N, C, C]`` unit lower triangular inverses.
+
+    Example::
+
+        >>> import torch
+        >>> a = torch.randn(3, 6, 6)
+        >>> unit = torch.eye(6) + a.tril(-1)
+        >>> torch.allclose(unit @ unit_lower_inverse(a), torch.eye(6).expand(3, 6, 6), atol=1e-4)
+        True
+    """
+    N, C, _ = a.shape
+    size = 1 << max(C - 1, 0).bit_length()
+    if size != C:  # an identity extension keeps the top-left block's inverse exact
+        a = F.pad(a, (0, size - C, 0, size - C))
+    t = torch.eye(size, dtype=a.dtype, device=a.device).repeat(N, 1, 1)
+    b = 1
+    while b < size:
+        s = 2 * b
+
+        def blocks(x: torch.Tensor) -> torch.Tensor:
+            # [N, size / s, s, s] view of the diagonal blocks of size s.
+            return x.view(N, size // s, s, size // s, s).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)
+
+        tb = blocks(t)
+        lower = torch.matmul(tb[..., b:, b:], blocks(a)[..., b:, :b])
+        tb[..., b:, :b] = torch.matmul(lower, tb[..., :b, :b]).neg_()
+        b = s
+    return t[:, :C, :C] if size != C else t
+
+
 @contextmanager
 def _one_cpu_thread(device: torch.device) -> Iterator[None]:
     """Runs the enclosed CPU ops on one intra-op thread.
 
     For work made of many tiny pieces, where a second thread only adds synchronisation: the state
-    pass (a chain of ``n / C`` products of ``[H, K, K] x [H, K, V]``) and the batched triangular
-    solves (one small LAPACK call per chunk and head). On the shared, loaded 2-core machine a state
-    step took 20 us on one thread against 100 us to 3 ms on two, and the solves of an 8k sequence
-    took 3.3 s instead of ~10 ms.
+    pass (a chain of ``n / C`` products of ``[H, K, K] x [H, K, V]``). On the shared, loaded
+    2-core machine a state step took 20 us on one thread against 100 us to 3 ms on two.
     """
     if device.type != "cpu":
         yield
@@ -300,13 +343,12 @@ class _ChunkTADN(torch.autograd.Function):
         qc, kc, vc, gc, bc = (_to_chunks(x, plan, dtype) for x in (q, k, v, log_alpha, beta))
         gates = _gates(gc)
         bk, a, p = _chunk_matrices(qc, kc, bc, gates)
-        # unitriangular=True implies the unit diagonal of (I + A) and reads only A's strict lower
-        # part, so A needs no masking.
+        # The inverse reads only A's strict lower part, so A needs no masking.
         rhs = kc.new_empty(*kc.shape[:2], K + V)
         torch.mul(bk, gates.from_start[:, :, None], out=rhs[..., :K])
         torch.mul(vc, bc[:, :, None], out=rhs[..., K:])
-        with _one_cpu_thread(a.device):
-            wu = torch.linalg.solve_triangular(a, rhs, upper=False, unitriangular=True)
+        inverse = unit_lower_inverse(a)
+        wu = torch.bmm(inverse, rhs)
         w, u = wu[..., :K], wu[..., K:]
         kd = gates.to_end[:, :, None] * kc
         m = _transition(kd, w, gates.total)
@@ -326,7 +368,7 @@ class _ChunkTADN(torch.autograd.Function):
         o = torch.bmm(p, u).baddbmm_(qeff, s_in, beta=scale, alpha=scale)
         final = slots.index_select(0, plan.final_slot) if output_final_state else None
         # The padded inputs are kept rather than re-gathered: they are the inputs' size.
-        ctx.save_for_backward(qc, kc, vc, gc, bc, states, wu, m)
+        ctx.save_for_backward(qc, kc, vc, gc, bc, states, wu, m, inverse)
         ctx.input_meta = [(x.shape, x.dtype) for x in (q, k, v, log_alpha, beta)]
         ctx.num_heads = H
         ctx.plan = plan
@@ -347,7 +389,7 @@ class _ChunkTADN(torch.autograd.Function):
     def _backward(
         ctx: FunctionCtx, do: torch.Tensor, dfinal: Optional[torch.Tensor]
     ) -> Tuple[Optional[torch.Tensor], ...]:
-        qc, kc, vc, gc, bc, states, wu, m = ctx.saved_tensors
+        qc, kc, vc, gc, bc, states, wu, m, inverse = ctx.saved_tensors
         plan: _JaggedChunks = ctx.plan
         H, K, V = ctx.num_heads, kc.shape[2], vc.shape[2]
         B = plan.init_slot.numel()
@@ -381,10 +423,7 @@ class _ChunkTADN(torch.autograd.Function):
         dq = gates.from_start[:, :, None] * dqeff
 
         # [W | U] = (I + A)^{-1} RHS  =>  dRHS = (I + A)^{-T} [dW | dU],  dA = -dRHS [W | U]^T.
-        with _one_cpu_thread(a.device):
-            drhs = torch.linalg.solve_triangular(
-                a.mT, torch.cat([dw, du], dim=-1), upper=True, unitriangular=True
-            )
+        drhs = torch.bmm(inverse.mT, torch.cat([dw, du], dim=-1))
         dkbe, dvb = drhs[..., :K], drhs[..., K:]
         neg_da = torch.bmm(drhs, wu.mT).tril_(-1)
 

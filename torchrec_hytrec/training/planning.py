@@ -2,10 +2,15 @@
 
 :func:`plan_tables` builds the tables the models build (:func:`sequence_table_configs`) in an
 ``EmbeddingCollection`` on the ``meta`` device, so a billion-row table costs no memory, registers
-the fused table optimizer the way :func:`~torchrec_hytrec.models.sharding.apply_sparse_optimizer`
+the fused table optimizer the way :func:`~torchrec_hytrec.training.optimizer.apply_sparse_optimizer`
 does, and runs TorchRec's ``EmbeddingShardingPlanner.plan`` (not ``collective_plan``: no process
 group) over a simulated topology. :func:`format_plan` prints the result; ``python -m
-torchrec_hytrec.models.planning --help`` is the command line.
+torchrec_hytrec.training.planning --help`` is the command line.
+
+It plans a training job, not a model: the planner must see the table optimizer's state, which
+the training set-up (:mod:`torchrec_hytrec.training.optimizer`) registers, so it sits in
+``training/`` beside it; from ``models/`` it takes what ``shard_model`` would use (the tables,
+the constraints), so the plan matches the one a real job gets.
 
 Every number is the planner's *estimate* (its storage and perf models), not a measurement:
 
@@ -47,13 +52,8 @@ from torchrec.modules.embedding_modules import EmbeddingCollection
 
 from torchrec_hytrec.data.batch import CANDIDATE_KEY, TARGET_KEY
 from torchrec_hytrec.models.embeddings import ITEM_TABLE, sequence_table_configs
-from torchrec_hytrec.models.sharding import (
-    PLAN_KINDS,
-    OptimizerConfig,
-    apply_sparse_optimizer,
-    quiet_torchrec,
-    sharding_constraints,
-)
+from torchrec_hytrec.models.sharding import PLAN_KINDS, quiet_torchrec, sharding_constraints
+from torchrec_hytrec.training.optimizer import OptimizerConfig, apply_sparse_optimizer
 
 GIB = 1024**3
 # TorchRec's own size constants (HBM_CAP, DDR_CAP) and its "GB" printouts are binary GiB.
@@ -381,7 +381,7 @@ def plan_tables(
 
     Example::
 
-        >>> from torchrec_hytrec.models.planning import plan_tables
+        >>> from torchrec_hytrec.training.planning import plan_tables
         >>> result = plan_tables(1000, 16, mean_history_length=50, batch_size=32, world_size=2,
         ...                      plan_kind="row_wise", candidates_per_batch=0)
         >>> item = result.table("item")
@@ -526,7 +526,7 @@ def format_plan(result: PlanResult, *, with_stats: bool = False) -> str:
 
     Example::
 
-        >>> from torchrec_hytrec.models.planning import format_plan, plan_tables
+        >>> from torchrec_hytrec.training.planning import format_plan, plan_tables
         >>> text = format_plan(plan_tables(1000, 16, mean_history_length=50, batch_size=32,
         ...                                world_size=2, plan_kind="row_wise"))
         >>> print(text.splitlines()[0])
@@ -609,7 +609,7 @@ def _side_feature(text: str) -> Tuple[str, int]:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m torchrec_hytrec.models.planning",
+        prog="python -m torchrec_hytrec.training.planning",
         description=(
             "Dry-run TorchRec sharding plan of HyTRec's sequence tables for a topology, without a process "
             "group. Every number is the planner's estimate, not a measurement."
@@ -688,7 +688,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     Example::
 
-        >>> from torchrec_hytrec.models.planning import main
+        >>> from torchrec_hytrec.training.planning import main
         >>> main(["--num-items", "1000", "--dim", "16", "--world-size", "2", "--batch-size", "8",
         ...       "--mean-history-length", "20"])  # doctest: +ELLIPSIS
         Sharding plan (TorchRec EmbeddingShardingPlanner estimates, not measurements)
