@@ -1,4 +1,13 @@
-"""HyTRecEncoder against the all-softmax encoder of the same width and depth, on CPU.
+"""HyTRecEncoder against three baselines of the same width and depth, on CPU.
+
+The encoders (:func:`encoder_configs`) all have HyTRec's structure: 4 long layers, the short
+softmax branch over the last ``K`` events and the fusion gate. They differ only in their long
+layers: HyTRec's ``TTTA`` with windowed (``W``) or full causal softmax layers, and the baselines
+``all_softmax`` (``AAAA``, full causal), ``windowed_softmax`` (``AAAA``, each layer over the last
+``W`` events, the same ``W`` as HyTRec's) and ``hstu_like`` (``HHHH``, HSTU-style pointwise
+attention with relative position and time biases, parameter-matched to a softmax layer). They are
+the presets of those names with the short branch kept (``use_short_branch=True``), so that only
+the long layers differ; each encoder's parameter count is printed.
 
 For every history length ``n`` and two batches (one user of ``n`` events; a mixed batch of that
 user plus users with log-uniform lengths in ``[5, n]``) it measures, for each encoder:
@@ -30,9 +39,10 @@ of the shared machine slows both alike; the step's min/median/max and the load a
 With ``--aoti`` the exported step is also compiled with AOTInductor (``compile_stream_step``; about
 a minute per encoder), timed the same way and checked against the eager step's outputs.
 
-All encoders are compared within one run; times are medians over ``--repeats`` runs after a
-warm-up, the encoders taking turns run by run; ratios are all-softmax time over the encoder's
-time (``> 1``: faster than all-softmax).
+All encoders are compared within one run; every time is printed as min/median/max over
+``--repeats`` runs after a warm-up, the encoders taking turns run by run, and the load average is
+printed at the start and the end. Speed-ups are the baseline's median time over the encoder's
+(``> 1``: faster than that baseline), each printed with the name of its baseline.
 
     python benchmarks/bench_encoder.py            # full run (tens of minutes on 2 cores)
     python benchmarks/bench_encoder.py --quick    # seconds
@@ -50,11 +60,14 @@ import time
 from typing import Callable, Dict, List, Tuple
 
 import torch
+from timing import Spread, load_average, time_in_turns
 
 from torchrec_hytrec.modules import HyTRecConfig, HyTRecEncoder
 from torchrec_hytrec.training import configure_cpu_allocator
 
 Batch = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+# The encoders of encoder_configs that the speed-ups are measured against.
+BASELINES = ("all_softmax", "windowed_softmax", "hstu_like")
 # Timed streaming steps per run; each one is cheap.
 _STREAM_STEPS = 50
 
@@ -96,20 +109,6 @@ def peak_memory_mib(fn: Callable[[], object]) -> float:
     return (_rss_kib("VmHWM") - before) / 1024
 
 
-def median_seconds(fns: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, float]:
-    """Median time of each function; the functions take turns, so a busy spell of the shared
-    machine slows all of them alike instead of one."""
-    for fn in fns.values():
-        fn()
-    times: Dict[str, List[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def _step_fns(
     configs: Dict[str, HyTRecConfig], batch: Batch
 ) -> Tuple[Dict[str, Callable[[], None]], Dict[str, Callable[[], None]]]:
@@ -136,12 +135,34 @@ def _step_fns(
     return infer, train
 
 
-def measure(configs: Dict[str, HyTRecConfig], batch: Batch, repeats: int) -> Dict[str, Dict[str, float]]:
-    """Median inference and training-step seconds of every encoder on ``batch``."""
+def measure(configs: Dict[str, HyTRecConfig], batch: Batch, repeats: int) -> Dict[str, Dict[str, Spread]]:
+    """Milliseconds (min/median/max) of every encoder's inference (``"infer"``) and training step
+    (``"train"``) on ``batch``, the encoders taking turns."""
     infer, train = _step_fns(configs, batch)
-    infer_s = median_seconds(infer, repeats)
-    train_s = median_seconds(train, repeats)
-    return {name: {"infer_s": infer_s[name], "train_s": train_s[name]} for name in configs}
+    cpu = torch.device("cpu")
+    infer_ms = time_in_turns(infer, {name: repeats for name in infer}, cpu)
+    train_ms = time_in_turns(train, {name: repeats for name in train}, cpu)
+    return {name: {"infer": infer_ms[name], "train": train_ms[name]} for name in configs}
+
+
+def speedups(results: Dict[str, Dict[str, Spread]], name: str, kind: str) -> Dict[str, float]:
+    """Every baseline's median ``kind`` (``"infer"`` or ``"train"``) time over encoder ``name``'s."""
+    mine = results[name][kind].median
+    return {base: results[base][kind].median / mine for base in BASELINES if base in results}
+
+
+def describe_speedups(results: Dict[str, Dict[str, Spread]], name: str) -> str:
+    """One line: ``name``'s inference and training speed-ups, each naming its baseline."""
+    parts = []
+    for kind in ("infer", "train"):
+        ratios = ", ".join(f"{x:.2f}x vs {base}" for base, x in speedups(results, name, kind).items())
+        parts.append(f"{kind} {ratios}")
+    return f"{name} speed-up (baseline median / its median): " + "; ".join(parts)
+
+
+def parameter_count(config: HyTRecConfig) -> int:
+    """Parameters of the encoder of ``config``."""
+    return sum(p.numel() for p in HyTRecEncoder(config).parameters())
 
 
 def measure_memory(args: argparse.Namespace, n: int, kind: str) -> Dict[str, Dict[str, float]]:
@@ -308,18 +329,19 @@ def describe_stream(name: str, r: Dict[str, float]) -> str:
     return line
 
 
-def load_average() -> str:
-    return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
 def encoder_configs(dim: int, heads: int, window: int) -> Dict[str, HyTRecConfig]:
-    """HyTRec with windowed and with full causal long-branch attention, and the all-softmax
-    encoder of the same width and depth (4 long layers + short branch + fusion)."""
+    """HyTRec with windowed and with full causal long-branch attention, and the baselines
+    (:data:`BASELINES`) of the same width and depth: 4 long layers + short branch + fusion each,
+    the baselines being the presets of their names with the short branch kept."""
     base = HyTRecConfig.hytrec(embedding_dim=dim, num_heads=heads)
+    same = {"num_layers": len(base.long_pattern), "embedding_dim": dim, "num_heads": heads}
+    kept = {"use_short_branch": True, "short_window": base.short_window}
     return {
         "hytrec_windowed": dataclasses.replace(base, long_attention_window=window),
         "hytrec_full": base,
-        "all_softmax": dataclasses.replace(base, long_pattern="A" * len(base.long_pattern)),
+        "all_softmax": HyTRecConfig.sasrec_like(**same, **kept),
+        "windowed_softmax": HyTRecConfig.windowed_softmax(window=window, **same, **kept),
+        "hstu_like": HyTRecConfig.hstu_like(**same, **kept),
     }
 
 
@@ -359,11 +381,14 @@ def main() -> None:
     base = configs["hytrec_full"]
     print(
         f"torch {torch.__version__}, {args.threads} threads, d={args.dim}, heads={args.heads}, "
-        f"K={base.short_window}, pattern {base.long_pattern}, W={args.window}, median of {args.repeats}"
+        f"K={base.short_window}, pattern {base.long_pattern}, W={args.window}, "
+        f"times in ms as min/median/max of {args.repeats}; load average {load_average()} at the start"
     )
+    params = {name: parameter_count(config) for name, config in configs.items()}
+    print("parameters: " + ", ".join(f"{name} {count:,}" for name, count in params.items()))
     header = (
-        f"{'n':>6} {'batch':>6} {'events':>7} {'encoder':>16} {'infer ms':>9} {'train ms':>9} "
-        f"{'inf MiB':>8} {'trn MiB':>8} {'infer x':>8} {'train x':>8}"
+        f"{'n':>6} {'batch':>6} {'events':>7} {'encoder':>16} {'params':>8} {'infer ms':>20} "
+        f"{'train ms':>20} {'inf MiB':>8} {'trn MiB':>8}"
     )
     print(header)
     for n in args.lengths:
@@ -371,17 +396,16 @@ def main() -> None:
             batch = _batch(args, n, kind)
             results = measure(configs, batch, args.repeats)
             memory = measure_memory(args, n, kind)
-            reference = results["all_softmax"]
             for name, r in results.items():
                 mib = memory[name]
                 print(
-                    f"{n:>6} {kind:>6} {batch[0].shape[0]:>7} {name:>16} "
-                    f"{r['infer_s'] * 1e3:>9.1f} {r['train_s'] * 1e3:>9.1f} "
-                    f"{mib['infer_mib']:>8.1f} {mib['train_mib']:>8.1f} "
-                    f"{reference['infer_s'] / r['infer_s']:>8.2f} "
-                    f"{reference['train_s'] / r['train_s']:>8.2f}",
+                    f"{n:>6} {kind:>6} {batch[0].shape[0]:>7} {name:>16} {params[name]:>8} "
+                    f"{str(r['infer']):>20} {str(r['train']):>20} "
+                    f"{mib['infer_mib']:>8.1f} {mib['train_mib']:>8.1f}",
                     flush=True,
                 )
+            for name in ("hytrec_windowed", "hytrec_full"):
+                print(f"{'':>22}{describe_speedups(results, name)}", flush=True)
 
     print(
         "\nall-softmax encoder, one user: share of time in attention kernels -> Amdahl bound on the speed-up"
@@ -396,12 +420,12 @@ def main() -> None:
 
     print(
         f"\nstreaming one event after {args.stream_length} vs forward_last recompute "
-        f"(1 thread, inference mode), {load_average()}"
+        f"(1 thread, inference mode), load average {load_average()}"
     )
     for name in ("hytrec_windowed", "hytrec_full"):
         result = stream_vs_recompute(configs[name], args.stream_length, args.repeats, compiled=args.aoti)
         print(describe_stream(name, result), flush=True)
-    print(load_average())
+    print(f"load average {load_average()} at the end")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
-"""Speed against history length: HyTRec and the all-softmax encoder, and the streaming update.
+"""Speed against history length: HyTRec and its baselines, and the streaming update.
 
 For one user of ``n`` events, ``n`` from 100 to 16k, it measures training throughput (events per
 second of a per-position forward, backward and AdamW step) and inference latency
 (``forward_last``), for HyTRec with windowed and with full causal long-branch attention and for
-the all-softmax encoder of the same width and depth (the encoders of ``bench_encoder.py``, timed
-by its functions: medians, encoders taking turns). Then the cost of streaming one new event
-after ``n`` against a full recompute (both on one thread). Results go to ``--out``:
+the baselines of the same width and depth: all-softmax, windowed softmax (HyTRec's ``W``) and
+HSTU-style (the encoders of ``bench_encoder.py``, timed by its functions: min/median/max,
+encoders taking turns; their parameter counts are printed). Every speed-up names its baseline.
+Then the cost of streaming one new event after ``n`` against a full recompute (both on one
+thread). The load average is recorded at the start and the end. Results go to ``--out``:
 ``speed.json``, ``speed.md`` and ``speed_curves.png``.
 
     python benchmarks/speed.py                # about 10 minutes on 2 cores
@@ -13,6 +15,7 @@ after ``n`` against a full recompute (both on one thread). Results go to ``--out
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -21,7 +24,16 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 import torch
-from bench_encoder import encoder_configs, make_batch, measure, stream_vs_recompute
+from bench_encoder import (
+    BASELINES,
+    encoder_configs,
+    make_batch,
+    measure,
+    parameter_count,
+    speedups,
+    stream_vs_recompute,
+)
+from timing import load_average
 
 from torchrec_hytrec.training import configure_cpu_allocator
 
@@ -39,7 +51,7 @@ def plot(rows: List[Dict[str, Any]], path: Path) -> None:
         mine = [r for r in rows if r["encoder"] == name]
         n = [r["n"] for r in mine]
         train_ax.plot(n, [r["train_events_per_s"] for r in mine], marker="o", label=name)
-        infer_ax.plot(n, [r["infer_ms"] for r in mine], marker="o", label=name)
+        infer_ax.plot(n, [r["infer_ms"]["median"] for r in mine], marker="o", label=name)
     train_ax.set(
         xscale="log",
         yscale="log",
@@ -81,20 +93,27 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = datetime.now(timezone.utc)
+    load_at_start = os.getloadavg()
+    print(f"load average {load_average()} at the start", flush=True)
     configs = encoder_configs(args.dim, args.heads, args.window)
+    params = {name: parameter_count(config) for name, config in configs.items()}
+    print("parameters: " + ", ".join(f"{name} {count:,}" for name, count in params.items()), flush=True)
 
     rows: List[Dict[str, Any]] = []
     for n in args.lengths:
         results = measure(configs, make_batch([n], args.dim, seed=n), args.repeats)
         for name, r in results.items():
+            train, infer = r["train"], r["infer"]
             rows.append(
                 {
                     "encoder": name,
+                    "params": params[name],
                     "n": n,
-                    "train_events_per_s": n / r["train_s"],
-                    "infer_ms": r["infer_s"] * 1e3,
-                    "train_x_vs_softmax": results["all_softmax"]["train_s"] / r["train_s"],
-                    "infer_x_vs_softmax": results["all_softmax"]["infer_s"] / r["infer_s"],
+                    "train_events_per_s": n / train.median * 1e3,
+                    "train_ms": dataclasses.asdict(train),
+                    "infer_ms": dataclasses.asdict(infer),
+                    "train_x_vs": speedups(results, name, "train"),
+                    "infer_x_vs": speedups(results, name, "infer"),
                 }
             )
             print(json.dumps(rows[-1]), flush=True)
@@ -117,21 +136,40 @@ def main() -> None:
             )
             print(json.dumps(streams[-1]), flush=True)
 
-    (out / "speed.json").write_text(json.dumps({"curves": rows, "streaming": streams}, indent=1))
+    load_at_end = os.getloadavg()
+    print(f"load average {load_average()} at the end", flush=True)
+    loads = {"load_average_start": load_at_start, "load_average_end": load_at_end}
+    (out / "speed.json").write_text(
+        json.dumps({"curves": rows, "streaming": streams, "params": params, **loads}, indent=1)
+    )
     plot(rows, out / "speed_curves.png")
+
+    def ms(stats: Dict[str, float]) -> str:
+        return " / ".join(f"{stats[key]:.1f}" for key in ("min", "median", "max"))
+
+    def ratios(row: Dict[str, Any], kind: str) -> str:
+        return " / ".join(f"{row[f'{kind}_x_vs'][base]:.2f}x" for base in BASELINES)
+
     lines = [
         f"Command: `python benchmarks/speed.py {' '.join(sys.argv[1:])}`  ",
         f"Started {started:%Y-%m-%d %H:%M} UTC; torch {torch.__version__}, {args.threads} thread(s), "
         f"d={args.dim}, {args.heads} heads, pattern {configs['hytrec_full'].long_pattern}, "
         f"K={configs['hytrec_full'].short_window}, "
-        f"W={args.window}; medians of {args.repeats}.",
+        f"W={args.window}; min / median / max of {args.repeats}; load average "
+        f"{', '.join(f'{x:.2f}' for x in load_at_start)} at the start, "
+        f"{', '.join(f'{x:.2f}' for x in load_at_end)} at the end.  ",
+        "Every encoder has 4 long layers, the short branch and the fusion; parameters: "
+        + ", ".join(f"{name} {count:,}" for name, count in params.items())
+        + ". Speed-ups are the baseline's median time over the encoder's, against "
+        + " / ".join(BASELINES)
+        + " in that order.",
         "",
-        "| n | encoder | training events/s | inference ms | train speed-up vs all-softmax "
-        "| inference speed-up |",
-        "|---|---|---|---|---|---|",
+        "| n | encoder | training events/s | train ms | inference ms "
+        f"| train speed-up vs {' / '.join(BASELINES)} | inference speed-up vs {' / '.join(BASELINES)} |",
+        "|---|---|---|---|---|---|---|",
         *(
-            f"| {r['n']} | {r['encoder']} | {r['train_events_per_s']:.0f} | {r['infer_ms']:.1f} | "
-            f"{r['train_x_vs_softmax']:.2f}x | {r['infer_x_vs_softmax']:.2f}x |"
+            f"| {r['n']} | {r['encoder']} | {r['train_events_per_s']:.0f} | {ms(r['train_ms'])} | "
+            f"{ms(r['infer_ms'])} | {ratios(r, 'train')} | {ratios(r, 'infer')} |"
             for r in rows
         ),
         "",

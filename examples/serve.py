@@ -37,6 +37,7 @@ from torchrec_hytrec.models.item_table import item_table_shards
 from torchrec_hytrec.models.retrieval import HyTRecRetrieval, RetrievalConfig
 from torchrec_hytrec.models.serving import retrieve_topk
 from torchrec_hytrec.modules import HyTRecConfig, HyTRecEncoder
+from torchrec_hytrec.modules.config import PRESETS
 from torchrec_hytrec.modules.export import export_user_tower
 from torchrec_hytrec.training import configure_cpu_allocator
 
@@ -47,7 +48,7 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--num-items", type=int, default=100_000)
     parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--preset", default="hytrec", choices=["hytrec", "sasrec_like", "pure_linear"])
+    parser.add_argument("--preset", default="hytrec", choices=list(PRESETS))
     parser.add_argument("--checkpoint", help="state_dict of a HyTRecRetrieval built with these flags")
     parser.add_argument("--users", type=int, nargs="+", default=[1, 64], help="batch sizes")
     parser.add_argument("--history", type=int, nargs="+", default=[1_000, 10_000], help="events per user")

@@ -64,7 +64,14 @@ def test_quality_speed_and_report_tiny(tmp_path: Path) -> None:
 
     _run("benchmarks/speed.py", "--quick", "--out", str(results))
     speed = json.loads((results / "speed.json").read_text())
-    assert {r["encoder"] for r in speed["curves"]} == {"hytrec_windowed", "hytrec_full", "all_softmax"}
+    encoders = {"hytrec_windowed", "hytrec_full", "all_softmax", "windowed_softmax", "hstu_like"}
+    assert {r["encoder"] for r in speed["curves"]} == encoders == set(speed["params"])
+    baselines = {"all_softmax", "windowed_softmax", "hstu_like"}
+    assert all(set(r["train_x_vs"]) == set(r["infer_x_vs"]) == baselines for r in speed["curves"])
+    assert all(
+        r["train_ms"]["min"] <= r["train_ms"]["median"] <= r["train_ms"]["max"] for r in speed["curves"]
+    )
+    assert len(speed["load_average_start"]) == len(speed["load_average_end"]) == 3
     assert all(s["stream_ms"] > 0 and s["recompute_ms"] > 0 for s in speed["streaming"])
 
     _run("benchmarks/report.py", "--results", str(results), "--out", str(tmp_path / "RESULTS.md"))
@@ -86,6 +93,9 @@ def test_quality_speed_and_report_tiny(tmp_path: Path) -> None:
         (
             "benchmarks/bench_encoder.py",
             ["--quick"],
+            r"load average [\d., ]+ at the start\nparameters: hytrec_windowed [\d,]+, (.|\n)*"
+            r"hytrec_windowed speed-up \(baseline median / its median\): infer [\d.]+x vs all_softmax, "
+            r"[\d.]+x vs windowed_softmax, [\d.]+x vs hstu_like; train (.|\n)*"
             r"train \d+% -> at most [\d.]+x, infer \d+% -> at most [\d.]+x\n(.|\n)*"
             r"hytrec_windowed: stream [\d.]+ ms, recompute [\d.]+ ms",
         ),

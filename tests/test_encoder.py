@@ -137,10 +137,11 @@ def test_jagged_batch_equals_each_user_alone(name: str) -> None:
         torch.testing.assert_close(last, batched[offsets[1:][nonempty] - 1], rtol=1e-4, atol=2e-5)
 
 
-@pytest.mark.parametrize("pattern", ["TAA", "ATA", "A"])
+@pytest.mark.parametrize("pattern", ["TAA", "ATA", "A", "AAAA"])
 def test_serving_reads_windowed_layers_only_inside_their_windows(pattern: str) -> None:
     # forward_last computes the layers before a run of windowed softmax layers only at the rows
-    # those windows read; the result must still be the full forward's last rows.
+    # those windows read (in "AAAA", until they are over a quarter of the batch: the first layer
+    # then computes every row); the result must still be the full forward's last rows.
     config = HyTRecConfig.hytrec(
         embedding_dim=D,
         short_window=K,

@@ -5,7 +5,7 @@
   request time, as one program for any batch size and any history lengths;
 * :func:`export_stream_step`: one new event per streamed user
   (:func:`~torchrec_hytrec.modules.streaming.stream_step`), for any batch size and, for
-  full-causal softmax layers, any cache length;
+  full-causal softmax and HSTU-style layers, any cache length;
 * :func:`compile_stream_step`: that program compiled ahead of time with AOTInductor. An eager step
   is a few hundred tiny ops whose dispatch costs more than their arithmetic (about 2 ms on these
   CPUs, whatever the history); compiled, one step after 10k events took 0.26 ms (windowed long
@@ -19,7 +19,8 @@ whether a slice ``offsets[1:]`` is contiguous, would bound the programs to two u
 programs serve one user with one event too.
 
 The jagged kernels appear in the programs as ``hytrec::*`` custom ops (see
-:mod:`torchrec_hytrec.ops.jagged_attention` for why), so a process that loads a saved
+:mod:`torchrec_hytrec.ops.jagged_attention` for why; the HSTU-style kernels of
+:mod:`torchrec_hytrec.ops.hstu_attention` likewise), so a process that loads a saved
 program imports ``torchrec_hytrec.modules`` (or ``torchrec_hytrec.ops``) first, which registers
 them. A loaded program is the eager code's equal: the ops run the same kernels.
 

@@ -22,4 +22,7 @@ def gap_buckets(gaps: torch.Tensor, num_buckets: int, scale: float) -> torch.Ten
         >>> gap_buckets(torch.tensor([0, 1, 60, 86400, 10**9]), num_buckets=40, scale=2.0).tolist()
         [0, 1, 8, 22, 39]
     """
-    return (torch.log1p(gaps.float().clamp(min=0)) * scale).long().clamp(max=num_buckets - 1)
+    # In place after the first (fresh) result: the HSTU-style kernel buckets every pair of events,
+    # where each pass over the pairs counts. Clamping before the truncation is the same for gaps >= 0.
+    buckets = gaps.float().clamp(min=0)
+    return torch.log1p_(buckets).mul_(scale).clamp_(max=num_buckets - 1).long()

@@ -62,7 +62,8 @@ class ModelConfig:
     """The retrieval model: an encoder preset with field overrides, the loss, the sharding.
 
     Args:
-        preset: ``"hytrec"``, ``"sasrec_like"`` or ``"pure_linear"``: the ``HyTRecConfig`` preset
+        preset: one of ``PRESETS`` (``hytrec``, ``sasrec_like``, ``windowed_softmax``,
+            ``hstu_like``, ``pure_linear``): the ``HyTRecConfig`` preset
             whose values ``encoder`` starts from.
         encoder: the encoder (:class:`HyTRecConfig`); its ``embedding_dim`` is also the tables' width.
         retrieval: loss and reading settings (:class:`RetrievalConfig`).
