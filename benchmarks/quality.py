@@ -17,7 +17,8 @@ Datasets:
 A dataset whose source file is absent is skipped with a message. Results go to ``--out``:
 ``quality.json`` (every run), ``quality.md`` (tables) and PNG plots.
 
-    python benchmarks/quality.py                         # all datasets, 3 presets, 3 seeds
+    python benchmarks/quality.py                         # all datasets, the 5 presets, 3 seeds
+    python benchmarks/quality.py --datasets beauty --presets hytrec hytrec_no_time_decay hytrec_ratio_7to1
     python benchmarks/quality.py --datasets beauty --seeds 0 1 2 --jobs 2
     python benchmarks/quality.py --tiny                  # seconds: a smoke run of the whole path
 """
@@ -68,6 +69,24 @@ class DatasetSpec:
     synthetic_users: int = 0
     synthetic_overrides: Dict[str, Any] = field(default_factory=dict)
 
+
+# The paper's ablations of HyTRec: its preset with encoder fields changed (the default is "TTTA", 3:1).
+ABLATIONS: Dict[str, Dict[str, Any]] = {
+    "hytrec_no_short_branch": {"model.encoder.use_short_branch": False},
+    "hytrec_no_time_decay": {"model.encoder.tadn_time_decay": False},
+    "hytrec_no_temporal_gate": {"model.encoder.tadn_temporal_gate": False},
+    "hytrec_gated_delta_rule": {
+        "model.encoder.tadn_time_decay": False,
+        "model.encoder.tadn_temporal_gate": False,
+    },
+    "hytrec_ratio_1to1": {"model.encoder.long_pattern": "TATA"},
+    "hytrec_ratio_7to1": {"model.encoder.long_pattern": "TTTTTTTA"},
+}
+# What a run can train: every preset, then every ablation.
+VARIANTS: Dict[str, Dict[str, Any]] = {
+    **{p: {"model.preset": p} for p in PRESETS},
+    **{name: {"model.preset": "hytrec", **changes} for name, changes in ABLATIONS.items()},
+}
 
 # One recipe for every preset; only data-dependent sizes differ between datasets.
 COMMON = {
@@ -195,8 +214,8 @@ def best_epoch_test(run_dir: Path, epochs: int) -> Dict[str, float]:
 
 
 def train_command(spec: DatasetSpec, data: Path, preset: str, seed: int, run_dir: Path) -> List[str]:
-    """The ``python -m torchrec_hytrec.train`` command of one run."""
-    overrides = {**COMMON, **spec.overrides, "model.preset": preset}
+    """The ``python -m torchrec_hytrec.train`` command of one run of ``preset`` (a :data:`VARIANTS` name)."""
+    overrides = {**COMMON, **spec.overrides, **VARIANTS[preset]}
     cmd = [
         sys.executable,
         "-m",
@@ -286,8 +305,8 @@ def _mean_std(values: List[float]) -> str:
 
 
 def _presets_of(rows: List[Dict[str, Any]]) -> List[str]:
-    """Presets present in ``rows``, in the order of :data:`PRESETS` (HyTRec first)."""
-    return [p for p in PRESETS if any(r["preset"] == p for r in rows)]
+    """Variants present in ``rows``, in the order of :data:`VARIANTS` (HyTRec first)."""
+    return [p for p in VARIANTS if any(r["preset"] == p for r in rows)]
 
 
 def summarise(results: List[Dict[str, Any]]) -> str:
@@ -347,7 +366,7 @@ def plot(results: List[Dict[str, Any]], out_dir: Path) -> List[Path]:
             [statistics.mean(v) for v in values],
             yerr=[statistics.stdev(v) if len(v) > 1 else 0 for v in values],
             capsize=4,
-            color=["#1f77b4", "#ff7f0e", "#2ca02c"][: len(presets)],
+            color=[f"C{i}" for i in range(len(presets))],
         )
         for name, figures in PUBLISHED.get(dataset, {}).items():
             ax.axhline(
@@ -386,7 +405,9 @@ def plot(results: List[Dict[str, Any]], out_dir: Path) -> List[Path]:
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
-    p.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
+    p.add_argument(
+        "--presets", nargs="+", default=list(PRESETS), choices=list(VARIANTS), help="presets and ablations"
+    )
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--epochs", type=int, help="override every dataset's epochs")
     p.add_argument("--jobs", type=int, default=2, help="training runs at once (one thread each when > 1)")

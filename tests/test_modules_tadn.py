@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -119,3 +120,24 @@ def test_chunk_size_shrinks_for_short_users_only() -> None:
     assert chunk_size(20, 25) == 32
     assert chunk_size(10_000, *[100] * 99) == 64
     assert chunk_size(0) == 16
+
+
+@pytest.mark.parametrize("time_decay, temporal_gate", [(False, True), (True, False), (False, False)])
+def test_ablations_remove_exactly_their_time_inputs(time_decay: bool, temporal_gate: bool) -> None:
+    config = HyTRecConfig(embedding_dim=32, tadn_time_decay=time_decay, tadn_temporal_gate=temporal_gate)
+    torch.manual_seed(0)
+    layer = TADNLayer(config).eval()
+    assert (layer.log_time_constant is not None) == time_decay
+    assert (layer.gap_embedding is not None) == temporal_gate
+    offsets, x = torch.tensor([0, 5, 12]), torch.randn(12, 32)
+    times = torch.cumsum(torch.randint(60, 86400, (12,)), 0)
+    with torch.no_grad():
+        y = layer(x, SequenceContext.from_jagged(offsets, times))
+        # The same events at other times: only a layer with some time input changes.
+        y_shifted = layer(x, SequenceContext.from_jagged(offsets, times * 7))
+        # A request time after the last event: only the time decay fades the readout.
+        ctx = SequenceContext.from_jagged(offsets, times)
+        ctx.elapsed = torch.full((12,), 86400.0)
+        y_later = layer(x, ctx)
+    assert torch.equal(y, y_shifted) == (not time_decay and not temporal_gate)
+    assert torch.equal(y, y_later) == (not time_decay)

@@ -43,6 +43,11 @@ class HyTRecConfig:
         gap_bucket_scale: bucket of a gap ``g`` is ``floor(gap_bucket_scale * log1p(g))``,
             clamped to the last bucket.
         gate_gap_dim: width of ``phi(gap)`` in the TADN gates.
+        tadn_time_decay: TADN layers decay their state by ``exp(-gap / T_h)`` per event (and their
+            readouts by the time to the request). ``False`` is the ablation without it.
+        tadn_temporal_gate: TADN gates and write strengths read ``phi(gap)`` besides the event.
+            ``False`` is the ablation where they read the event only; with
+            ``tadn_time_decay=False`` too, a TADN layer is a plain gated delta rule.
         rope_base: base of the rotary position embeddings of the softmax layers.
         attention_block_size: queries per block of the windowed softmax kernel.
         tadn_chunk_size: chunk length of the chunkwise TADN kernel (shrunk for batches of short
@@ -70,6 +75,8 @@ class HyTRecConfig:
     num_gap_buckets: int = 40
     gap_bucket_scale: float = 2.0
     gate_gap_dim: int = 16
+    tadn_time_decay: bool = True
+    tadn_temporal_gate: bool = True
     rope_base: float = 10000.0
     attention_block_size: int = 64
     tadn_chunk_size: int = 32

@@ -63,14 +63,20 @@ class TADNLayer(nn.Module):
         self.chunk_size = config.tadn_chunk_size
         self.norm = nn.RMSNorm(d)
         self.qkv = nn.Linear(d, 3 * d, bias=False)
-        self.gap_embedding = nn.Embedding(config.num_gap_buckets, config.gate_gap_dim)
+        self.gap_embedding: Optional[nn.Embedding] = None
+        gap_dim = 0
+        if config.tadn_temporal_gate:
+            self.gap_embedding = nn.Embedding(config.num_gap_buckets, config.gate_gap_dim)
+            gap_dim = config.gate_gap_dim
         # One projection of [e; phi(gap)] gives the gate and write-strength logits of all heads.
-        self.gates = nn.Linear(d + config.gate_gap_dim, 2 * heads)
+        self.gates = nn.Linear(d + gap_dim, 2 * heads)
         with torch.no_grad():
             self.gates.bias[:heads].fill_(_GATE_BIAS_INIT)
             self.gates.bias[heads:].zero_()
-        low, high = config.time_constant_range
-        self.log_time_constant = nn.Parameter(torch.linspace(math.log(low), math.log(high), heads))
+        self.log_time_constant: Optional[nn.Parameter] = None
+        if config.tadn_time_decay:
+            low, high = config.time_constant_range
+            self.log_time_constant = nn.Parameter(torch.linspace(math.log(low), math.log(high), heads))
         self.output_gate = nn.Linear(d, d, bias=False)
         self.head_norm = nn.RMSNorm(self.head_dim)
         # The norm lifts readouts of RMS ~1e-2 (unit q and k, 1/sqrt(d_k) scale) to 1. At unit weight
@@ -93,13 +99,18 @@ class TADNLayer(nn.Module):
 
         Returns:
             ``(log_g, log_alpha, beta)``, each ``[T, H]`` fp32: the log of the learned gate,
-            the fused log decay ``-Delta / T_h + log_g`` and the write strength.
+            the fused log decay ``-Delta / T_h + log_g`` (``log_g`` without the time decay) and
+            the write strength.
         """
-        phi = self.gap_embedding(ctx.gap_buckets(self.num_gap_buckets, self.gap_bucket_scale))
-        gate_logit, beta_logit = self.gates(torch.cat([e, phi.to(e.dtype)], dim=-1)).float().chunk(2, dim=-1)
+        if self.gap_embedding is not None:
+            phi = self.gap_embedding(ctx.gap_buckets(self.num_gap_buckets, self.gap_bucket_scale))
+            e = torch.cat([e, phi.to(e.dtype)], dim=-1)
+        gate_logit, beta_logit = self.gates(e).float().chunk(2, dim=-1)
         # -softplus(-x) is logsigmoid(x); F.logsigmoid's CPU kernel costs milliseconds on tiny
         # streaming inputs.
         log_g = -F.softplus(-gate_logit)
+        if self.log_time_constant is None:
+            return log_g, log_g, torch.sigmoid(beta_logit)
         log_tau = -ctx.gaps[:, None] / self.log_time_constant.exp()
         return log_g, log_tau + log_g, torch.sigmoid(beta_logit)
 
@@ -121,7 +132,7 @@ class TADNLayer(nn.Module):
     ) -> torch.Tensor:
         """The block's output from its input ``x``, ``e`` (:meth:`project`), the readouts ``o``
         ``[T, H, D]`` and the optional ``[T]`` seconds from the last event to the request time."""
-        if elapsed is not None:
+        if elapsed is not None and self.log_time_constant is not None:
             o = o * torch.exp(-elapsed[:, None] / self.log_time_constant.exp())[..., None]
         y = self.head_norm(o.to(x.dtype)).flatten(-2) * F.silu(self.output_gate(e))
         return self.ffn(x + self.dropout(self.out(y)))

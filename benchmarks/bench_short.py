@@ -1,0 +1,87 @@
+"""Short histories: what HyTRec costs where linear attention has nothing to win.
+
+Two measurements, each with the presets as trained (``HyTRecConfig.hytrec`` against
+``HyTRecConfig.sasrec_like``: same width, 4 long layers; HyTRec adds its short branch and fusion),
+timed in turns by the functions of ``bench_encoder.py``:
+
+* a Beauty-like batch: ``--users`` users with geometric lengths of mean ``--mean-length``
+  (clipped to ``[2, 50]``, as the Beauty preprocessing caps histories at 50), one training step
+  (per-position forward, loss, backward, AdamW);
+* the single-user break-even: the training step of one user of ``n`` events for ``n`` in
+  ``--lengths``, and the smallest ``n`` from which HyTRec's median step is at most the
+  all-softmax encoder's.
+
+Times are min/median/max over ``--repeats``; the load average is printed before and after.
+
+    python benchmarks/bench_short.py             # about two minutes on 2 cores
+    python benchmarks/bench_short.py --quick     # seconds
+"""
+
+import argparse
+from typing import List, Optional
+
+import numpy as np
+import torch
+from bench_encoder import make_batch, measure, parameter_count
+from timing import load_average
+
+from torchrec_hytrec.modules import HyTRecConfig
+from torchrec_hytrec.training import configure_cpu_allocator
+
+
+def beauty_like_lengths(users: int, mean_length: float, seed: int) -> List[int]:
+    """Geometric lengths of mean ``mean_length``, clipped to ``[2, 50]``."""
+    rng = np.random.default_rng(seed)
+    return np.clip(rng.geometric(1.0 / mean_length, size=users), 2, 50).tolist()
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--users", type=int, default=256)
+    parser.add_argument("--mean-length", type=float, default=9.0)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 256, 384, 512, 768, 1024, 2048])
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--heads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, a smoke run")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.users, args.lengths, args.repeats = 32, [64, 256], 2
+    torch.set_num_threads(args.threads)
+    configure_cpu_allocator()
+    configs = {
+        "hytrec": HyTRecConfig.hytrec(embedding_dim=args.dim, num_heads=args.heads),
+        "sasrec_like": HyTRecConfig.sasrec_like(embedding_dim=args.dim, num_heads=args.heads),
+    }
+    print(f"threads={args.threads} dim={args.dim} heads={args.heads} load average={load_average()}")
+    print("parameters: " + ", ".join(f"{name} {parameter_count(c):,}" for name, c in configs.items()))
+    print("training step ms, min/median/max; ratio = hytrec median / sasrec_like median")
+
+    lengths = beauty_like_lengths(args.users, args.mean_length, seed=0)
+    results = measure(configs, make_batch(lengths, args.dim, seed=0), args.repeats)
+    hy, sa = results["hytrec"]["train"], results["sasrec_like"]["train"]
+    print(
+        f"beauty-like batch ({args.users} users, mean length {np.mean(lengths):.1f}, {sum(lengths)} events): "
+        f"hytrec {hy}  sasrec_like {sa}  ratio {hy.median / sa.median:.2f}"
+    )
+
+    break_even = None
+    for n in args.lengths:
+        results = measure(configs, make_batch([n], args.dim, seed=n), args.repeats)
+        hy, sa = results["hytrec"]["train"], results["sasrec_like"]["train"]
+        ratio = hy.median / sa.median
+        print(f"one user of {n:>5} events: hytrec {hy}  sasrec_like {sa}  ratio {ratio:.2f}")
+        if ratio <= 1 and break_even is None:
+            break_even = n
+        elif ratio > 1:
+            break_even = None
+    found = f"{break_even} events" if break_even is not None else f"above {args.lengths[-1]} events"
+    print(f"single-user break-even (hytrec step <= sasrec_like step from here on): {found}")
+    print(f"load average at the end: {load_average()}")
+
+
+if __name__ == "__main__":
+    main()
