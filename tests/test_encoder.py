@@ -241,6 +241,33 @@ def test_training_mode_backward_reaches_every_parameter() -> None:
     assert bool(torch.isfinite(values.grad).all())
 
 
+def test_batch_of_users_within_the_short_window_skips_the_long_stack_exactly() -> None:
+    # No event of these users has history before its short window: the long stack's outputs are
+    # never read, so it runs on no events, still reached by the backward (zero gradients).
+    encoder = _encoder("hytrec").train()
+    short, offsets, timestamps = _batch([K, 3, K - 1], seed=7)
+    calls: List[int] = []
+    hook = encoder.long_layers[0].register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    encoder(short, offsets, timestamps).square().mean().backward()
+    hook.remove()
+    assert calls == [0]
+    for name, param in encoder.named_parameters():
+        assert param.grad is not None, name
+        if name.startswith("long_layers"):
+            assert not param.grad.any(), name
+    # The same users next to one whose history exceeds K (the long stack runs): same outputs.
+    encoder.eval()
+    longer, more_offsets, more_times = _batch([K, 3, K - 1, 3 * K], seed=7)
+    with torch.no_grad():
+        alone = encoder(short, offsets, timestamps)
+        mixed = encoder(
+            torch.cat([short, longer[2 * K + 2 :]]),
+            torch.cat([offsets, offsets[-1:] + 3 * K]),
+            torch.cat([timestamps, more_times[2 * K + 2 :]]),
+        )
+    torch.testing.assert_close(mixed[: short.shape[0]], alone, rtol=1e-5, atol=1e-6)
+
+
 def test_presets() -> None:
     assert CONFIGS["hytrec"].long_pattern == "TTTA" and CONFIGS["hytrec"].use_short_branch
     sasrec = HyTRecEncoder(CONFIGS["sasrec_like"])

@@ -174,9 +174,20 @@ class HyTRecEncoder(nn.Module):
             # Row of the last event before each short window.
             long_rows = torch.where(has_long, out_rows - ctx.positions[out_rows] + starts - 1, out_rows)
         with record_function("## hytrec_long_branch ##"):
-            long = self._long_branch(x, ctx, long_rows if rows is not None else None)
-            if rows is None:
-                long = long[long_rows]
+            if self._reads_no_long_summary(ctx):
+                # Every event's short window reaches back to its user's first event, so no output
+                # reads the long stack. It runs on no events all the same: every parameter then
+                # still takes part in the backward, as DDP's static graph expects at every step.
+                nothing = SequenceContext.from_jagged(
+                    ctx.offsets.new_zeros(ctx.offsets.shape), ctx.timestamps[:0]
+                )
+                long = (
+                    x.new_zeros(out_rows.shape[0], x.shape[1]) + self._long_branch(x[:0], nothing, None).sum()
+                )
+            else:
+                long = self._long_branch(x, ctx, long_rows if rows is not None else None)
+                if rows is None:
+                    long = long[long_rows]
         if self.short_layer is None:
             return self.final_norm(long)
         with record_function("## hytrec_short_branch ##"):
@@ -189,6 +200,16 @@ class HyTRecEncoder(nn.Module):
             return self.final_norm(short)
         gaps = (ctx.timestamps[out_rows] - ctx.timestamps[long_rows]).float()
         return self.final_norm(self._fuse(short, long, has_long, gaps))
+
+    def _reads_no_long_summary(self, ctx: SequenceContext) -> bool:
+        """Whether no event of the batch has history before its short window (batches of short
+        users, e.g. Beauty's), decided from the layout's host copy; never while compiling."""
+        return (
+            self.fusion is not None
+            and self.config.short_window_seconds is None
+            and not torch.compiler.is_compiling()
+            and ctx.layout.max_len <= self.config.short_window
+        )
 
     def _long_branch(
         self, x: torch.Tensor, ctx: SequenceContext, rows: Optional[torch.Tensor]

@@ -537,7 +537,8 @@ def _full_causal(
 ) -> torch.Tensor:
     T, H, D = q.shape
     if T == 0:
-        return q.new_zeros(q.shape)
+        # Still a function of q, k and v: an empty batch's backward reaches their projections.
+        return q * 0 + (k.sum() + v.sum()) * 0
     # Users are grouped by ceil(log2(n)) and every group is padded to its longest user: one SDPA
     # call per group (a few dozen at most, instead of one per user, which costs more than the
     # attention itself on batches of short histories), and padding at most 4x sum n^2 of work.
@@ -597,7 +598,7 @@ def _windowed_causal(
 ) -> torch.Tensor:
     T, H, D = q.shape
     if T == 0:
-        return q.new_zeros(q.shape)
+        return q * 0 + (k.sum() + v.sum()) * 0
     device = q.device
     before = -(-window // block)  # key blocks preceding each query block
     # Query slot s finds its keys in slots s - before .. s, so the keys of all query slots are
