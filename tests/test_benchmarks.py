@@ -88,7 +88,15 @@ def test_quality_speed_and_report_tiny(tmp_path: Path) -> None:
         (
             "benchmarks/bench_tadn.py",
             ["--quick"],
-            r"jagged .* fwd\+bwd: [\d.]+ ms vs [\d.]+ ms, ratio [\d.]+",
+            r"load average=[\d., ]+\n(.|\n)*2048x2048 matmul: [\d.]+/[\d.]+/[\d.]+ ms = \d+ GFLOP/s(.|\n)*"
+            r"jagged .* fwd\+bwd: [\d./]+ ms vs [\d./]+ ms, ratio of medians [\d.]+\n"
+            r"load average at the end: [\d., ]+",
+        ),
+        (
+            "benchmarks/bench_short.py",
+            ["--quick"],
+            r"beauty-like batch \(32 users, .*\): hytrec [\d./]+  sasrec_like [\d./]+  ratio [\d.]+\n"
+            r"(one user of +\d+ events: .* ratio [\d.]+\n){2}single-user break-even",
         ),
         (
             "benchmarks/bench_encoder.py",
@@ -104,3 +112,26 @@ def test_quality_speed_and_report_tiny(tmp_path: Path) -> None:
 )
 def test_op_encoder_and_reader_benchmarks_quick(script: str, args: list, pattern: str) -> None:
     assert re.search(pattern, _run(script, *args)), f"{script} printed no line matching {pattern!r}"
+
+
+@pytest.mark.slow
+def test_catalogue_benchmark_quick(tmp_path: Path) -> None:
+    out = _run("benchmarks/bench_catalogue.py", "--quick", "--json", str(tmp_path / "rows.json"))
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [r["num_items"] for r in rows] == [10_000, 100_000]
+    for row in rows:
+        # The top-K over the sharded table is the top-K over the table gathered from both ranks,
+        # and the full-catalogue rank of every user's k-th item is k - 1.
+        assert row["gathered_check"] == {"ids_equal": True, "scores_close": True}
+        assert row["ranks_wrong"] == 0 and row["eval_users"] == 32
+        assert 0 < row["events_per_s"]["min"] <= row["events_per_s"]["median"] <= row["events_per_s"]["max"]
+        assert row["topk_ms"]["min"] > 0 and row["ranks_ms"]["min"] > 0
+        # Row-wise: the two ranks hold disjoint row ranges covering the table, and each rank's
+        # peak rose by at least its shard.
+        shards = sorted(s for r in row["ranks"] for s in r["shards"])
+        assert [s[0] for s in shards] == [0, shards[0][1]]
+        assert sum(s[1] for s in shards) == row["num_items"] + 1
+        for r in row["ranks"]:
+            assert r["rise_kib"] * 1024 >= sum(n for _, n in r["shards"]) * row["dim"] * 4
+    assert re.search(r"load average [\d., ]+ at the start", out) and "at the end" in out
+    assert len(re.findall(r"^\| [\d,]+ \| 64 \|", out, re.MULTILINE)) == 2

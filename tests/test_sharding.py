@@ -1,13 +1,14 @@
 """Sharded (DistributedModelParallel, 2 gloo ranks) equals unsharded: loss, one step, evaluation."""
 
 import os
-from typing import Callable, Dict, List, Tuple
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Tuple
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import NUM_ITEMS, free_port, make_batch
+from helpers import NUM_ITEMS, TINY_JOB, free_port, make_batch
 from test_models_ranking import USER_BUCKETS, make_ranker
 from test_models_retrieval import make_retrieval
 from torch import nn
@@ -16,15 +17,18 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 
 from torchrec_hytrec.data.ranking import ranking_batch_from_sequences
 from torchrec_hytrec.models.evaluation import RetrievalEvaluator
-from torchrec_hytrec.models.item_table import item_table_shards
+from torchrec_hytrec.models.item_table import item_collection, item_table_shards
 from torchrec_hytrec.models.serving import retrieve_topk
 from torchrec_hytrec.models.sharding import shard_model, sharding_constraints
+from torchrec_hytrec.training.config import load_config
+from torchrec_hytrec.training.distributed import init_distributed
 from torchrec_hytrec.training.optimizer import (
     OptimizerConfig,
     apply_sparse_optimizer,
     make_dense_optimizer,
     make_optimizer,
 )
+from torchrec_hytrec.training.trainer import Trainer
 
 WORLD = 2
 OPT = OptimizerConfig(sparse_optimizer="rowwise_adagrad", sparse_lr=0.1, dense_lr=0.01)
@@ -283,3 +287,32 @@ def test_sharding_constraints_encode_cpu_limits() -> None:
     assert all("data_parallel" not in c.sharding_types for c in auto.values())
     with pytest.raises(ValueError, match="plan_kind"):
         sharding_constraints(model, "column", cpu)
+
+
+def trainer_tables_worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+        LOCAL_RANK=str(rank),
+    )
+    torch.set_num_threads(1)
+    env = init_distributed()
+    overrides = [TINY_JOB[i + 1] for i, a in enumerate(TINY_JOB) if a == "--set"]
+    cfg = load_config(overrides=[*overrides, f"out_dir={out_dir}", f"data.cache_dir={out_dir}/data"])
+    trainer = Trainer(cfg, env)
+    ((start, rows),), sharded = item_table_shards(item_collection(trainer.model))
+    assert sharded
+    shards: List[Any] = [None] * WORLD
+    dist.all_gather_object(shards, (start, rows[:50].clone()))
+    dist.destroy_process_group()
+    if rank == 0:
+        (_, first), (_, second) = shards
+        # Every row its own draw: no row of one shard repeats a row of the other.
+        assert torch.cdist(first, second).min() > 1e-3
+
+
+@pytest.mark.slow
+def test_trainer_shards_start_from_different_draws(tmp_path: Path) -> None:
+    _spawn(trainer_tables_worker, str(tmp_path))

@@ -183,6 +183,10 @@ class Trainer:
 
         model = build_model(cfg, plain)
         apply_sparse_optimizer(model, cfg.optim)
+        # Each rank materialises its own table shards from the global generator: with the same
+        # seed everywhere the shards would start as copies of each other (row j of one shard equal
+        # to row j of the next). DDP broadcasts rank 0's dense weights, so only the tables differ.
+        torch.manual_seed(int(np.random.SeedSequence([cfg.seed, env.rank]).generate_state(1)[0]))
         self.model = shard_model(model, cfg.model.sharding, device=env.device)
         self.optimizer = make_optimizer(self.model, cfg.optim)
         self.pipeline = make_pipeline(self.model, self.optimizer, env.device)
