@@ -40,7 +40,12 @@ def test_quality_speed_and_report_tiny(tmp_path: Path) -> None:
     runs = json.loads((results / "quality.json").read_text())
     assert [(r["dataset"], r["preset"], r["seed"]) for r in runs] == [("synthetic_long", "hytrec", 0)]
     assert 0.0 <= runs[0]["hr@10"] <= 1.0 and "hr@10/len100-1k" in runs[0]
-    assert "| hytrec |" in (results / "quality.md").read_text()
+    run = runs[0]
+    # Both protocols at every cut-off, from one pass: hit rates grow with K.
+    for prefix in ("", "unseen_"):
+        assert run[f"{prefix}hr@10"] <= run[f"{prefix}hr@50"] <= run[f"{prefix}hr@500"], prefix
+    page = (results / "quality.md").read_text()
+    assert "| hytrec |" in page and "every item ranked" in page and "seen items removed" in page
     # A finished run of the same recipe is taken instead of training again; asked for fewer epochs,
     # its first epochs are the shorter run.
     _run("benchmarks/quality.py", *common, "--epochs", "1", "--reuse-finished")
