@@ -100,7 +100,8 @@ def test_quality_speed_and_report_tiny(tmp_path: Path) -> None:
         (
             "benchmarks/bench_short.py",
             ["--quick"],
-            r"beauty-like batch \(32 users, .*\): hytrec [\d./]+  sasrec_like [\d./]+  ratio [\d.]+\n"
+            r"beauty-like batch \(32 users, .*\), K=64: hytrec [\d./]+  sasrec_like [\d./]+  ratio [\d.]+\n"
+            r"beauty-like batch \(32 users, .*\), K=8: hytrec_k8 [\d./]+  sasrec_like [\d./]+  ratio [\d.]+\n"
             r"(one user of +\d+ events: .* ratio [\d.]+\n){2}single-user break-even",
         ),
         (

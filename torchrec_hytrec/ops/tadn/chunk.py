@@ -33,9 +33,8 @@ is traced as the custom op ``hytrec::chunk_tadn``, which plans inside (see
 """
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -259,25 +258,6 @@ def unit_lower_inverse(a: torch.Tensor) -> torch.Tensor:
     return t[:, :C, :C] if size != C else t
 
 
-@contextmanager
-def _one_cpu_thread(device: torch.device) -> Iterator[None]:
-    """Runs the enclosed CPU ops on one intra-op thread.
-
-    For work made of many tiny pieces, where a second thread only adds synchronisation: the state
-    pass (a chain of ``n / C`` products of ``[H, K, K] x [H, K, V]``). On the shared, loaded
-    2-core machine a state step took 20 us on one thread against 100 us to 3 ms on two.
-    """
-    if device.type != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _state_pass(
     plan: _JaggedChunks, m: torch.Tensor, states: torch.Tensor, num_heads: int, transpose: bool
 ) -> None:
@@ -294,7 +274,7 @@ def _state_pass(
     transitions = (m.mT if transpose else m).split(sizes)
     afters = states[B_H:].split(sizes)
     order = range(len(sizes) - 1, -1, -1) if transpose else range(len(sizes))
-    with record_function("tadn_state_pass"), _one_cpu_thread(states.device):
+    with record_function("tadn_state_pass"):
         for c in order:
             # The users with a chunk at index c are the first of those with one at c - 1 (and
             # of the initial slots for c == 0).
