@@ -289,6 +289,7 @@ def _edit_marker(directory: Path, old: str, new: str) -> None:
     marker.write_text(text.replace(old, new, 1))
 
 
+@pytest.mark.slow  # two spawned ranks write the checkpoints
 @pytest.mark.parametrize("damage, reason", [(f, r) for _, f, r in DAMAGE], ids=[n for n, _, _ in DAMAGE])
 def test_a_damaged_newest_checkpoint_is_reported_and_skipped(
     two_rank_root: Path,
@@ -315,6 +316,7 @@ def test_a_damaged_newest_checkpoint_is_reported_and_skipped(
     assert manager.latest_intact() is None
 
 
+@pytest.mark.slow
 def test_fingerprint_mismatch_names_every_field(two_rank_root: Path) -> None:
     path = two_rank_root / "step_000000006"
     assert CheckpointManager.fingerprint(path) == FINGERPRINT

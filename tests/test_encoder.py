@@ -172,6 +172,7 @@ def _assert_stream_equals_forward(encoder: HyTRecEncoder, n: int, users: int = 2
     assert worst <= 1e-4, worst
 
 
+@pytest.mark.slow
 def test_streaming_equals_full_forward_2k_events() -> None:
     _assert_stream_equals_forward(_encoder("hytrec"), n=2_000)
 

@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -28,6 +29,8 @@ from torchrec_hytrec.data.parquet import read_sequences, write_sequences
 from torchrec_hytrec.data.reader import ReaderConfig, SequenceReader
 from torchrec_hytrec.data.schema import METADATA_KEY, DataValidationError, SequenceDatasetInfo, Sequences
 
+# The whole property suite belongs to the full tier (`make test`), not the unit tier.
+pytestmark = pytest.mark.slow
 # Fast enough for < 60 s on 2 shared cores; deadline off (a first example pays imports).
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
