@@ -195,8 +195,9 @@ def test_two_jobs_cannot_share_an_out_dir(tmp_path: Path) -> None:
 def test_trains_on_a_converted_interactions_log(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     lines = ["user,item,ts"]
-    for u in range(40):
-        for e in range(int(rng.integers(4, 30))):
+    lengths = rng.integers(4, 30, size=40)
+    for u, n in enumerate(lengths.tolist()):
+        for e in range(n):
             lines.append(f"u{u},item{int(rng.integers(0, 50))},{1_700_000_000 + 3600 * e + u}")
     (tmp_path / "log.csv").write_text("\n".join(lines) + "\n")
     out = tmp_path / "log.parquet"
@@ -227,9 +228,14 @@ def test_trains_on_a_converted_interactions_log(tmp_path: Path) -> None:
             str(tmp_path / "run"),
             "--set",
             "eval_protocols=[all, unseen]",
+            "--set",
+            "data.train.max_seq_len=8",
         ]
     )
     assert len(rows) == 1
+    # Histories of up to 27 training events in windows of 8: every one but a user's first is
+    # predicted once (its last two events are valid / test).
+    assert rows[0]["train_targets"] == int((lengths - 3).sum())
     assert rows[0]["test_unseen_hr@10"] >= rows[0]["test_hr@10"]  # fewer items to beat
     assert not (tmp_path / "data").exists()
 

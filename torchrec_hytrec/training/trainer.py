@@ -193,7 +193,9 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last)
         # epoch_step: batches of the current epoch trained (the pipeline reads ahead of it).
         self.progress = {"epoch": 0, "global_step": 0, "epoch_step": 0}
-        self.epoch_loss = {"loss_sum": 0.0, "loss_count": 0}
+        # Sums over the epoch's steps so far (checkpointed: a resumed epoch continues them);
+        # targets: training events predicted (the query weights of real batches).
+        self.epoch_loss = {"loss_sum": 0.0, "loss_count": 0, "targets": 0.0}
         # Step of the newest checkpoint: an epoch that ends on it needs no second copy.
         self._saved_step = -1
 
@@ -268,7 +270,9 @@ class Trainer:
         self.train_reader.load_state_dict(
             {"epoch": self.progress["epoch"], "batches": self.progress["epoch_step"]}
         )
-        self.epoch_loss.update(loss_sum=mine["loss_sum"], loss_count=mine["loss_count"])
+        self.epoch_loss.update(
+            loss_sum=mine["loss_sum"], loss_count=mine["loss_count"], targets=mine["targets"]
+        )
         set_rng_state(mine["rng"])
         self._saved_step = self.progress["global_step"]
         self._print(
@@ -281,7 +285,8 @@ class Trainer:
 
         Returns:
             ``(mean loss, targets)``: the targets are the training events all ranks predicted in
-            this pass (every training event but each user's first, on a pass from the start).
+            the epoch, a resumed epoch's earlier steps included (every training event but each
+            user's first).
         """
         every = self.cfg.checkpoint.every_n_steps
         self.train_reader.set_epoch(epoch)
@@ -297,9 +302,11 @@ class Trainer:
         def on_step(outputs: Any) -> None:
             self._maybe_inject_fault()
             loss = float(outputs.loss)
-            if batch_weight(outputs) > 0:
+            weight = batch_weight(outputs)
+            if weight > 0:
                 self.epoch_loss["loss_sum"] += loss
                 self.epoch_loss["loss_count"] += 1
+                self.epoch_loss["targets"] += weight
             self.progress["global_step"] += 1
             self.progress["epoch_step"] += 1
             bar.update()
@@ -310,7 +317,7 @@ class Trainer:
         train_epoch(self.pipeline, self.model, self.train_reader, on_step)
         bar.close()
         totals = torch.tensor(
-            [self.epoch_loss["loss_sum"], self.epoch_loss["loss_count"], self.train_reader.stats.targets],
+            [self.epoch_loss["loss_sum"], self.epoch_loss["loss_count"], self.epoch_loss["targets"]],
             dtype=torch.float64,
         )
         dist.all_reduce(totals)
@@ -373,7 +380,7 @@ class Trainer:
                 table = metrics_log.table()
                 print(table if epoch == 0 else table.splitlines()[-1], flush=True)
             self.progress.update(epoch=epoch + 1, epoch_step=0)
-            self.epoch_loss.update(loss_sum=0.0, loss_count=0)
+            self.epoch_loss.update(loss_sum=0.0, loss_count=0, targets=0.0)
             self.save()
         self._print(f"\nfinal metrics ({self.out_dir / 'metrics.jsonl'}):\n{metrics_log.table()}")
         if "test" in detail:
