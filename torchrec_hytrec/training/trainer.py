@@ -307,10 +307,10 @@ class Trainer:
                 self.epoch_loss["loss_sum"] += loss
                 self.epoch_loss["loss_count"] += 1
                 self.epoch_loss["targets"] += weight
+                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)  # padding batches' loss is 0
             self.progress["global_step"] += 1
             self.progress["epoch_step"] += 1
             bar.update()
-            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             if every and self.progress["global_step"] % every == 0:
                 self.save()
 
