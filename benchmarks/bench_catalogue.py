@@ -67,7 +67,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from timing import Spread, load_average, time_in_turns
+from timing import Spread, load_average, memory_kib, time_in_turns
 
 from torchrec_hytrec.data.parquet import write_sequences
 from torchrec_hytrec.data.reader import ReaderConfig
@@ -137,17 +137,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def memory_kib() -> Dict[str, int]:
-    """``VmHWM`` (peak resident set) and ``VmRSS`` of this process, in KiB."""
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmHWM", "VmRSS"):
-                out[key] = int(value.split()[0])
-    return out
 
 
 def table_bytes(num_items: int, dim: int) -> int:

@@ -60,7 +60,7 @@ import time
 from typing import Callable, Dict, List, Tuple
 
 import torch
-from timing import Spread, load_average, time_in_turns
+from timing import Spread, load_average, memory_kib, time_in_turns
 
 from torchrec_hytrec.modules import HyTRecConfig, HyTRecEncoder
 from torchrec_hytrec.training import configure_cpu_allocator
@@ -92,21 +92,13 @@ def mixed_lengths(n: int, users: int, seed: int) -> List[int]:
     return [n] + log_lengths.exp().long().tolist()
 
 
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def peak_memory_mib(fn: Callable[[], object]) -> float:
     """Rise of peak RSS over current RSS while ``fn`` runs."""
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")
-    before = _rss_kib("VmRSS")
+    before = memory_kib()["VmRSS"]
     fn()
-    return (_rss_kib("VmHWM") - before) / 1024
+    return (memory_kib()["VmHWM"] - before) / 1024
 
 
 def _step_fns(

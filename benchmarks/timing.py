@@ -65,6 +65,17 @@ def time_in_turns(
     return {name: Spread.of(t) for name, t in times.items()}
 
 
+def memory_kib() -> Dict[str, int]:
+    """``VmHWM`` (peak resident set) and ``VmRSS`` of this process, in KiB (Linux)."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmHWM", "VmRSS"):
+                out[key] = int(value.split()[0])
+    return out
+
+
 def load_average() -> str:
     """The 1, 5 and 15 minute load averages, as ``uptime`` prints them."""
     return ", ".join(f"{x:.2f}" for x in os.getloadavg())

@@ -532,13 +532,18 @@ def _plan_length_groups(layout: JaggedLayout) -> LengthGroups:
     return LengthGroups(groups=groups, rows=kept)
 
 
+def _empty_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The output of a batch of no events, still a function of ``q``, ``k`` and ``v``: its backward
+    reaches their projections (the encoder runs a stack nothing reads on no events, for DDP)."""
+    return q * 0 + (k.sum() + v.sum()) * 0
+
+
 def _full_causal(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: JaggedLayout, scale: Optional[float]
 ) -> torch.Tensor:
     T, H, D = q.shape
     if T == 0:
-        # Still a function of q, k and v: an empty batch's backward reaches their projections.
-        return q * 0 + (k.sum() + v.sum()) * 0
+        return _empty_attention(q, k, v)
     # Users are grouped by ceil(log2(n)) and every group is padded to its longest user: one SDPA
     # call per group (a few dozen at most, instead of one per user, which costs more than the
     # attention itself on batches of short histories), and padding at most 4x sum n^2 of work.
@@ -598,7 +603,7 @@ def _windowed_causal(
 ) -> torch.Tensor:
     T, H, D = q.shape
     if T == 0:
-        return q * 0 + (k.sum() + v.sum()) * 0
+        return _empty_attention(q, k, v)
     device = q.device
     before = -(-window // block)  # key blocks preceding each query block
     # Query slot s finds its keys in slots s - before .. s, so the keys of all query slots are
