@@ -111,7 +111,15 @@ COMMON = {
     "checkpoint.keep_last": 1,
     "eval_ks": [10, 50, 500],
     "eval_protocols": list(PROTOCOLS),
+    "eval_save_ranks": True,
+    "early_stopping.patience": 3,
 }
+# ``--search``: the recipe points every preset tries on seed 0, the same for every preset; the
+# point with the best valid NDCG@10 trains the other seeds. Ablations take HyTRec's point.
+SEARCH: Dict[str, List[Any]] = {"optim.dense_lr": [0.001, 0.003], "model.encoder.dropout": [0.2, 0.5]}
+# The long bucket of the paired bootstrap: users with at least this many events before the target.
+LONG_BUCKET = ("len>=5k", 5000)
+BOOTSTRAP_RESAMPLES = 10_000
 
 DATASETS = {
     "synthetic_long": DatasetSpec(
@@ -127,6 +135,22 @@ DATASETS = {
             "model.encoder.short_window": 64,
             "model.retrieval.loss": "sampled",
         },
+    ),
+    # The long-history evidence: every user has >= 5.2k events, so all test users sit in the
+    # len>=5k bucket, where the paired bootstrap compares HyTRec with each baseline.
+    "synthetic_ultralong": DatasetSpec(
+        name="synthetic_ultralong",
+        synthetic_users=210,
+        epochs=2,
+        overrides={
+            "data.train.max_seq_len": 12_000,
+            "data.train.max_tokens": 12_288,
+            "data.eval.max_seq_len": 12_000,
+            "data.eval.max_tokens": 32_768,
+            "model.encoder.short_window": 64,
+            "model.retrieval.loss": "sampled",
+        },
+        synthetic_overrides={"median_length": 5400.0, "length_sigma": 0.05, "min_length": 5200},
     ),
     "beauty": DatasetSpec(
         name="beauty",
@@ -148,7 +172,7 @@ DATASETS = {
         name="ml100k",
         source=SHARED_DATA / "ml-100k.inter",
         convert_format="recbole",
-        epochs=15,
+        epochs=20,
         overrides={
             "data.train.max_seq_len": 200,
             "data.eval.max_seq_len": 200,
@@ -219,18 +243,46 @@ def prepare(spec: DatasetSpec, data_dir: Path, tiny: bool) -> Optional[Path]:
     return out
 
 
-def best_epoch_test(run_dir: Path, epochs: int) -> Dict[str, float]:
+def search_points() -> List[Dict[str, Any]]:
+    """Every combination of the :data:`SEARCH` values, as ``--set`` overrides."""
+    points: List[Dict[str, Any]] = [{}]
+    for key, values in SEARCH.items():
+        points = [{**point, key: value} for point in points for value in values]
+    return points
+
+
+def recipe_tag(recipe: Dict[str, Any]) -> str:
+    """A short name of a search point (``dense_lr=0.001,dropout=0.2``); ``""`` for none."""
+    return ",".join(f"{key.rsplit('.', 1)[-1]}={value}" for key, value in recipe.items())
+
+
+def best_epoch_test(run_dir: Path, epochs: int) -> Dict[str, Any]:
     """Test figures (overall and by bucket) of the epoch, among the first ``epochs``, with the best
-    valid NDCG@10."""
+    valid NDCG@10, that epoch's valid NDCG@10 and its per-user ranks file."""
     lines = (run_dir / "eval_detail.jsonl").read_text().splitlines()
     details = [json.loads(line) for line in lines if line][:epochs]
     best = max(details, key=lambda d: d["valid"].get("ndcg@10", float("-inf")))
-    return {"epoch": best["epoch"], **best["test"]}
+    ranks = run_dir / "ranks" / f"epoch{best['epoch']:03d}.npz"
+    return {
+        "epoch": best["epoch"],
+        "valid_ndcg@10": best["valid"]["ndcg@10"],
+        "ranks_file": _path_name(ranks) if ranks.exists() else None,
+        **best["test"],
+    }
 
 
-def train_command(spec: DatasetSpec, data: Path, preset: str, seed: int, run_dir: Path) -> List[str]:
-    """The ``python -m torchrec_hytrec.train`` command of one run of ``preset`` (a :data:`VARIANTS` name)."""
-    overrides = {**COMMON, **spec.overrides, **VARIANTS[preset]}
+def _path_name(path: Path) -> str:
+    """``path`` relative to the checkout when inside it (results stay valid in another clone)."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def train_command(
+    spec: DatasetSpec, data: Path, preset: str, seed: int, run_dir: Path, recipe: Dict[str, Any]
+) -> List[str]:
+    """The ``python -m torchrec_hytrec.train`` command of one run of ``preset`` (a :data:`VARIANTS`
+    name) with the search point ``recipe`` (``{}`` for the dataset's own recipe)."""
+    overrides = {**COMMON, **spec.overrides, **recipe, **VARIANTS[preset]}
     cmd = [
         sys.executable,
         "-m",
@@ -250,10 +302,18 @@ def train_command(spec: DatasetSpec, data: Path, preset: str, seed: int, run_dir
 
 
 def run_one(
-    spec: DatasetSpec, data: Path, preset: str, seed: int, runs_dir: Path, threads: int, reuse: bool
+    spec: DatasetSpec,
+    data: Path,
+    preset: str,
+    seed: int,
+    recipe: Dict[str, Any],
+    runs_dir: Path,
+    threads: int,
+    reuse: bool,
 ) -> Dict[str, Any]:
-    run_dir = runs_dir / f"{spec.name}-{preset}-seed{seed}"
-    cmd = train_command(spec, data, preset, seed, run_dir)
+    tag = recipe_tag(recipe)
+    run_dir = runs_dir / f"{spec.name}-{preset}{'-' + tag if tag else ''}-seed{seed}"
+    cmd = train_command(spec, data, preset, seed, run_dir, recipe)
     started = time.perf_counter()
     trained = not (reuse and _finished(run_dir, cmd, spec.epochs))
     if trained:
@@ -272,11 +332,14 @@ def run_one(
         "dataset": spec.name,
         "preset": preset,
         "seed": seed,
+        "recipe": recipe,
+        "epochs_run": len(rows),
         "train_wall_s": wall,
         **best_epoch_test(run_dir, spec.epochs),
     }
     print(
-        f"[{spec.name}] {preset:12s} seed {seed}: test HR@10 {result['hr@10']:.4f} "
+        f"[{spec.name}] {preset:12s} {tag} seed {seed}: valid NDCG@10 {result['valid_ndcg@10']:.4f}, "
+        f"test HR@10 {result['hr@10']:.4f} "
         f"NDCG@10 {result['ndcg@10']:.4f} MRR {result['mrr']:.4f} (epoch {result['epoch']}, "
         f"{wall:.0f}s)",
         flush=True,
@@ -288,7 +351,8 @@ def _finished(run_dir: Path, cmd: List[str], epochs: int) -> bool:
     """Whether ``run_dir`` holds a run of the training config ``cmd`` gives with >= ``epochs`` epochs.
 
     Training has no learning-rate schedule and an epoch's batches depend only on the seed and the
-    epoch, so the first ``epochs`` epochs of a longer run are exactly an ``epochs``-epoch run.
+    epoch, so the first ``epochs`` epochs of a longer run are exactly an ``epochs``-epoch run; a
+    run that stopped early (``early_stopped.json``) would have stopped at the same epoch.
     Where the run writes (output directory, checkpoint cadence) does not count.
     """
     from torchrec_hytrec.training.config import config_to_dict, load_config
@@ -309,7 +373,8 @@ def _finished(run_dir: Path, cmd: List[str], epochs: int) -> bool:
         config["data"] = {**config["data"], "path": str((ROOT / path).resolve()) if path else None}
         return config
 
-    return recipe(saved) == recipe(wanted) and len([r for r in rows if r]) >= epochs
+    stopped = (run_dir / "early_stopped.json").exists()
+    return recipe(saved) == recipe(wanted) and (stopped or len([r for r in rows if r]) >= epochs)
 
 
 def _mean_std(values: List[float]) -> str:
@@ -324,11 +389,118 @@ def _presets_of(rows: List[Dict[str, Any]]) -> List[str]:
     return [p for p in VARIANTS if any(r["preset"] == p for r in rows)]
 
 
+def paired_bootstrap(
+    ours: List[Dict[str, Any]], theirs: List[Dict[str, Any]], min_length: int, k: int = 10
+) -> Optional[Dict[str, Any]]:
+    """HR@``k`` of ``ours`` minus ``theirs`` on the test users with >= ``min_length`` events,
+    paired by user and seed, with a 95% bootstrap interval over users.
+
+    Each resample draws the users with replacement (the same draw for every seed) and averages the
+    per-user differences over users and seeds, so the interval is the uncertainty from which users
+    happen to be in the bucket; the seeds' own spread is reported next to it. ``None`` when the
+    two sides share no seed with saved ranks or no user is in the bucket.
+    """
+    by_seed = {r["seed"]: r for r in theirs if r.get("ranks_file")}
+    pairs = [(r, by_seed[r["seed"]]) for r in ours if r.get("ranks_file") and r["seed"] in by_seed]
+    if not pairs:
+        return None
+    diffs = []
+    for a, b in pairs:
+        files = [np.load(ROOT / r["ranks_file"]) for r in (a, b)]
+        for column in ("test_positive_ids", "test_history_lengths"):
+            if not np.array_equal(files[0][column], files[1][column]):
+                raise ValueError(
+                    f"{a['ranks_file']} and {b['ranks_file']}: different test users ({column}); "
+                    "paired runs must evaluate the same users in the same order"
+                )
+        inside = files[0]["test_history_lengths"] >= min_length
+        diffs.append(
+            (files[0]["test_ranks"][inside] < k).astype(float) - (files[1]["test_ranks"][inside] < k)
+        )
+    d = np.stack(diffs)  # [seeds, users]
+    if d.shape[1] == 0:
+        return None
+    rng = np.random.default_rng(0)
+    draws = rng.integers(0, d.shape[1], size=(BOOTSTRAP_RESAMPLES, d.shape[1]))
+    means = d.mean(0)[draws].mean(1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {
+        "users": d.shape[1],
+        "seeds": [a["seed"] for a, _ in pairs],
+        "diff": float(d.mean()),
+        "low": float(low),
+        "high": float(high),
+        "per_seed": [float(x) for x in d.mean(1)],
+    }
+
+
+def final_runs(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The runs the tables report: without a search, every run; with one, the chosen point's."""
+    return [r for r in results if r.get("chosen", True)]
+
+
+def search_table(rows: List[Dict[str, Any]]) -> List[str]:
+    """Valid NDCG@10 of every search point of every preset (seed 0), the chosen one in bold."""
+    searched = [r for r in rows if r.get("search_point")]
+    if not searched:
+        return []
+    points = list(dict.fromkeys(recipe_tag(r["recipe"]) for r in searched))
+    lines = [
+        f"Recipe search (seed {searched[0]['seed']}, valid NDCG@10 of the best-valid epoch; the same "
+        f"{len(points)} points for every preset, the chosen one in bold, early stopping "
+        f"with patience {COMMON['early_stopping.patience']}):",
+        "",
+        "| model | " + " | ".join(points) + " |",
+        "|---|" + "---|" * len(points),
+    ]
+    for preset in _presets_of(searched):
+        cells = []
+        for point in points:
+            run = next(
+                (r for r in searched if r["preset"] == preset and recipe_tag(r["recipe"]) == point), None
+            )
+            cell = "–" if run is None else f"{run['valid_ndcg@10']:.4f} ({run['epochs_run']} ep)"
+            cells.append(f"**{cell}**" if run is not None and run.get("chosen") else cell)
+        lines.append(f"| {preset} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def bootstrap_table(rows: List[Dict[str, Any]]) -> List[str]:
+    """HyTRec minus every other preset on the long bucket (:func:`paired_bootstrap`)."""
+    name, min_length = LONG_BUCKET
+    ours = [r for r in rows if r["preset"] == "hytrec"]
+    lines: List[str] = []
+    for preset in _presets_of(rows):
+        if preset == "hytrec":
+            continue
+        result = paired_bootstrap(ours, [r for r in rows if r["preset"] == preset], min_length)
+        if result is None:
+            continue
+        if not lines:
+            lines = [
+                f"HyTRec minus each model on test users with >= {min_length} events ({name}), HR@10, "
+                f"paired by user and seed, 95% bootstrap interval over users ({BOOTSTRAP_RESAMPLES} "
+                "resamples):",
+                "",
+                "| HyTRec minus | users | seeds | difference | 95% interval | per seed |",
+                "|---|---|---|---|---|---|",
+            ]
+        lines.append(
+            f"| {preset} | {result['users']} | {result['seeds']} | {result['diff']:+.4f} | "
+            f"[{result['low']:+.4f}, {result['high']:+.4f}] | "
+            + ", ".join(f"{x:+.4f}" for x in result["per_seed"])
+            + " |"
+        )
+    return lines + [""] if lines else []
+
+
 def summarise(results: List[Dict[str, Any]]) -> str:
-    """Markdown tables: overall figures, then HR@10 by history length."""
+    """Markdown tables: the recipe search, overall figures, HR@10 by history length, and the long
+    bucket's paired differences."""
     lines: List[str] = []
     for dataset in dict.fromkeys(r["dataset"] for r in results):
-        rows = [r for r in results if r["dataset"] == dataset]
+        lines += search_table([r for r in results if r["dataset"] == dataset])
+        rows = [r for r in final_runs(results) if r["dataset"] == dataset]
         seeds = sorted({r["seed"] for r in rows})
         for protocol, prefix in PROTOCOLS.items():
             ranked = "every item ranked" if protocol == "all" else "the user's seen items removed"
@@ -363,6 +535,7 @@ def summarise(results: List[Dict[str, Any]]) -> str:
                 cells.append(f"{_mean_std([r[f'hr@10/{b}'] for r in mine if f'hr@10/{b}' in r])} ({count})")
             lines.append(f"| {preset} | " + " | ".join(cells) + " |")
         lines.append("")
+        lines += bootstrap_table(rows)
     return "\n".join(lines)
 
 
@@ -374,6 +547,7 @@ def plot(results: List[Dict[str, Any]], out_dir: Path) -> List[Path]:
     import matplotlib.pyplot as plt
 
     paths = []
+    results = final_runs(results)
     datasets = list(dict.fromkeys(r["dataset"] for r in results))
     fig, axes = plt.subplots(1, len(datasets), figsize=(4.5 * len(datasets), 3.6), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
@@ -445,6 +619,13 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
         "for (their first epochs) instead of training again; their wall time is the sum of those "
         "epochs' times",
     )
+    p.add_argument(
+        "--search",
+        action="store_true",
+        help="choose each preset's recipe among the SEARCH points on the first seed's valid split "
+        "(the same points for every preset; ablations take HyTRec's choice), then train the other "
+        "seeds with it",
+    )
     p.add_argument("--tiny", action="store_true", help="a seconds-long smoke run on tiny synthetic data")
     args = p.parse_args(argv)
 
@@ -452,13 +633,15 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     threads = args.threads or (1 if args.jobs > 1 else (os.cpu_count() or 1))
-    jobs = []
+    prepared = []
     for spec in specs.values():
         if args.epochs is not None:
             spec = DatasetSpec(**{**spec.__dict__, "epochs": args.epochs})
         data = prepare(spec, Path(args.data_dir), args.tiny)
         if data is not None:
-            jobs += [(spec, data, preset, seed) for preset in args.presets for seed in args.seeds]
+            prepared.append((spec, data))
+    if args.search and any(p in ABLATIONS for p in args.presets) and "hytrec" not in args.presets:
+        p.error("--search with ablations needs hytrec among --presets (they take its recipe)")
     command = ("python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     started = f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
 
@@ -472,16 +655,67 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
             "overrides": {**COMMON, **spec.overrides},
         }
 
+    new: List[Dict[str, Any]] = []
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        new = list(pool.map(job_run, jobs))
+        if not args.search:
+            jobs = [
+                (spec, data, preset, seed, {})
+                for spec, data in prepared
+                for preset in args.presets
+                for seed in args.seeds
+            ]
+            new = list(pool.map(job_run, jobs))
+        else:
+            first, rest = args.seeds[0], args.seeds[1:]
+            searched = [p for p in args.presets if p not in ABLATIONS]
+            grid = [
+                (spec, data, preset, first, point)
+                for spec, data in prepared
+                for preset in searched
+                for point in search_points()
+            ]
+            trials = [{**r, "search_point": True, "chosen": False} for r in pool.map(job_run, grid)]
+            chosen: Dict[tuple, Dict[str, Any]] = {}
+            for r in trials:
+                key = (r["dataset"], r["preset"])
+                if key not in chosen or r["valid_ndcg@10"] > chosen[key]["valid_ndcg@10"]:
+                    chosen[key] = r
+            for r in chosen.values():
+                r["chosen"] = True
+            jobs = [
+                (
+                    spec,
+                    data,
+                    preset,
+                    seed,
+                    chosen[(spec.name, "hytrec" if preset in ABLATIONS else preset)]["recipe"],
+                )
+                for spec, data in prepared
+                for preset in args.presets
+                for seed in (args.seeds if preset in ABLATIONS else rest)
+            ]
+            new = trials + list(pool.map(job_run, jobs))
     # Earlier invocations' runs on other (dataset, preset, seed) stay: datasets can be run one by one.
     store = out_dir / "quality.json"
-    done = {(r["dataset"], r["preset"], r["seed"]) for r in new}
-    kept = (
-        [r for r in json.loads(store.read_text()) if (r["dataset"], r["preset"], r["seed"]) not in done]
-        if store.exists()
-        else []
-    )
+
+    def key(r: Dict[str, Any]) -> tuple:
+        return r["dataset"], r["preset"], r["seed"], recipe_tag(r.get("recipe", {}))
+
+    done = {key(r) for r in new}
+    # A new search of a (dataset, preset) makes earlier runs of its other recipes stale.
+    chosen_now = {
+        (r["dataset"], r["preset"]): recipe_tag(r["recipe"])
+        for r in new
+        if r.get("search_point") and r["chosen"]
+    }
+
+    def still_valid(r: Dict[str, Any]) -> bool:
+        searched = chosen_now.get((r["dataset"], r["preset"]))
+        return key(r) not in done and (
+            searched is None or (not r.get("search_point") and recipe_tag(r.get("recipe", {})) == searched)
+        )
+
+    kept = [r for r in json.loads(store.read_text()) if still_valid(r)] if store.exists() else []
     results = kept + new
     store.write_text(json.dumps(results, indent=1))
     table = summarise(results)

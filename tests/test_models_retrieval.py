@@ -203,8 +203,18 @@ def test_catalogue_ranks_equal_brute_force(exclude_seen: bool, monkeypatch: pyte
 def test_evaluate_uses_request_time_and_reports_metrics() -> None:
     model = make_retrieval()
     batches = [make_batch([5, 9, 2], seed=4, evaluation=True), make_batch([3, 30], seed=5, evaluation=True)]
-    out, detail = evaluate_retrieval(model, batches, protocols=["all", "unseen"], ks=[10, 50, 500])
+    out, detail, users = evaluate_retrieval(
+        model, batches, protocols=["all", "unseen"], ks=[10, 50, 500], per_user=True
+    )
     assert detail["count"] == 5 and math.isfinite(out["loss"]) and out["hr@10"] == detail["hr@10"]
+    # Per-user ranks, in batch order, reproduce the figures; the targets are the batches'.
+    assert torch.equal(torch.from_numpy(users["positive_ids"]), torch.cat([b.targets for b in batches]))
+    assert users["history_lengths"].tolist() == [5, 9, 2, 3, 30]
+    for prefix in ("", "unseen_"):
+        ranks = users[prefix + "ranks"]
+        assert out[prefix + "hr@50"] == pytest.approx(float((ranks < 50).mean()))
+        assert out[prefix + "mrr"] == pytest.approx(float((1.0 / (ranks + 1)).mean()))
+    assert (users["unseen_ranks"] <= users["ranks"]).all()
     # The unseen protocol ranks among fewer items: never worse, and the same users.
     assert detail["unseen_count"] == 5 and out["unseen_mrr"] >= out["mrr"] and "unseen_ndcg@500" in out
     evaluator = RetrievalEvaluator(model)
@@ -231,8 +241,8 @@ def test_learns_successor_structure() -> None:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    before, _ = evaluate_retrieval(
+    before, _, _ = evaluate_retrieval(
         make_retrieval("full"), [make_batch([6] * 16, seed=7, evaluation=True)], ks=[1]
     )
-    after, _ = evaluate_retrieval(model, [make_batch([6] * 16, seed=7, evaluation=True)], ks=[1])
+    after, _, _ = evaluate_retrieval(model, [make_batch([6] * 16, seed=7, evaluation=True)], ks=[1])
     assert after["hr@1"] > 0.5 and before["hr@1"] < 0.2, (before, after)

@@ -253,3 +253,41 @@ def test_unknown_preset_is_refused(tmp_path: Path) -> None:
                 str(tmp_path / "o"),
             ]
         )
+
+
+def test_early_stopping_stops_resumes_stopped_and_saves_ranks(tmp_path: Path) -> None:
+    # Learning rates of 0: every epoch's valid figures equal the first's, so none is a new best.
+    frozen = [
+        "--set",
+        "optim.dense_lr=0.0",
+        "--set",
+        "optim.sparse_lr=0.0",
+        "--set",
+        "early_stopping.patience=2",
+    ]
+    common = [
+        *TINY,
+        *frozen,
+        "--set",
+        f"data.cache_dir={tmp_path / 'data'}",
+        "--out-dir",
+        str(tmp_path / "o"),
+    ]
+    rows = main([*common, "--epochs", "10", "--set", "eval_save_ranks=true"])
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    assert len({r["valid_ndcg@10"] for r in rows}) == 1
+    stopped = json.loads((tmp_path / "o" / "early_stopped.json").read_text())
+    assert stopped["before_epoch"] == 3 and stopped["best_epoch"] == 0
+    # A resumed stopped run stays stopped.
+    assert [r["epoch"] for r in main([*common, "--epochs", "10", "--resume"])] == [0, 1, 2]
+    saved = np.load(tmp_path / "o" / "ranks" / "epoch002.npz")
+    for split in ("valid", "test"):
+        ranks = saved[f"{split}_ranks"]
+        assert len(ranks) == len(saved[f"{split}_positive_ids"]) == len(saved[f"{split}_history_lengths"])
+        assert rows[-1][f"{split}_hr@10"] == pytest.approx(float((ranks < 10).mean()))
+    assert saved["test_history_lengths"].min() >= 1
+
+
+def test_early_stopping_metric_must_be_reported() -> None:
+    with pytest.raises(ValueError, match="early_stopping.metric.*valid_ndcg@10.*'valid_ndcg@20'"):
+        config_from_args(build_parser().parse_args(["--set", "early_stopping.metric=valid_ndcg@20"]))

@@ -114,6 +114,31 @@ class CheckpointConfig:
 
 
 @dataclass
+class EarlyStoppingConfig:
+    """Stop training when a validation figure stops improving.
+
+    Args:
+        patience: stop after this many epochs in a row without a new best ``metric``; ``0``
+            trains every epoch.
+        metric: a column of the epoch row, higher is better: ``valid_`` then ``hr@K``,
+            ``ndcg@K`` (``K`` in ``eval_ks``) or ``mrr``, with ``unseen_`` before it for the
+            seen-items-removed protocol (``valid_unseen_ndcg@10``).
+
+    Example::
+
+        >>> from torchrec_hytrec.training.config import load_config
+        >>> load_config(None, ["early_stopping.patience=3"]).early_stopping.metric
+        'valid_ndcg@10'
+    """
+
+    patience: int = 0
+    metric: str = "valid_ndcg@10"
+
+    def __post_init__(self) -> None:
+        _at_least(0, early_stopping_patience=self.patience)
+
+
+@dataclass
 class TrainConfig:
     """Everything one training run reads: one typed tree, every leaf settable with ``--set``.
 
@@ -124,6 +149,10 @@ class TrainConfig:
         eval_ks: cut-offs reported for hit rate and NDCG.
         eval_protocols: ``"all"``: rank each held-out target among every item; ``"unseen"``:
             among the items the user has not interacted with (reported as ``unseen_*``).
+        eval_save_ranks: also write every evaluated user's rank of its target, per split and
+            protocol, with the target and the history length, to ``ranks/epoch<E>.npz`` under
+            ``out_dir`` (for paired comparisons between runs, e.g. bootstrap intervals).
+        early_stopping: see :class:`EarlyStoppingConfig`.
         fault_at_step: test knob: the last rank SIGKILLs itself at this global step on a job's
             first attempt (``TORCHELASTIC_RESTART_COUNT`` 0). ``None`` disables it.
         data: see :class:`DataConfig`.
@@ -145,6 +174,8 @@ class TrainConfig:
     out_dir: str = "runs/hytrec"
     eval_ks: List[int] = field(default_factory=lambda: [10])
     eval_protocols: List[str] = field(default_factory=lambda: ["all"])
+    eval_save_ranks: bool = False
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     fault_at_step: Optional[int] = None
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -159,13 +190,25 @@ class TrainConfig:
             raise ValueError(
                 f"eval_protocols must be a non-empty subset of ['all', 'unseen'], got {self.eval_protocols}"
             )
+        prefixes = [""] + (["unseen_"] if "unseen" in self.eval_protocols else [])
+        figures = ["mrr"] + [f"{m}@{k}" for m in ("hr", "ndcg") for k in self.eval_ks]
+        names = [f"valid_{p}{f}" for p in prefixes for f in figures]
+        if self.early_stopping.metric not in names:
+            raise ValueError(
+                f"config key 'early_stopping.metric' must be one of {names} (from eval_ks and "
+                f"eval_protocols), got {self.early_stopping.metric!r}"
+            )
+
+
+_SECTIONS = ("data", "checkpoint", "early_stopping")
 
 
 def _at_least(low: int, **values: int) -> None:
     """Raises naming the config key (``data_row_group_size`` -> ``data.row_group_size``) below ``low``."""
     for name, value in values.items():
         if value < low:
-            key = name.replace("_", ".", 1) if name.split("_")[0] in ("data", "checkpoint") else name
+            section = next((s for s in _SECTIONS if name.startswith(s + "_")), None)
+            key = f"{section}.{name[len(section) + 1 :]}" if section else name
             raise ValueError(f"config key '{key}' must be >= {low}, got {value}")
 
 

@@ -2,8 +2,9 @@
 to a popularity baseline on the same users."""
 
 import math
-from typing import Dict, Iterable, Iterator, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -16,6 +17,24 @@ from torchrec_hytrec.models.retrieval import RetrievalTrainOutput
 from torchrec_hytrec.training.loop import evaluation_outputs
 
 PROTOCOLS = ("all", "unseen")
+
+
+class RetrievalEvaluation(NamedTuple):
+    """What :func:`evaluate_retrieval` measured.
+
+    Attributes:
+        overall: the overall figures (with the popularity baseline's, and ``"loss"``, the weighted
+            mean loss of this rank's batches).
+        detail: every figure of the model by history-length bucket too (``"hr@10/len<100"``; the
+            baseline's as ``"pop_hr@10/..."``).
+        per_user: with ``per_user=True``, every rank's evaluated users in evaluation order
+            (rank 0's first): ``positive_ids``, ``history_lengths`` and the 0-based ``ranks``
+            of each protocol (``unseen_ranks``); ``None`` otherwise.
+    """
+
+    overall: Dict[str, float]
+    detail: Dict[str, float]
+    per_user: Optional[Dict[str, np.ndarray]]
 
 
 def item_popularity(reader: SequenceReader, num_items: int) -> torch.Tensor:
@@ -56,7 +75,8 @@ def evaluate_retrieval(
     protocols: Sequence[str] = ("all",),
     popularity: Optional[torch.Tensor] = None,
     device: Optional[torch.device] = None,
-) -> Tuple[Dict[str, float], Dict[str, float]]:
+    per_user: bool = False,
+) -> RetrievalEvaluation:
     """HR@K / NDCG@K / MRR of ``model`` over evaluation ``batches``, every rank's users together.
 
     Args:
@@ -71,11 +91,7 @@ def evaluate_retrieval(
         popularity: optional ``[num_items + 1]`` popularity ranks (:func:`popularity_ranks`); adds
             ``pop_hr@K`` of recommending by popularity to the same users.
         device: where the metric sums live (the process group's device).
-
-    Returns:
-        ``(overall, detail)``: the overall figures (with the popularity baseline's, and
-        ``"loss"``, the weighted mean loss of this rank's batches), and every figure of the model
-        by history-length bucket too (``"hr@10/len<100"``; the baseline's as ``"pop_hr@10/..."``).
+        per_user: also return every user's rank (gathered from all ranks).
     """
     unknown = sorted(set(protocols) - set(PROTOCOLS))
     if unknown or not protocols:
@@ -95,9 +111,17 @@ def evaluate_retrieval(
         _plain_outputs(model, batches) if pipeline is None else evaluation_outputs(pipeline, model, batches)
     )
     loss_sum = weight_sum = 0.0
+    names = ["positive_ids", "history_lengths"] + [_prefix(p) + "ranks" for p in protocols]
+    users: Dict[str, List[torch.Tensor]] = {name: [] for name in names}
     for out in outputs:
-        for evaluator in evaluators.values():
-            evaluator.update(out)
+        real = out.weights > 0  # padding rows and batches are not users
+        for protocol, evaluator in evaluators.items():
+            ranks = evaluator.update(out)
+            if per_user:
+                users[_prefix(protocol) + "ranks"].append(ranks[real].cpu())
+        if per_user:
+            users["positive_ids"].append(out.positive_ids[real].cpu())
+            users["history_lengths"].append(out.history_lengths[real].cpu())
         weight = float(out.weights.sum())
         loss_sum, weight_sum = loss_sum + float(out.loss) * weight, weight_sum + weight
         if popularity is not None:
@@ -107,7 +131,7 @@ def evaluate_retrieval(
     overall: Dict[str, float] = {}
     detail: Dict[str, float] = {}
     for protocol, evaluator in evaluators.items():
-        prefix = "" if protocol == "all" else f"{protocol}_"
+        prefix = _prefix(protocol)
         figures = evaluator.compute()
         detail.update({prefix + name: value for name, value in figures.items()})
         # A split without users (tiny datasets) reports NaN rather than failing the run.
@@ -121,4 +145,21 @@ def evaluate_retrieval(
         pop = baseline.compute()
         overall.update({f"pop_hr@{k}": pop.get(f"hr@{k}", math.nan) for k in ks})
         detail = {**detail, **{f"pop_{name}": value for name, value in pop.items() if name.startswith("hr@")}}
-    return overall, detail
+    return RetrievalEvaluation(overall, detail, _gathered(users) if per_user else None)
+
+
+def _prefix(protocol: str) -> str:
+    return "" if protocol == "all" else f"{protocol}_"
+
+
+def _gathered(users: Dict[str, List[torch.Tensor]]) -> Dict[str, np.ndarray]:
+    """This rank's per-user columns, concatenated, then every rank's in rank order."""
+    mine = {
+        name: torch.cat(parts).long().numpy() if parts else np.zeros(0, np.int64)
+        for name, parts in users.items()
+    }
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return mine
+    every: List[Optional[Dict[str, np.ndarray]]] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    return {name: np.concatenate([part[name] for part in every]) for name in mine}

@@ -13,6 +13,7 @@ its own job claimed, so it can never continue another run. One job at a time hol
 import fcntl
 import hashlib
 import json
+import math
 import os
 import signal
 import sys
@@ -41,7 +42,7 @@ from torchrec_hytrec.training.metrics_log import MetricsLogger, format_table
 from torchrec_hytrec.training.optimizer import apply_sparse_optimizer, make_optimizer
 
 # Config keys a resumed run may change: how long it runs, where it writes, how it checkpoints.
-_RESUMABLE_CHANGES = ("epochs", "out_dir", "fault_at_step", "checkpoint")
+_RESUMABLE_CHANGES = ("epochs", "out_dir", "fault_at_step", "checkpoint", "eval_save_ranks", "early_stopping")
 
 
 def make_reader(cfg: TrainConfig, path: Path, split: Split, with_candidates: bool = True) -> SequenceReader:
@@ -192,7 +193,15 @@ class Trainer:
         self.pipeline = make_pipeline(self.model, self.optimizer, env.device)
         self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last)
         # epoch_step: batches of the current epoch trained (the pipeline reads ahead of it).
-        self.progress = {"epoch": 0, "global_step": 0, "epoch_step": 0}
+        # best / epochs_since_best: early stopping's state, the same on every rank (the metrics
+        # are reduced over ranks), so every rank stops after the same epoch.
+        self.progress = {
+            "epoch": 0,
+            "global_step": 0,
+            "epoch_step": 0,
+            "best": -math.inf,
+            "epochs_since_best": 0,
+        }
         # Sums over the epoch's steps so far (checkpointed: a resumed epoch continues them);
         # targets: training events predicted (the query weights of real batches).
         self.epoch_loss = {"loss_sum": 0.0, "loss_count": 0, "targets": 0.0}
@@ -332,8 +341,9 @@ class Trainer:
         """
         row: Dict[str, float] = {}
         detail: Dict[str, Any] = {}
+        users: Dict[str, np.ndarray] = {}
         for split, reader in self.eval_readers.items():
-            metrics, detail[split.value] = evaluate_retrieval(
+            metrics, detail[split.value], per_user = evaluate_retrieval(
                 self.model,
                 reader,
                 pipeline=self.pipeline,
@@ -341,8 +351,14 @@ class Trainer:
                 protocols=self.cfg.eval_protocols,
                 popularity=self.popularity_ranks,
                 device=self.env.device,
+                per_user=self.cfg.eval_save_ranks,
             )
             row.update({f"{split.value}_{k}": v for k, v in metrics.items()})
+            users.update({f"{split.value}_{k}": v for k, v in (per_user or {}).items()})
+        if users and self.env.is_main:
+            path = self.out_dir / "ranks" / f"epoch{self.progress['epoch']:03d}.npz"
+            path.parent.mkdir(exist_ok=True)
+            np.savez_compressed(path, **users)
         return row, detail
 
     def fit(self, resume: bool, overwrite: bool = False, restarted: bool = False) -> List[Dict[str, Any]]:
@@ -365,7 +381,21 @@ class Trainer:
         if self.env.is_main:
             (self.out_dir / "config.json").write_text(json.dumps(config_to_dict(self.cfg), indent=2))
         detail: Dict[str, Any] = {}
+        stopping = self.cfg.early_stopping
         for epoch in range(self.progress["epoch"], self.cfg.epochs):
+            if stopping.patience and self.progress["epochs_since_best"] >= stopping.patience:
+                best_epoch = epoch - 1 - stopping.patience
+                self._print(
+                    f"early stopping: {stopping.metric} last improved at epoch {best_epoch} "
+                    f"({self.progress['best']:.4f}); no new best in {stopping.patience} epochs"
+                )
+                if self.env.is_main:
+                    (self.out_dir / "early_stopped.json").write_text(
+                        json.dumps(
+                            {"before_epoch": epoch, "best_epoch": best_epoch, "best": self.progress["best"]}
+                        )
+                    )
+                break
             started = time.perf_counter()
             train_loss, train_targets = self.train_epoch(epoch)
             metrics, detail = self.evaluate()
@@ -379,6 +409,10 @@ class Trainer:
             if self.env.is_main:
                 table = metrics_log.table()
                 print(table if epoch == 0 else table.splitlines()[-1], flush=True)
+            if metrics[stopping.metric] > self.progress["best"]:
+                self.progress.update(best=metrics[stopping.metric], epochs_since_best=0)
+            else:
+                self.progress["epochs_since_best"] += 1
             self.progress.update(epoch=epoch + 1, epoch_step=0)
             self.epoch_loss.update(loss_sum=0.0, loss_count=0, targets=0.0)
             self.save()
