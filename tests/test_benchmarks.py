@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,17 +19,40 @@ def _run(*args: str) -> str:
     return proc.stdout
 
 
+def test_paired_bootstrap_of_a_known_difference(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import quality
+
+    rng = np.random.default_rng(1)
+    users, lengths = 400, np.r_[np.full(300, 6000), np.full(100, 50)]
+    runs = {}
+    for preset, hit_rate in (("hytrec", 0.6), ("sasrec_like", 0.4)):
+        for seed in (0, 1):
+            path = tmp_path / f"{preset}{seed}.npz"
+            hits = rng.random(users) < hit_rate
+            ranks = np.where(hits, 3, 700)
+            ranks[300:] = 0 if preset == "hytrec" else 900  # outside the bucket: must not count
+            np.savez(path, test_ranks=ranks, test_positive_ids=np.arange(users), test_history_lengths=lengths)
+            runs.setdefault(preset, []).append({"seed": seed, "ranks_file": str(path)})
+    result = quality.paired_bootstrap(runs["hytrec"], runs["sasrec_like"], 5000)
+    assert result["users"] == 300 and result["seeds"] == [0, 1]
+    assert result["low"] < result["diff"] < result["high"] and result["low"] > 0.1
+    assert abs(result["diff"] - 0.2) < 0.06 and result["high"] - result["low"] < 0.15
+    # Runs over different users are refused, not paired.
+    np.savez(
+        runs["sasrec_like"][0]["ranks_file"],
+        test_ranks=np.zeros(users),
+        test_positive_ids=np.zeros(users),
+        test_history_lengths=lengths,
+    )
+    with pytest.raises(ValueError, match="different test users"):
+        quality.paired_bootstrap(runs["hytrec"], runs["sasrec_like"], 5000)
+
+
 @pytest.mark.slow
 def test_quality_speed_and_report_tiny(tmp_path: Path) -> None:
     results = tmp_path / "results"
-    common = [
-        "--tiny",
-        "--seeds",
-        "0",
-        "--presets",
-        "hytrec",
-        "--jobs",
-        "1",
+    places = [
         "--out",
         str(results),
         "--data-dir",
@@ -36,6 +60,7 @@ def test_quality_speed_and_report_tiny(tmp_path: Path) -> None:
         "--runs-dir",
         str(tmp_path / "runs"),
     ]
+    common = ["--tiny", "--seeds", "0", "--presets", "hytrec", "--jobs", "1", *places]
     _run("benchmarks/quality.py", *common, "--epochs", "2")
     runs = json.loads((results / "quality.json").read_text())
     assert [(r["dataset"], r["preset"], r["seed"]) for r in runs] == [("synthetic_long", "hytrec", 0)]
@@ -61,11 +86,32 @@ def test_quality_speed_and_report_tiny(tmp_path: Path) -> None:
 
     spec, run_dir = quality.TINY["synthetic_long"], tmp_path / "runs" / "synthetic_long-hytrec-seed0"
     data = next((tmp_path / "data").glob("*.parquet"))
-    assert quality._finished(run_dir, quality.train_command(spec, data, "hytrec", 0, run_dir), 1)
+    assert quality._finished(run_dir, quality.train_command(spec, data, "hytrec", 0, run_dir, {}), 1)
     other = dataclasses.replace(spec, overrides={**spec.overrides, "optim.dense_lr": 0.5})
-    assert not quality._finished(run_dir, quality.train_command(other, data, "hytrec", 0, run_dir), 1)
-    assert not quality._finished(run_dir, quality.train_command(spec, data, "hytrec", 1, run_dir), 1)
-    assert not quality._finished(run_dir, quality.train_command(spec, data, "hytrec", 0, run_dir), 3)
+    assert not quality._finished(run_dir, quality.train_command(other, data, "hytrec", 0, run_dir, {}), 1)
+    assert not quality._finished(run_dir, quality.train_command(spec, data, "hytrec", 1, run_dir, {}), 1)
+    assert not quality._finished(run_dir, quality.train_command(spec, data, "hytrec", 0, run_dir, {}), 3)
+    assert not quality._finished(
+        run_dir, quality.train_command(spec, data, "hytrec", 0, run_dir, {"optim.dense_lr": 0.5}), 1
+    )
+
+    # The recipe search: every point on seed 0, the best valid one trains seed 1, and an ablation
+    # takes HyTRec's point; the page shows the search.
+    presets = ["--presets", "hytrec", "hytrec_no_time_decay"]
+    _run("benchmarks/quality.py", "--tiny", "--seeds", "1", *presets, *places, "--epochs", "1", "--search")
+    store = json.loads((results / "quality.json").read_text())
+    trials = [r for r in store if r.get("search_point")]
+    assert len(trials) == len(quality.search_points()) == 4 and all(r["seed"] == 1 for r in trials)
+    best = max(trials, key=lambda r: r["valid_ndcg@10"])
+    assert [r["chosen"] for r in trials].count(True) == 1 and best["chosen"]
+    ablation = [r for r in store if r["preset"] == "hytrec_no_time_decay"]
+    assert [(r["seed"], r["recipe"]) for r in ablation] == [(1, best["recipe"])]
+    # The earlier run of HyTRec with the dataset's own recipe is stale now that a search chose another.
+    assert {(r["preset"], r["seed"]) for r in store} == {("hytrec", 1), ("hytrec_no_time_decay", 1)}
+    page = (results / "quality.md").read_text()
+    assert "Recipe search" in page and f"**{best['valid_ndcg@10']:.4f}" in page
+    saved = np.load(ROOT / best["ranks_file"])
+    assert best["hr@10"] == pytest.approx(float((saved["test_ranks"] < 10).mean()))
 
     _run("benchmarks/speed.py", "--quick", "--out", str(results))
     speed = json.loads((results / "speed.json").read_text())
