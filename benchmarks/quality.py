@@ -378,10 +378,12 @@ def _finished(run_dir: Path, cmd: List[str], epochs: int) -> bool:
 
 
 def _mean_std(values: List[float]) -> str:
+    """``mean ± std``; one value alone (one seed) has no spread to show."""
     if not values:
         return "–"
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.4f} ± {spread:.4f}"
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
 def _presets_of(rows: List[Dict[str, Any]]) -> List[str]:
@@ -501,23 +503,23 @@ def summarise(results: List[Dict[str, Any]]) -> str:
     for dataset in dict.fromkeys(r["dataset"] for r in results):
         lines += search_table([r for r in results if r["dataset"] == dataset])
         rows = [r for r in final_runs(results) if r["dataset"] == dataset]
-        seeds = sorted({r["seed"] for r in rows})
         for protocol, prefix in PROTOCOLS.items():
             ranked = "every item ranked" if protocol == "all" else "the user's seen items removed"
             lines += [
-                f"### {dataset}, {ranked} (test split, best-valid epoch, mean ± std over seeds {seeds})",
+                f"### {dataset}, {ranked} (test split, best-valid epoch, mean ± std over the seeds)",
                 "",
-                "| model | " + " | ".join(m.upper() for m in REPORTED) + " | train s |",
-                "|---|" + "---|" * (len(REPORTED) + 1),
+                "| model | seeds | " + " | ".join(m.upper() for m in REPORTED) + " | train s |",
+                "|---|---|" + "---|" * (len(REPORTED) + 1),
             ]
             for preset in _presets_of(rows):
                 mine = [r for r in rows if r["preset"] == preset]
                 cells = [_mean_std([r[prefix + m] for r in mine if prefix + m in r]) for m in REPORTED]
                 wall = statistics.median(r["train_wall_s"] for r in mine)
-                lines.append(f"| {preset} | {' | '.join(cells)} | {wall:.0f} |")
+                used = ",".join(str(seed) for seed in sorted(r["seed"] for r in mine))
+                lines.append(f"| {preset} | {used} | {' | '.join(cells)} | {wall:.0f} |")
             for name, figures in PUBLISHED.get(dataset, {}).get(protocol, {}).items():
                 published = [f"{figures[m]:.4f}" if m in figures else "–" for m in REPORTED]
-                lines.append(f"| {name}, published | {' | '.join(published)} | – |")
+                lines.append(f"| {name}, published | – | {' | '.join(published)} | – |")
             lines.append("")
         present = [b for b in BUCKETS if any(f"hr@10/{b}" in r for r in rows)]
         lines += [
