@@ -271,6 +271,22 @@ def best_epoch_test(run_dir: Path, epochs: int) -> Dict[str, Any]:
     }
 
 
+def keep_ranks(result: Dict[str, Any], out_dir: Path) -> Dict[str, Any]:
+    """``result`` with its test split's per-user ranks copied next to the tables
+    (``out_dir/ranks/<run>.npz``, compressed), so a paired comparison can be recomputed from the
+    results directory alone: the run directories hold checkpoints and are not kept."""
+    ranks = result.get("ranks_file")
+    if ranks is None or not (ROOT / ranks).exists() or (ROOT / ranks).parent == (out_dir / "ranks").resolve():
+        return result
+    source = np.load(ROOT / ranks)
+    target = out_dir / "ranks" / f"{Path(ranks).parents[1].name}.npz"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(
+        target, **{k: source[k].astype(np.int32) for k in source.files if k.startswith("test_")}
+    )
+    return {**result, "ranks_file": _path_name(target)}
+
+
 def _path_name(path: Path) -> str:
     """``path`` relative to the checkout when inside it (results stay valid in another clone)."""
     path = path.resolve()
@@ -406,6 +422,11 @@ def paired_bootstrap(
     pairs = [(r, by_seed[r["seed"]]) for r in ours if r.get("ranks_file") and r["seed"] in by_seed]
     if not pairs:
         return None
+    missing = sorted(
+        {r["ranks_file"] for pair in pairs for r in pair if not (ROOT / r["ranks_file"]).exists()}
+    )
+    if missing:
+        return {"missing": missing}
     diffs = []
     for a, b in pairs:
         files = [np.load(ROOT / r["ranks_file"]) for r in (a, b)]
@@ -471,29 +492,38 @@ def bootstrap_table(rows: List[Dict[str, Any]]) -> List[str]:
     """HyTRec minus every other preset on the long bucket (:func:`paired_bootstrap`)."""
     name, min_length = LONG_BUCKET
     ours = [r for r in rows if r["preset"] == "hytrec"]
-    lines: List[str] = []
+    table: List[str] = []
+    unavailable: List[str] = []
     for preset in _presets_of(rows):
         if preset == "hytrec":
             continue
         result = paired_bootstrap(ours, [r for r in rows if r["preset"] == preset], min_length)
         if result is None:
             continue
-        if not lines:
-            lines = [
-                f"HyTRec minus each model on test users with >= {min_length} events ({name}), HR@10, "
-                f"paired by user and seed, 95% bootstrap interval over users ({BOOTSTRAP_RESAMPLES} "
-                "resamples):",
-                "",
-                "| HyTRec minus | users | seeds | difference | 95% interval | per seed |",
-                "|---|---|---|---|---|---|",
-            ]
-        lines.append(
+        if "missing" in result:
+            unavailable.append(
+                f"No paired bootstrap of HyTRec minus {preset}: the per-user ranks of its runs are not "
+                f"in this checkout ({', '.join(result['missing'])}); re-run them to compute it."
+            )
+            continue
+        table.append(
             f"| {preset} | {result['users']} | {result['seeds']} | {result['diff']:+.4f} | "
             f"[{result['low']:+.4f}, {result['high']:+.4f}] | "
             + ", ".join(f"{x:+.4f}" for x in result["per_seed"])
             + " |"
         )
-    return lines + [""] if lines else []
+    if table:
+        table = [
+            f"HyTRec minus each model on test users with >= {min_length} events ({name}), HR@10, "
+            f"paired by user and seed, 95% bootstrap interval over users ({BOOTSTRAP_RESAMPLES} "
+            "resamples):",
+            "",
+            "| HyTRec minus | users | seeds | difference | 95% interval | per seed |",
+            "|---|---|---|---|---|---|",
+            *table,
+            "",
+        ]
+    return table + [line for note in unavailable for line in (note, "")]
 
 
 def summarise(results: List[Dict[str, Any]]) -> str:
@@ -629,6 +659,11 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
         "seeds with it",
     )
     p.add_argument("--tiny", action="store_true", help="a seconds-long smoke run on tiny synthetic data")
+    p.add_argument(
+        "--render-only",
+        action="store_true",
+        help="train nothing: rewrite quality.md and the plots from the runs quality.json holds",
+    )
     args = p.parse_args(argv)
 
     specs = dict(TINY) if args.tiny else {name: DATASETS[name] for name in args.datasets}
@@ -636,7 +671,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     out_dir.mkdir(parents=True, exist_ok=True)
     threads = args.threads or (1 if args.jobs > 1 else (os.cpu_count() or 1))
     prepared = []
-    for spec in specs.values():
+    for spec in specs.values() if not args.render_only else ():
         if args.epochs is not None:
             spec = DatasetSpec(**{**spec.__dict__, "epochs": args.epochs})
         data = prepare(spec, Path(args.data_dir), args.tiny)
@@ -718,7 +753,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
         )
 
     kept = [r for r in json.loads(store.read_text()) if still_valid(r)] if store.exists() else []
-    results = kept + new
+    results = [keep_ranks(r, out_dir) for r in kept + new]
     store.write_text(json.dumps(results, indent=1))
     table = summarise(results)
     plots = plot(results, out_dir) if results else []

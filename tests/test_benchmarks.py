@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +48,11 @@ def test_paired_bootstrap_of_a_known_difference(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match="different test users"):
         quality.paired_bootstrap(runs["hytrec"], runs["sasrec_like"], 5000)
+    # Ranks that are gone (another checkout's runs) are named, not skipped silently.
+    Path(runs["sasrec_like"][1]["ranks_file"]).unlink()
+    rows = [{"preset": p, **r} for p, seeds in runs.items() for r in seeds]
+    note = "\n".join(quality.bootstrap_table(rows))
+    assert "No paired bootstrap of HyTRec minus sasrec_like" in note and "sasrec_like1.npz" in note
 
 
 @pytest.mark.slow
@@ -110,8 +116,14 @@ def test_quality_speed_and_report_tiny(tmp_path: Path) -> None:
     assert {(r["preset"], r["seed"]) for r in store} == {("hytrec", 1), ("hytrec_no_time_decay", 1)}
     page = (results / "quality.md").read_text()
     assert "Recipe search" in page and f"**{best['valid_ndcg@10']:.4f}" in page
+    # The per-user ranks travel with the tables (the run directories are not kept).
+    assert Path(best["ranks_file"]).parent == results / "ranks"
     saved = np.load(ROOT / best["ranks_file"])
     assert best["hr@10"] == pytest.approx(float((saved["test_ranks"] < 10).mean()))
+    # The tables are a function of the store: re-rendered without training, they are the same.
+    shutil.rmtree(tmp_path / "runs")
+    _run("benchmarks/quality.py", "--render-only", "--out", str(results))
+    assert (results / "quality.md").read_text() == page
 
     _run("benchmarks/speed.py", "--quick", "--out", str(results))
     speed = json.loads((results / "speed.json").read_text())
