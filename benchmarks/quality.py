@@ -293,12 +293,28 @@ def _path_name(path: Path) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
+def run_overrides(base: Dict[str, Any], recipe: Dict[str, Any], preset: str) -> Dict[str, Any]:
+    """The ``--set`` overrides of one run: the dataset's recipe ``base``, the search point
+    ``recipe``, then the variant's own fields."""
+    return {**base, **recipe, **VARIANTS[preset]}
+
+
+def encoder_parameters(row: Dict[str, Any]) -> int:
+    """Parameters of the encoder a stored run trained (the item table excluded), from its config."""
+    from torchrec_hytrec.modules.encoder import HyTRecEncoder
+    from torchrec_hytrec.training.config import load_config
+
+    overrides = run_overrides(row["overrides"], row.get("recipe", {}), row["preset"])
+    config = load_config(None, [f"{key}={json.dumps(value)}" for key, value in overrides.items()])
+    return sum(p.numel() for p in HyTRecEncoder(config.model.encoder).parameters())
+
+
 def train_command(
     spec: DatasetSpec, data: Path, preset: str, seed: int, run_dir: Path, recipe: Dict[str, Any]
 ) -> List[str]:
     """The ``python -m torchrec_hytrec.train`` command of one run of ``preset`` (a :data:`VARIANTS`
     name) with the search point ``recipe`` (``{}`` for the dataset's own recipe)."""
-    overrides = {**COMMON, **spec.overrides, **recipe, **VARIANTS[preset]}
+    overrides = run_overrides({**COMMON, **spec.overrides}, recipe, preset)
     cmd = [
         sys.executable,
         "-m",
@@ -538,18 +554,21 @@ def summarise(results: List[Dict[str, Any]]) -> str:
             lines += [
                 f"### {dataset}, {ranked} (test split, best-valid epoch, mean ± std over the seeds)",
                 "",
-                "| model | seeds | " + " | ".join(m.upper() for m in REPORTED) + " | train s |",
-                "|---|---|" + "---|" * (len(REPORTED) + 1),
+                "| model | encoder params | seeds | "
+                + " | ".join(m.upper() for m in REPORTED)
+                + " | train s |",
+                "|---|---|---|" + "---|" * (len(REPORTED) + 1),
             ]
             for preset in _presets_of(rows):
                 mine = [r for r in rows if r["preset"] == preset]
                 cells = [_mean_std([r[prefix + m] for r in mine if prefix + m in r]) for m in REPORTED]
                 wall = statistics.median(r["train_wall_s"] for r in mine)
                 used = ",".join(str(seed) for seed in sorted(r["seed"] for r in mine))
-                lines.append(f"| {preset} | {used} | {' | '.join(cells)} | {wall:.0f} |")
+                params = f"{encoder_parameters(mine[0]):,}"
+                lines.append(f"| {preset} | {params} | {used} | {' | '.join(cells)} | {wall:.0f} |")
             for name, figures in PUBLISHED.get(dataset, {}).get(protocol, {}).items():
                 published = [f"{figures[m]:.4f}" if m in figures else "–" for m in REPORTED]
-                lines.append(f"| {name}, published | – | {' | '.join(published)} | – |")
+                lines.append(f"| {name}, published | – | – | {' | '.join(published)} | – |")
             lines.append("")
         present = [b for b in BUCKETS if any(f"hr@10/{b}" in r for r in rows)]
         lines += [

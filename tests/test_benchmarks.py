@@ -55,6 +55,25 @@ def test_paired_bootstrap_of_a_known_difference(tmp_path: Path) -> None:
     assert "No paired bootstrap of HyTRec minus sasrec_like" in note and "sasrec_like1.npz" in note
 
 
+def test_encoder_parameters_of_a_stored_run() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import quality
+
+    from torchrec_hytrec.modules.config import HyTRecConfig
+    from torchrec_hytrec.modules.encoder import HyTRecEncoder
+
+    def count(config: HyTRecConfig) -> int:
+        return sum(p.numel() for p in HyTRecEncoder(config).parameters())
+
+    base = {"model.encoder.embedding_dim": 32, "model.encoder.dropout": 0.5}
+    row = {"overrides": base, "recipe": {"optim.dense_lr": 0.1}, "preset": "sasrec_like"}
+    assert quality.encoder_parameters(row) == count(HyTRecConfig.sasrec_like(embedding_dim=32))
+    # An ablation is HyTRec's preset with its fields changed.
+    row = {**row, "preset": "hytrec_no_short_branch"}
+    expected = count(HyTRecConfig.hytrec(embedding_dim=32, use_short_branch=False))
+    assert quality.encoder_parameters(row) == expected < count(HyTRecConfig.hytrec(embedding_dim=32))
+
+
 @pytest.mark.slow
 def test_quality_speed_and_report_tiny(tmp_path: Path) -> None:
     results = tmp_path / "results"
