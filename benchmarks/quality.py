@@ -121,20 +121,23 @@ SEARCH: Dict[str, List[Any]] = {"optim.dense_lr": [0.001, 0.003], "model.encoder
 LONG_BUCKET = ("len>=5k", 5000)
 BOOTSTRAP_RESAMPLES = 10_000
 
+# The synthetic long datasets: whole histories of up to 12k events in one window, and 20k items,
+# so sampled softmax (in-batch + uniform negatives, logQ) instead of the full one.
+LONG_OVERRIDES = {
+    "data.train.max_seq_len": 12_000,
+    "data.train.max_tokens": 12_288,
+    "data.eval.max_seq_len": 12_000,
+    "data.eval.max_tokens": 32_768,
+    "model.encoder.short_window": 64,
+    "model.retrieval.loss": "sampled",
+}
+
 DATASETS = {
     "synthetic_long": DatasetSpec(
         name="synthetic_long",
         synthetic_users=800,
         epochs=3,
-        # 20k items: sampled softmax (in-batch + uniform negatives, logQ) instead of the full one.
-        overrides={
-            "data.train.max_seq_len": 12_000,
-            "data.train.max_tokens": 12_288,
-            "data.eval.max_seq_len": 12_000,
-            "data.eval.max_tokens": 32_768,
-            "model.encoder.short_window": 64,
-            "model.retrieval.loss": "sampled",
-        },
+        overrides=LONG_OVERRIDES,
     ),
     # The long-history evidence: every user has >= 5.2k events, so all test users sit in the
     # len>=5k bucket, where the paired bootstrap compares HyTRec with each baseline.
@@ -142,14 +145,7 @@ DATASETS = {
         name="synthetic_ultralong",
         synthetic_users=210,
         epochs=2,
-        overrides={
-            "data.train.max_seq_len": 12_000,
-            "data.train.max_tokens": 12_288,
-            "data.eval.max_seq_len": 12_000,
-            "data.eval.max_tokens": 32_768,
-            "model.encoder.short_window": 64,
-            "model.retrieval.loss": "sampled",
-        },
+        overrides=LONG_OVERRIDES,
         synthetic_overrides={"median_length": 5400.0, "length_sigma": 0.05, "min_length": 5200},
     ),
     "beauty": DatasetSpec(
