@@ -343,10 +343,16 @@ def run_one(
     run_dir = runs_dir / f"{spec.name}-{preset}{'-' + tag if tag else ''}-seed{seed}"
     cmd = train_command(spec, data, preset, seed, run_dir, recipe)
     started = time.perf_counter()
-    trained = not (reuse and _finished(run_dir, cmd, spec.epochs))
+    done = _epochs_done(run_dir, cmd) if reuse else None
+    finished = done is not None and ((run_dir / "early_stopped.json").exists() or done >= spec.epochs)
+    trained = not finished
     if trained:
         run_dir.mkdir(parents=True, exist_ok=True)
-        with open(run_dir / "train.log", "w") as log:
+        # A shorter run of the same recipe continues from its last epoch instead of starting over.
+        resumed = bool(done)
+        if resumed:
+            cmd = [*cmd, "--resume"]
+        with open(run_dir / "train.log", "a" if resumed else "w") as log:
             env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
             proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         if proc.returncode != 0:
@@ -354,8 +360,8 @@ def run_one(
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line][
         : spec.epochs
     ]
-    # A reused run's process is gone: its epochs' time is what is left to count.
-    wall = time.perf_counter() - started if trained else sum(r["epoch_s"] for r in rows)
+    # A reused or continued run's earlier process is gone: its epochs' time is what is left to count.
+    wall = time.perf_counter() - started if trained and not done else sum(r["epoch_s"] for r in rows)
     result = {
         "dataset": spec.name,
         "preset": preset,
@@ -375,13 +381,15 @@ def run_one(
     return result
 
 
-def _finished(run_dir: Path, cmd: List[str], epochs: int) -> bool:
-    """Whether ``run_dir`` holds a run of the training config ``cmd`` gives with >= ``epochs`` epochs.
+def _epochs_done(run_dir: Path, cmd: List[str]) -> Optional[int]:
+    """Epochs ``run_dir`` holds of a run of the training config ``cmd`` gives, or ``None`` when it
+    holds no run of that config.
 
     Training has no learning-rate schedule and an epoch's batches depend only on the seed and the
-    epoch, so the first ``epochs`` epochs of a longer run are exactly an ``epochs``-epoch run; a
-    run that stopped early (``early_stopped.json``) would have stopped at the same epoch.
-    Where the run writes (output directory, checkpoint cadence) does not count.
+    epoch, so the first ``e`` epochs of a longer run are exactly an ``e``-epoch run, and a shorter
+    run continued with ``--resume`` is exactly the longer one; a run that stopped early
+    (``early_stopped.json``) would have stopped at the same epoch. Where the run writes (output
+    directory, checkpoint cadence) does not count.
     """
     from torchrec_hytrec.training.config import config_to_dict, load_config
 
@@ -389,7 +397,7 @@ def _finished(run_dir: Path, cmd: List[str], epochs: int) -> bool:
         saved = json.loads((run_dir / "config.json").read_text())
         rows = (run_dir / "metrics.jsonl").read_text().splitlines()
     except FileNotFoundError:
-        return False
+        return None
     overrides = [cmd[i + 1] for i, arg in enumerate(cmd) if arg == "--set"]
     wanted = json.loads(json.dumps(config_to_dict(load_config(None, overrides))))  # as config.json holds it
     wanted["seed"] = int(cmd[cmd.index("--seed") + 1])
@@ -401,8 +409,7 @@ def _finished(run_dir: Path, cmd: List[str], epochs: int) -> bool:
         config["data"] = {**config["data"], "path": str((ROOT / path).resolve()) if path else None}
         return config
 
-    stopped = (run_dir / "early_stopped.json").exists()
-    return recipe(saved) == recipe(wanted) and (stopped or len([r for r in rows if r]) >= epochs)
+    return len([r for r in rows if r]) if recipe(saved) == recipe(wanted) else None
 
 
 def _mean_std(values: List[float]) -> str:
@@ -662,9 +669,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     p.add_argument(
         "--reuse-finished",
         action="store_true",
-        help="take runs in --runs-dir with the same training config and at least the epochs asked "
-        "for (their first epochs) instead of training again; their wall time is the sum of those "
-        "epochs' times",
+        help="take runs in --runs-dir with the same training config instead of training again: "
+        "their first epochs when they hold at least the epochs asked for, else continued (--resume) "
+        "up to them; their wall time is the sum of those epochs' times",
     )
     p.add_argument(
         "--search",

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -111,14 +112,24 @@ def test_quality_speed_and_report_tiny(tmp_path: Path) -> None:
 
     spec, run_dir = quality.TINY["synthetic_long"], tmp_path / "runs" / "synthetic_long-hytrec-seed0"
     data = next((tmp_path / "data").glob("*.parquet"))
-    assert quality._finished(run_dir, quality.train_command(spec, data, "hytrec", 0, run_dir, {}), 1)
+
+    def held(spec: quality.DatasetSpec, seed: int = 0, recipe: Optional[dict] = None) -> Optional[int]:
+        cmd = quality.train_command(spec, data, "hytrec", seed, run_dir, recipe or {})
+        return quality._epochs_done(run_dir, cmd)
+
+    assert held(spec) == 2
     other = dataclasses.replace(spec, overrides={**spec.overrides, "optim.dense_lr": 0.5})
-    assert not quality._finished(run_dir, quality.train_command(other, data, "hytrec", 0, run_dir, {}), 1)
-    assert not quality._finished(run_dir, quality.train_command(spec, data, "hytrec", 1, run_dir, {}), 1)
-    assert not quality._finished(run_dir, quality.train_command(spec, data, "hytrec", 0, run_dir, {}), 3)
-    assert not quality._finished(
-        run_dir, quality.train_command(spec, data, "hytrec", 0, run_dir, {"optim.dense_lr": 0.5}), 1
-    )
+    assert held(other) is None and held(spec, seed=1) is None
+    assert held(spec, recipe={"optim.dense_lr": 0.5}) is None
+    # Asked for more epochs, the shorter run is continued from its checkpoint (--resume): its
+    # epochs so far stay as they were, and the store counts every epoch's time.
+    before = (run_dir / "metrics.jsonl").read_text().splitlines()
+    _run("benchmarks/quality.py", *common, "--epochs", "3", "--reuse-finished")
+    after = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert len(after) == 3 and after[:2] == before
+    (longer,) = json.loads((results / "quality.json").read_text())
+    assert longer["epochs_run"] == 3
+    assert longer["train_wall_s"] == pytest.approx(sum(json.loads(line)["epoch_s"] for line in after))
 
     # The recipe search: every point on seed 0, the best valid one trains seed 1, and an ablation
     # takes HyTRec's point; the page shows the search.
