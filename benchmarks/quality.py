@@ -511,6 +511,8 @@ def bootstrap_table(rows: List[Dict[str, Any]]) -> List[str]:
     """HyTRec minus every other preset on the long bucket (:func:`paired_bootstrap`)."""
     name, min_length = LONG_BUCKET
     ours = [r for r in rows if r["preset"] == "hytrec"]
+    if not any(r.get(f"count/{name}", 0) for r in ours):
+        return []
     table: List[str] = []
     unavailable: List[str] = []
     for preset in _presets_of(rows):

@@ -51,7 +51,7 @@ def test_paired_bootstrap_of_a_known_difference(tmp_path: Path) -> None:
         quality.paired_bootstrap(runs["hytrec"], runs["sasrec_like"], 5000)
     # Ranks that are gone (another checkout's runs) are named, not skipped silently.
     Path(runs["sasrec_like"][1]["ranks_file"]).unlink()
-    rows = [{"preset": p, **r} for p, seeds in runs.items() for r in seeds]
+    rows = [{"preset": p, "count/len>=5k": 300, **r} for p, seeds in runs.items() for r in seeds]
     note = "\n".join(quality.bootstrap_table(rows))
     assert "No paired bootstrap of HyTRec minus sasrec_like" in note and "sasrec_like1.npz" in note
 
