@@ -14,6 +14,7 @@ total number of events.
 """
 
 import argparse
+import os
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -123,7 +124,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     threads = torch.get_num_threads()
     print(
         f"device={device} threads={threads} heads={H} dim={D} chunk={C} torch={torch.__version__} "
-        f"load average={load_average()}"
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')} load average={load_average()}"
     )
     print("times: min/median/max ms over the repeats; ratios and GFLOP/s from the medians")
 
