@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -252,6 +252,12 @@ def recipe_tag(recipe: Dict[str, Any]) -> str:
     return ",".join(f"{key.rsplit('.', 1)[-1]}={value}" for key, value in recipe.items())
 
 
+def run_name(dataset: str, preset: str, seed: int, recipe: Dict[str, Any]) -> str:
+    """The name of one run's folder (and of its kept ranks file)."""
+    tag = recipe_tag(recipe)
+    return f"{dataset}-{preset}{'-' + tag if tag else ''}-seed{seed}"
+
+
 def best_epoch_test(run_dir: Path, epochs: int) -> Dict[str, Any]:
     """Test figures (overall and by bucket) of the epoch, among the first ``epochs``, with the best
     valid NDCG@10, that epoch's valid NDCG@10 and its per-user ranks file."""
@@ -275,7 +281,11 @@ def keep_ranks(result: Dict[str, Any], out_dir: Path) -> Dict[str, Any]:
     if ranks is None or not (ROOT / ranks).exists() or (ROOT / ranks).parent == (out_dir / "ranks").resolve():
         return result
     source = np.load(ROOT / ranks)
-    target = out_dir / "ranks" / f"{Path(ranks).parents[1].name}.npz"
+    target = (
+        out_dir
+        / "ranks"
+        / f"{run_name(result['dataset'], result['preset'], result['seed'], result['recipe'])}.npz"
+    )
     target.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(
         target, **{k: source[k].astype(np.int32) for k in source.files if k.startswith("test_")}
@@ -340,7 +350,7 @@ def run_one(
     reuse: bool,
 ) -> Dict[str, Any]:
     tag = recipe_tag(recipe)
-    run_dir = runs_dir / f"{spec.name}-{preset}{'-' + tag if tag else ''}-seed{seed}"
+    run_dir = runs_dir / run_name(spec.name, preset, seed, recipe)
     cmd = train_command(spec, data, preset, seed, run_dir, recipe)
     started = time.perf_counter()
     done = _epochs_done(run_dir, cmd) if reuse else None
@@ -507,14 +517,15 @@ def search_table(rows: List[Dict[str, Any]]) -> List[str]:
     return lines + [""]
 
 
-def bootstrap_table(rows: List[Dict[str, Any]]) -> List[str]:
-    """HyTRec minus every other preset on the long bucket (:func:`paired_bootstrap`)."""
-    name, min_length = LONG_BUCKET
+def bootstrap_table(rows: List[Dict[str, Any]], bucket: Optional[Tuple[str, int]] = None) -> List[str]:
+    """HyTRec minus every other preset (:func:`paired_bootstrap`) on the test users of ``bucket``
+    (name, least events), or on every test user when ``None``."""
+    name, min_length = bucket or ("all", 0)
     ours = [r for r in rows if r["preset"] == "hytrec"]
-    if not any(r.get(f"count/{name}", 0) for r in ours):
+    if bucket is not None and not any(r.get(f"count/{name}", 0) for r in ours):
         return []
     table: List[str] = []
-    unavailable: List[str] = []
+    missing: Dict[str, List[str]] = {}
     for preset in _presets_of(rows):
         if preset == "hytrec":
             continue
@@ -522,10 +533,7 @@ def bootstrap_table(rows: List[Dict[str, Any]]) -> List[str]:
         if result is None:
             continue
         if "missing" in result:
-            unavailable.append(
-                f"No paired bootstrap of HyTRec minus {preset}: the per-user ranks of its runs are not "
-                f"in this checkout ({', '.join(result['missing'])}); re-run them to compute it."
-            )
+            missing[preset] = result["missing"]
             continue
         table.append(
             f"| {preset} | {result['users']} | {result['seeds']} | {result['diff']:+.4f} | "
@@ -533,18 +541,26 @@ def bootstrap_table(rows: List[Dict[str, Any]]) -> List[str]:
             + ", ".join(f"{x:+.4f}" for x in result["per_seed"])
             + " |"
         )
+    users = "every test user" if bucket is None else f"test users with >= {min_length} events ({name})"
     if table:
         table = [
-            f"HyTRec minus each model on test users with >= {min_length} events ({name}), HR@10, "
-            f"paired by user and seed, 95% bootstrap interval over users ({BOOTSTRAP_RESAMPLES} "
-            "resamples):",
+            f"HyTRec minus each model on {users}, HR@10, paired by user and seed, 95% bootstrap "
+            f"interval over users ({BOOTSTRAP_RESAMPLES} resamples):",
             "",
             "| HyTRec minus | users | seeds | difference | 95% interval | per seed |",
             "|---|---|---|---|---|---|",
             *table,
             "",
         ]
-    return table + [line for note in unavailable for line in (note, "")]
+    if missing:
+        files = sorted({f for fs in missing.values() for f in fs})
+        table += [
+            f"No paired bootstrap on {users} of HyTRec minus {', '.join(missing)}: the per-user ranks "
+            f"of {len(files)} of their runs are not in this checkout (e.g. {files[0]}); re-run them "
+            "to compute it.",
+            "",
+        ]
+    return table
 
 
 def summarise(results: List[Dict[str, Any]]) -> str:
@@ -591,7 +607,7 @@ def summarise(results: List[Dict[str, Any]]) -> str:
                 cells.append(f"{_mean_std([r[f'hr@10/{b}'] for r in mine if f'hr@10/{b}' in r])} ({count})")
             lines.append(f"| {preset} | " + " | ".join(cells) + " |")
         lines.append("")
-        lines += bootstrap_table(rows)
+        lines += bootstrap_table(rows) + bootstrap_table(rows, LONG_BUCKET)
     return "\n".join(lines)
 
 

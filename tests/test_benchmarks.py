@@ -52,8 +52,31 @@ def test_paired_bootstrap_of_a_known_difference(tmp_path: Path) -> None:
     # Ranks that are gone (another checkout's runs) are named, not skipped silently.
     Path(runs["sasrec_like"][1]["ranks_file"]).unlink()
     rows = [{"preset": p, "count/len>=5k": 300, **r} for p, seeds in runs.items() for r in seeds]
-    note = "\n".join(quality.bootstrap_table(rows))
-    assert "No paired bootstrap of HyTRec minus sasrec_like" in note and "sasrec_like1.npz" in note
+    note = "\n".join(quality.bootstrap_table(rows, quality.LONG_BUCKET))
+    assert "No paired bootstrap on test users with >= 5000 events" in note and "sasrec_like1.npz" in note
+
+
+def test_kept_ranks_are_named_by_their_run(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import quality
+
+    rows = []
+    for seed in (0, 1):
+        source = tmp_path / "runs" / f"run{seed}" / "ranks" / "epoch003.npz"
+        source.parent.mkdir(parents=True)
+        np.savez(source, test_ranks=np.full(5, seed), valid_ranks=np.zeros(5))
+        rows.append(
+            {"dataset": "d", "preset": "hytrec", "seed": seed, "recipe": {}, "ranks_file": str(source)}
+        )
+    # Kept once, then kept again from the first results folder into a second one.
+    for out in ("results", "copy"):
+        rows = [quality.keep_ranks(r, tmp_path / out) for r in rows]
+        assert [Path(r["ranks_file"]) for r in rows] == [
+            tmp_path / out / "ranks" / f"d-hytrec-seed{s}.npz" for s in (0, 1)
+        ]
+        kept = [np.load(r["ranks_file"]) for r in rows]
+        assert [k.files for k in kept] == [["test_ranks"]] * 2  # the test split only
+        assert [int(k["test_ranks"][0]) for k in kept] == [0, 1]
 
 
 def test_encoder_parameters_of_a_stored_run() -> None:
