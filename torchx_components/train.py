@@ -94,10 +94,9 @@ def hytrec(
         image: container image with this package installed (ignored by ``local_cwd``)
         max_retries: scheduler retries of the whole job
         env: environment variables for the workers (e.g. ENV1=v1,ENV2=v2); ``OMP_NUM_THREADS``
-            defaults to the replica's CPUs shared out between its processes, and
-            ``OMP_WAIT_POLICY`` to ``PASSIVE`` (idle OpenMP threads sleep instead of spinning, so
-            a worker sharing its cores with other processes does not stall; the README's
-            "CPU processes" gives the measured effect)
+            defaults to the replica's CPUs shared out between its processes; on hosts whose
+            cores other processes share, add ``OMP_WAIT_POLICY=PASSIVE`` (the README's
+            "CPU processes" gives the measured trade-off)
         rdzv_port: port on rank 0's host for the c10d rendezvous store (multi-node only)
         name: job name
     """
@@ -124,9 +123,8 @@ def hytrec(
     for override in overrides or []:
         args += ["--set", override]
     nproc = int(j.split("x")[-1]) if "x" in j else 1
-    # torchrun would otherwise force one thread per process and warn about it. The wait policy
-    # must be in the environment: OpenMP reads it once, when torch loads.
-    env = {"OMP_NUM_THREADS": str(max(1, cpu // max(1, nproc))), "OMP_WAIT_POLICY": "PASSIVE", **(env or {})}
+    # torchrun would otherwise force one thread per process and warn about it.
+    env = {"OMP_NUM_THREADS": str(max(1, cpu // max(1, nproc))), **(env or {})}
     return dist.ddp(
         *args,
         m="torchrec_hytrec.train",
