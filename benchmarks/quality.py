@@ -355,14 +355,12 @@ def run_one(
     started = time.perf_counter()
     done = _epochs_done(run_dir, cmd) if reuse else None
     finished = done is not None and ((run_dir / "early_stopped.json").exists() or done >= spec.epochs)
-    trained = not finished
-    if trained:
+    if not finished:
         run_dir.mkdir(parents=True, exist_ok=True)
         # A shorter run of the same recipe continues from its last epoch instead of starting over.
-        resumed = bool(done)
-        if resumed:
+        if done:
             cmd = [*cmd, "--resume"]
-        with open(run_dir / "train.log", "a" if resumed else "w") as log:
+        with open(run_dir / "train.log", "a" if done else "w") as log:
             env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
             proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         if proc.returncode != 0:
@@ -371,7 +369,7 @@ def run_one(
         : spec.epochs
     ]
     # A reused or continued run's earlier process is gone: its epochs' time is what is left to count.
-    wall = time.perf_counter() - started if trained and not done else sum(r["epoch_s"] for r in rows)
+    wall = sum(r["epoch_s"] for r in rows) if finished or done else time.perf_counter() - started
     result = {
         "dataset": spec.name,
         "preset": preset,
@@ -522,7 +520,8 @@ def bootstrap_table(rows: List[Dict[str, Any]], bucket: Optional[Tuple[str, int]
     (name, least events), or on every test user when ``None``."""
     name, min_length = bucket or ("all", 0)
     ours = [r for r in rows if r["preset"] == "hytrec"]
-    if bucket is not None and not any(r.get(f"count/{name}", 0) for r in ours):
+    # A bucket with no user has nothing to compare, one with every user repeats the overall table.
+    if bucket is not None and all(r.get(f"count/{name}", 0) in (0, r.get("count")) for r in ours):
         return []
     table: List[str] = []
     missing: Dict[str, List[str]] = {}
@@ -570,6 +569,7 @@ def summarise(results: List[Dict[str, Any]]) -> str:
     for dataset in dict.fromkeys(r["dataset"] for r in results):
         lines += search_table([r for r in results if r["dataset"] == dataset])
         rows = [r for r in final_runs(results) if r["dataset"] == dataset]
+        params = {p: encoder_parameters(next(r for r in rows if r["preset"] == p)) for p in _presets_of(rows)}
         for protocol, prefix in PROTOCOLS.items():
             ranked = "every item ranked" if protocol == "all" else "the user's seen items removed"
             lines += [
@@ -585,8 +585,7 @@ def summarise(results: List[Dict[str, Any]]) -> str:
                 cells = [_mean_std([r[prefix + m] for r in mine if prefix + m in r]) for m in REPORTED]
                 wall = statistics.median(r["train_wall_s"] for r in mine)
                 used = ",".join(str(seed) for seed in sorted(r["seed"] for r in mine))
-                params = f"{encoder_parameters(mine[0]):,}"
-                lines.append(f"| {preset} | {params} | {used} | {' | '.join(cells)} | {wall:.0f} |")
+                lines.append(f"| {preset} | {params[preset]:,} | {used} | {' | '.join(cells)} | {wall:.0f} |")
             for name, figures in PUBLISHED.get(dataset, {}).get(protocol, {}).items():
                 published = [f"{figures[m]:.4f}" if m in figures else "–" for m in REPORTED]
                 lines.append(f"| {name}, published | – | – | {' | '.join(published)} | – |")

@@ -54,6 +54,8 @@ def test_paired_bootstrap_of_a_known_difference(tmp_path: Path) -> None:
     rows = [{"preset": p, "count/len>=5k": 300, **r} for p, seeds in runs.items() for r in seeds]
     note = "\n".join(quality.bootstrap_table(rows, quality.LONG_BUCKET))
     assert "No paired bootstrap on test users with >= 5000 events" in note and "sasrec_like1.npz" in note
+    # A bucket holding every test user would repeat the table over every user: it is left out.
+    assert quality.bootstrap_table([{**r, "count": 300} for r in rows], quality.LONG_BUCKET) == []
 
 
 def test_kept_ranks_are_named_by_their_run(tmp_path: Path) -> None:
