@@ -106,6 +106,25 @@ def test_without_initial_state_matches_oracle() -> None:
     assert_matches_oracle(inputs, offsets)
 
 
+@pytest.mark.parametrize("lengths", [[9, 0, 16, 17, 40, 3, 33], [3, 9, 16, 1]])
+def test_users_starting_from_zeros_match_oracle(lengths: List[int]) -> None:
+    # Without initial states the first chunk of every user reads no state and its products with
+    # one are left out; the second case has only first chunks.
+    inputs, offsets = make_inputs(lengths, 2, 16, seed=len(lengths), with_initial_state=False)
+    assert_matches_oracle(inputs, offsets, chunk_size=16)
+    # Training asks for no final state: the gradients of the outputs alone.
+    grads = {}
+    for op, dtype in ((naive_recurrent_tadn, torch.float64), (chunk_tadn, torch.float32)):
+        leaves = {n: x.detach().to(dtype).requires_grad_() for n, x in inputs.items()}
+        kwargs = {"chunk_size": 16} if op is chunk_tadn else {}
+        o, final = op(**leaves, offsets=offsets, **kwargs)
+        assert final is None
+        o.backward(torch.linspace(-1, 1, o.numel(), dtype=torch.float64).view(o.shape).to(dtype))
+        grads[op] = {"o": o.detach(), **{n: x.grad for n, x in leaves.items()}}
+    errors = {n: rel(grads[chunk_tadn][n], grads[naive_recurrent_tadn][n]) for n in grads[chunk_tadn]}
+    assert max(errors.values()) <= TOL, errors
+
+
 def test_each_user_equals_running_alone() -> None:
     lengths = [300, 1, 0, 65, 64, 7, 130]
     inputs, offsets = make_inputs(lengths, 2, 16, seed=7)

@@ -258,22 +258,33 @@ def unit_lower_inverse(a: torch.Tensor) -> torch.Tensor:
     return t[:, :C, :C] if size != C else t
 
 
+def _first_chunks_from_zeros(plan: _JaggedChunks, initial_state: Optional[torch.Tensor]) -> int:
+    """Chunk rows at the start of the layout that read no state: the first chunk of every user
+    when all users start from zeros (none otherwise). On short histories they are most rows, and
+    every product with the entering state or with their transitions can be left out for them."""
+    return plan.steps[0] if initial_state is None and plan.steps else 0
+
+
 def _state_pass(
-    plan: _JaggedChunks, m: torch.Tensor, states: torch.Tensor, num_heads: int, transpose: bool
+    plan: _JaggedChunks, m: torch.Tensor, states: torch.Tensor, num_heads: int, transpose: bool, skip: int
 ) -> None:
     """The only sequential loop, in place on ``states`` ``[(B + num_chunks) * H, K, V]``.
 
     Forward (``transpose=False``): slot after chunk row j += M_j @ slot entering it. Reverse:
     slot entering chunk row j += M_j^T @ slot after it, for chunk indices in reverse order.
+    ``m`` holds the transitions of chunk rows ``skip`` onwards; with ``skip`` set (the first
+    chunks, :func:`_first_chunks_from_zeros`) chunk index 0 is left out: forward it would add
+    products with zero states, reverse it would only feed the initial states' gradient.
     """
     H = num_heads
     B_H = states.shape[0] - plan.num_chunks * H
     # Per chunk index, views of its transitions and of the states after its chunks, made in one
     # call each: the loop then costs one product per step (slicing per step took half its time).
     sizes = [n * H for n in plan.steps]
-    transitions = (m.mT if transpose else m).split(sizes)
+    start = 1 if skip else 0
+    transitions = [None] * start + list((m.mT if transpose else m).split(sizes[start:]))
     afters = states[B_H:].split(sizes)
-    order = range(len(sizes) - 1, -1, -1) if transpose else range(len(sizes))
+    order = range(len(sizes) - 1, start - 1, -1) if transpose else range(start, len(sizes))
     with record_function("tadn_state_pass"):
         for c in order:
             # The users with a chunk at index c are the first of those with one at c - 1 (and
@@ -298,9 +309,11 @@ def _chunk_matrices(
     return bk, a, p
 
 
-def _effective_queries(qc: torch.Tensor, p: torch.Tensor, w: torch.Tensor, gates: _Gates) -> torch.Tensor:
+def _effective_queries(
+    qc: torch.Tensor, p: torch.Tensor, w: torch.Tensor, from_start: torch.Tensor
+) -> torch.Tensor:
     """``Qeff = diag(e^g) Q - P W``: what reads the state entering the chunk."""
-    return (gates.from_start[:, :, None] * qc).baddbmm_(p, w, alpha=-1)
+    return (from_start[:, :, None] * qc).baddbmm_(p, w, alpha=-1)
 
 
 class _ChunkTADN(torch.autograd.Function):
@@ -331,7 +344,9 @@ class _ChunkTADN(torch.autograd.Function):
         wu = torch.bmm(inverse, rhs)
         w, u = wu[..., :K], wu[..., K:]
         kd = gates.to_end[:, :, None] * kc
-        m = _transition(kd, w, gates.total)
+        skip = _first_chunks_from_zeros(plan, initial_state)
+        first = skip * H  # rows [first:] read a state
+        m = _transition(kd[first:], w[first:], gates.total[first:])
 
         states = q.new_empty((B + plan.num_chunks) * H, K, V, dtype=dtype)
         init = states[: B * H].view(B, H, K, V)
@@ -340,17 +355,20 @@ class _ChunkTADN(torch.autograd.Function):
         else:
             init.index_copy_(0, plan.init_slot, initial_state.to(dtype))
         torch.bmm(kd.mT, u, out=states[B * H :])
-        _state_pass(plan, m, states, H, transpose=False)
+        _state_pass(plan, m, states, H, transpose=False, skip=skip)
 
         slots = states.view(B + plan.num_chunks, H, K, V)
-        s_in = slots.index_select(0, plan.enter_slot).view(-1, K, V)
-        qeff = _effective_queries(qc, p, w, gates)
-        o = torch.bmm(p, u).baddbmm_(qeff, s_in, beta=scale, alpha=scale)
+        s_in = slots.index_select(0, plan.enter_slot[skip:]).view(-1, K, V)
+        qeff = _effective_queries(qc[first:], p[first:], w[first:], gates.from_start[first:])
+        o = torch.bmm(p, u)
+        o[:first].mul_(scale)
+        o[first:].baddbmm_(qeff, s_in, beta=scale, alpha=scale)
         final = slots.index_select(0, plan.final_slot) if output_final_state else None
         # The padded inputs are kept rather than re-gathered: they are the inputs' size.
         ctx.save_for_backward(qc, kc, vc, gc, bc, states, wu, m, inverse)
         ctx.input_meta = [(x.shape, x.dtype) for x in (q, k, v, log_alpha, beta)]
         ctx.num_heads = H
+        ctx.skip = skip
         ctx.plan = plan
         ctx.scale = scale
         ctx.initial_dtype = None if initial_state is None else initial_state.dtype
@@ -374,36 +392,42 @@ class _ChunkTADN(torch.autograd.Function):
         H, K, V = ctx.num_heads, kc.shape[2], vc.shape[2]
         B = plan.init_slot.numel()
         dtype = states.dtype
+        skip = ctx.skip
+        first = skip * H  # rows [first:] read a state; S_in = 0 before them
         w, u = wu[..., :K], wu[..., K:]
         dos = _to_chunks(do, plan, dtype).mul_(ctx.scale)
         gates = _gates(gc)
         bk, a, p = _chunk_matrices(qc, kc, bc, gates)
         kd = gates.to_end[:, :, None] * kc
-        qeff = _effective_queries(qc, p, w, gates)
+        qeff = _effective_queries(qc[first:], p[first:], w[first:], gates.from_start[first:])
 
         # Reverse state pass: dS_in = M^T dS_out + Qeff^T dO_s.
         dstates = torch.zeros_like(states)
         dslots = dstates.view(B + plan.num_chunks, H, K, V)
         if dfinal is not None:
             dslots.index_copy_(0, plan.final_slot, dfinal.to(dtype))
-        dslots.index_add_(0, plan.enter_slot, torch.bmm(qeff.mT, dos).view(-1, H, K, V))
-        _state_pass(plan, m, dstates, H, transpose=True)
+        dslots.index_add_(0, plan.enter_slot[skip:], torch.bmm(qeff.mT, dos[first:]).view(-1, H, K, V))
+        _state_pass(plan, m, dstates, H, transpose=True, skip=skip)
         d_out = dstates[B * H :]  # gradient of the state after every chunk
-        s_in = states.view(B + plan.num_chunks, H, K, V).index_select(0, plan.enter_slot).view(-1, K, V)
+        slots = states.view(B + plan.num_chunks, H, K, V)
+        s_in = slots.index_select(0, plan.enter_slot[skip:]).view(-1, K, V)
 
         # O = Qeff S_in + P U;  S_out = M S_in + Kd^T U;  M = e^{g_C} I - Kd^T W;  Qeff = e^g Q - P W.
-        dqeff = torch.bmm(dos, s_in.mT)
-        dm = torch.bmm(d_out, s_in.mT)
-        dp = torch.bmm(dos, u.mT).baddbmm_(dqeff, w.mT, alpha=-1)
+        # Terms with S_in (dQeff, dM) are zero on rows before ``first``.
+        dqeff = torch.bmm(dos[first:], s_in.mT)
+        dm = torch.bmm(d_out[first:], s_in.mT)
+        dp = torch.bmm(dos, u.mT)
+        dp[first:].baddbmm_(dqeff, w[first:].mT, alpha=-1)
         du = torch.bmm(p.mT, dos).baddbmm_(kd, d_out)
-        dw = torch.bmm(p.mT, dqeff).baddbmm_(kd, dm, beta=-1, alpha=-1)
-        dkd = torch.bmm(u, d_out.mT).baddbmm_(w, dm.mT, alpha=-1)
-        d_total = dm.diagonal(dim1=-2, dim2=-1).sum(-1)
-        d_from_start = (dqeff * qc).sum(-1)
-        dq = gates.from_start[:, :, None] * dqeff
+        dwu = torch.empty_like(wu)
+        dwu[:first, :, :K] = 0
+        dwu[first:, :, :K] = torch.bmm(p[first:].mT, dqeff).baddbmm_(kd[first:], dm, beta=-1, alpha=-1)
+        dwu[..., K:] = du
+        dkd = torch.bmm(u, d_out.mT)
+        dkd[first:].baddbmm_(w[first:], dm.mT, alpha=-1)
 
         # [W | U] = (I + A)^{-1} RHS  =>  dRHS = (I + A)^{-T} [dW | dU],  dA = -dRHS [W | U]^T.
-        drhs = torch.bmm(inverse.mT, torch.cat([dw, du], dim=-1))
+        drhs = torch.bmm(inverse.mT, dwu)
         dkbe, dvb = drhs[..., :K], drhs[..., K:]
         neg_da = torch.bmm(drhs, wu.mT).tril_(-1)
 
@@ -413,7 +437,8 @@ class _ChunkTADN(torch.autograd.Function):
         dg = e.sum(-1) - e.sum(-2)
         dpd = dp.mul_(gates.decay)
         neg_dad = neg_da.mul_(gates.decay)
-        dq.baddbmm_(dpd, kc)
+        dq = torch.bmm(dpd, kc)
+        dq[first:].addcmul_(gates.from_start[first:, :, None], dqeff)
         dk = torch.bmm(dpd.mT, qc).baddbmm_(neg_dad.mT, bk, alpha=-1)
         y = torch.bmm(neg_dad, kc)
         dk.addcmul_(bc[:, :, None], y, value=-1)
@@ -423,12 +448,14 @@ class _ChunkTADN(torch.autograd.Function):
         dk.addcmul_((bc * gates.from_start)[:, :, None], dkbe)
         dkbe_k = (dkbe * kc).sum(-1)
         dbeta += gates.from_start * dkbe_k + (dvb * vc).sum(-1)
-        d_from_start += bc * dkbe_k
+        d_from_start = bc * dkbe_k
+        d_from_start[first:] += (dqeff * qc[first:]).sum(-1)
         dv = bc[:, :, None] * dvb
         dk.addcmul_(gates.to_end[:, :, None], dkd)
         t = (dkd * kc).sum(-1) * gates.to_end
         dg += d_from_start * gates.from_start - t
-        dg[:, -1] += t.sum(-1) + d_total * gates.total
+        dg[:, -1] += t.sum(-1)
+        dg[first:, -1] += dm.diagonal(dim1=-2, dim2=-1).sum(-1) * gates.total[first:]
         # The gates are sums of log_alpha: d log_alpha_l = sum over i >= l of dg_i.
         dlog_alpha = dg.flip(-1).cumsum(-1).flip(-1)
 
