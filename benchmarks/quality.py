@@ -95,9 +95,16 @@ ABLATIONS: Dict[str, Dict[str, Any]] = {
     "hytrec_ratio_1to1": {"model.encoder.long_pattern": "TATA"},
     "hytrec_ratio_7to1": {"model.encoder.long_pattern": "TTTTTTTA"},
 }
-# What a run can train: every preset, then every ablation.
+# The all-softmax baseline at HyTRec's parameter count: the SASRec-like preset with wider
+# feed-forward blocks (hidden 214 = 3.35 d at d = 64: 233,024 encoder parameters against
+# HyTRec's 233,346; the preset itself has 166,976).
+EQUAL_PARAMETER_BASELINES: Dict[str, Dict[str, Any]] = {
+    "sasrec_like_wide": {"model.preset": "sasrec_like", "model.encoder.ffn_multiplier": 3.35},
+}
+# What a run can train: every preset, the equal-parameter baseline, then every ablation.
 VARIANTS: Dict[str, Dict[str, Any]] = {
     **{p: {"model.preset": p} for p in PRESETS},
+    **EQUAL_PARAMETER_BASELINES,
     **{name: {"model.preset": "hytrec", **changes} for name, changes in ABLATIONS.items()},
 }
 
@@ -152,7 +159,7 @@ DATASETS = {
         name="beauty",
         source=SHARED_DATA / "amazon_beauty.txt",
         convert_format="s3rec",
-        epochs=15,
+        epochs=40,
         # Histories average 9 events: a window of 8 leaves the long branch something to read.
         # Sparse data (8 interactions per item): heavy dropout, small batches, many steps.
         overrides={

@@ -98,6 +98,11 @@ def test_encoder_parameters_of_a_stored_run() -> None:
     row = {**row, "preset": "hytrec_no_short_branch"}
     expected = count(HyTRecConfig.hytrec(embedding_dim=32, use_short_branch=False))
     assert quality.encoder_parameters(row) == expected < count(HyTRecConfig.hytrec(embedding_dim=32))
+    # The equal-parameter baseline holds HyTRec's count at the benchmark's width, to 0.5%.
+    wide = {"overrides": {"model.encoder.embedding_dim": 64}, "preset": "sasrec_like_wide"}
+    hytrec = count(HyTRecConfig.hytrec(embedding_dim=64))
+    assert abs(quality.encoder_parameters(wide) - hytrec) < 0.005 * hytrec
+    assert quality.encoder_parameters({**wide, "preset": "sasrec_like"}) < 0.75 * hytrec
 
 
 @pytest.mark.slow
