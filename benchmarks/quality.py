@@ -491,6 +491,35 @@ def paired_bootstrap(
     }
 
 
+def merge_runs(stored: List[Dict[str, Any]], new: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The store after the runs ``new``: the stored runs they neither repeat nor make stale, then
+    ``new``.
+
+    A run repeats a stored one of the same dataset, preset, seed and recipe. A new search of a
+    (dataset, preset) makes the stored runs of its other recipes stale; a new search of HyTRec
+    also those of the ablations (they train with HyTRec's chosen recipe).
+    """
+
+    def key(r: Dict[str, Any]) -> tuple:
+        return r["dataset"], r["preset"], r["seed"], recipe_tag(r.get("recipe", {}))
+
+    done = {key(r) for r in new}
+    chosen_now = {
+        (r["dataset"], r["preset"]): recipe_tag(r["recipe"])
+        for r in new
+        if r.get("search_point") and r["chosen"]
+    }
+
+    def still_valid(r: Dict[str, Any]) -> bool:
+        owner = "hytrec" if r["preset"] in ABLATIONS else r["preset"]
+        searched = chosen_now.get((r["dataset"], owner))
+        return key(r) not in done and (
+            searched is None or (not r.get("search_point") and recipe_tag(r.get("recipe", {})) == searched)
+        )
+
+    return [r for r in stored if still_valid(r)] + new
+
+
 def final_runs(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """The runs the tables report: without a search, every run; with one, the chosen point's."""
     return [r for r in results if r.get("chosen", True)]
@@ -780,26 +809,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
             new = trials + list(pool.map(job_run, jobs))
     # Earlier invocations' runs on other (dataset, preset, seed) stay: datasets can be run one by one.
     store = out_dir / "quality.json"
-
-    def key(r: Dict[str, Any]) -> tuple:
-        return r["dataset"], r["preset"], r["seed"], recipe_tag(r.get("recipe", {}))
-
-    done = {key(r) for r in new}
-    # A new search of a (dataset, preset) makes earlier runs of its other recipes stale.
-    chosen_now = {
-        (r["dataset"], r["preset"]): recipe_tag(r["recipe"])
-        for r in new
-        if r.get("search_point") and r["chosen"]
-    }
-
-    def still_valid(r: Dict[str, Any]) -> bool:
-        searched = chosen_now.get((r["dataset"], r["preset"]))
-        return key(r) not in done and (
-            searched is None or (not r.get("search_point") and recipe_tag(r.get("recipe", {})) == searched)
-        )
-
-    kept = [r for r in json.loads(store.read_text()) if still_valid(r)] if store.exists() else []
-    results = [keep_ranks(r, out_dir) for r in kept + new]
+    stored = json.loads(store.read_text()) if store.exists() else []
+    results = [keep_ranks(r, out_dir) for r in merge_runs(stored, new)]
     store.write_text(json.dumps(results, indent=1))
     table = summarise(results)
     plots = plot(results, out_dir) if results else []

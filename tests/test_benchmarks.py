@@ -81,6 +81,37 @@ def test_kept_ranks_are_named_by_their_run(tmp_path: Path) -> None:
         assert [int(k["test_ranks"][0]) for k in kept] == [0, 1]
 
 
+def test_a_new_search_makes_other_recipes_and_their_ablations_stale() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import quality
+
+    old, chosen = {"optim.dense_lr": 0.001}, {"optim.dense_lr": 0.003}
+
+    def run(preset: str, seed: int, recipe: dict, **flags) -> dict:
+        return {"dataset": "ml100k", "preset": preset, "seed": seed, "recipe": recipe, **flags}
+
+    stored = [
+        run("hytrec", 0, old, search_point=True, chosen=True),
+        run("hytrec", 1, old),
+        run("hytrec_no_time_decay", 0, old),  # trained with HyTRec's earlier choice
+        run("sasrec_like", 0, old, search_point=True, chosen=True),
+        run("sasrec_like", 1, old),
+        {**run("hytrec", 1, old), "dataset": "beauty"},
+    ]
+    new = [
+        run("hytrec", 0, old, search_point=True, chosen=False),
+        run("hytrec", 0, chosen, search_point=True, chosen=True),
+        run("hytrec", 1, chosen),
+    ]
+    merged = quality.merge_runs(stored, new)
+    # The other presets, datasets and the new runs stay; HyTRec's and its ablation's runs of the
+    # earlier choice go, as does the repeated search point.
+    assert merged == stored[3:] + new
+    # Without a new HyTRec search an ablation's stored run is kept, and a repeat replaces it.
+    assert quality.merge_runs(stored[2:3], []) == stored[2:3]
+    assert quality.merge_runs(stored[2:3], [dict(stored[2], hr=1.0)]) == [dict(stored[2], hr=1.0)]
+
+
 def test_encoder_parameters_of_a_stored_run() -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import quality
