@@ -453,7 +453,10 @@ def paired_bootstrap(
     two sides share no seed with saved ranks or no user is in the bucket.
     """
     by_seed = {r["seed"]: r for r in theirs if r.get("ranks_file")}
-    pairs = [(r, by_seed[r["seed"]]) for r in ours if r.get("ranks_file") and r["seed"] in by_seed]
+    pairs = sorted(
+        ((r, by_seed[r["seed"]]) for r in ours if r.get("ranks_file") and r["seed"] in by_seed),
+        key=lambda pair: pair[0]["seed"],
+    )
     if not pairs:
         return None
     missing = sorted(

@@ -282,7 +282,7 @@ def _state_pass(
     # call each: the loop then costs one product per step (slicing per step took half its time).
     sizes = [n * H for n in plan.steps]
     start = 1 if skip else 0
-    transitions = [None] * start + list((m.mT if transpose else m).split(sizes[start:]))
+    transitions = (m.mT if transpose else m).split(sizes[start:])  # chunk index c is [c - start]
     afters = states[B_H:].split(sizes)
     order = range(len(sizes) - 1, start - 1, -1) if transpose else range(start, len(sizes))
     with record_function("tadn_state_pass"):
@@ -293,9 +293,9 @@ def _state_pass(
             if enter.shape[0] != sizes[c]:
                 enter = enter[: sizes[c]]
             if transpose:
-                enter.baddbmm_(transitions[c], afters[c])
+                enter.baddbmm_(transitions[c - start], afters[c])
             else:
-                afters[c].baddbmm_(transitions[c], enter)
+                afters[c].baddbmm_(transitions[c - start], enter)
 
 
 def _chunk_matrices(
