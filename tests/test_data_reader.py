@@ -135,6 +135,14 @@ def test_evaluation_rows_keep_the_last_max_seq_len_events(synthetic) -> None:
     assert reader.stats.truncated_users == int((end > 128).sum()) > 0
     assert reader.stats.truncated_events == int(np.maximum(end - 128, 0).sum())
     assert reader.stats.targets == 0
+    # The cut events' items ride along, so the seen items are the user's whole input.
+    for batch in batches:
+        assert batch.prior_item_ids.numel() == int(batch.history_starts.sum())
+        seen, seen_lengths = batch.seen_items()
+        assert torch.equal(seen_lengths, batch.history_lengths())
+        for uid, items in zip(batch.user_ids.tolist(), seen.split(seen_lengths.tolist())):
+            np.testing.assert_array_equal(items.numpy(), seqs.rows(uid, uid + 1).item_ids[: end[uid]])
+    assert next(iter(_reading(path)())).prior_item_ids is None  # training batches carry none
 
 
 def test_batches_are_packed_greedily_and_respect_max_batch_size(synthetic) -> None:
@@ -322,6 +330,8 @@ def test_pipelineable_to(synthetic) -> None:
     assert torch.equal(moved.features.values(), batch.features.values())
     assert torch.equal(moved.offsets(), batch.offsets())
     assert torch.equal(moved.timestamps, batch.timestamps)
+    evaluation = next(iter(_reading(path, split="test", max_seq_len=8)()))
+    assert torch.equal(evaluation.to(torch.device("cpu")).prior_item_ids, evaluation.prior_item_ids)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pin_memory / record_stream need CUDA")

@@ -200,6 +200,38 @@ def test_catalogue_ranks_equal_brute_force(exclude_seen: bool, monkeypatch: pyte
     torch.testing.assert_close(scores, want_scores)  # matmul blocking may move the last bit
 
 
+def test_unseen_ranking_removes_the_items_cut_from_an_evaluation_row() -> None:
+    model = make_retrieval()
+    batch = make_batch([5, 9, 2], seed=3, evaluation=True)
+    model.eval()
+    with torch.no_grad():
+        _, window_only = model(batch)
+    table = item_table_shards(model.model.embedding_collection)[0][0][1]
+    # Users 0 and 2 saw, before their rows, the three items outside the row that beat the target most.
+    offsets = batch.offsets()
+    prior = []
+    for u in range(3):
+        target, row = int(batch.targets[u]), set(batch.item_ids[offsets[u] : offsets[u + 1]].tolist())
+        order = torch.argsort(table @ window_only.query[u], descending=True).tolist()
+        prior.append([i for i in order if i not in row | {0, target}][:3] if u != 1 else [])
+    batch.history_starts = torch.tensor([len(p) for p in prior])
+    batch.prior_item_ids = torch.tensor([i for p in prior for i in p], dtype=torch.long)
+    with torch.no_grad():
+        _, out = model(batch)
+    # The model never reads the prior items: same states as without them.
+    torch.testing.assert_close(out.query, window_only.query, rtol=0, atol=0)
+    ranks = RetrievalEvaluator(model, exclude_seen=True).update(out)
+    window_ranks = RetrievalEvaluator(model, exclude_seen=True).update(window_only)
+    for u in range(3):
+        scores = table @ out.query[u]
+        target = int(batch.targets[u])
+        seen = set(batch.item_ids[offsets[u] : offsets[u + 1]].tolist()) | set(prior[u])
+        others = [i for i in range(1, NUM_ITEMS + 1) if i != target and i not in seen]
+        assert int(ranks[u]) == sum(bool(scores[i] > scores[target]) for i in others)
+    # Removing the prior items moves exactly the users that have some.
+    assert (ranks[[0, 2]] < window_ranks[[0, 2]]).all() and ranks[1] == window_ranks[1]
+
+
 def test_evaluate_uses_request_time_and_reports_metrics() -> None:
     model = make_retrieval()
     batches = [make_batch([5, 9, 2], seed=4, evaluation=True), make_batch([3, 30], seed=5, evaluation=True)]

@@ -22,7 +22,9 @@ A batch row is a window of one user's history: a training history longer than th
 ``max_seq_len`` comes as several rows (windows) of the same user, each later window starting with
 ``context_lengths`` events of the one before it, which it reads but does not predict again; an
 evaluation row holds the last events before its target. ``history_starts`` places each row in
-its user's whole history.
+its user's whole history, and an evaluation row cut to its last events carries the items of the
+events it does not hold in ``prior_item_ids``, so a ranking that removes the user's seen items
+removes all of them.
 """
 
 from dataclasses import dataclass
@@ -60,6 +62,10 @@ class SequenceBatch(Pipelineable):
         history_starts: optional ``[B]`` int64 position of each row's first event in its user's
             whole history (``> 0`` when older events are in another window or were not read).
             ``None`` is the same as zeros.
+        prior_item_ids: optional ``[sum(history_starts)]`` int64 items of each row's user before
+            the row's first event (``history_starts`` of them per row): what
+            :meth:`seen_items` adds to the row's own items. The reader fills it in evaluation
+            batches; ``None`` (training batches) carries none.
 
     Example::
 
@@ -82,6 +88,7 @@ class SequenceBatch(Pipelineable):
     weights: torch.Tensor
     context_lengths: Optional[torch.Tensor] = None
     history_starts: Optional[torch.Tensor] = None
+    prior_item_ids: Optional[torch.Tensor] = None
 
     def _tensors(self) -> List[Optional[torch.Tensor]]:
         return [
@@ -90,10 +97,11 @@ class SequenceBatch(Pipelineable):
             self.weights,
             self.context_lengths,
             self.history_starts,
+            self.prior_item_ids,
         ]
 
     def _with(self, features: KeyedJaggedTensor, tensors: List[Optional[torch.Tensor]]) -> "SequenceBatch":
-        user_ids, target_timestamps, weights, context_lengths, history_starts = tensors
+        user_ids, target_timestamps, weights, context_lengths, history_starts, prior_item_ids = tensors
         return SequenceBatch(
             features=features,
             user_ids=user_ids,
@@ -101,6 +109,7 @@ class SequenceBatch(Pipelineable):
             weights=weights,
             context_lengths=context_lengths,
             history_starts=history_starts,
+            prior_item_ids=prior_item_ids,
         )
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "SequenceBatch":
@@ -153,6 +162,22 @@ class SequenceBatch(Pipelineable):
         offsets = self.offsets()
         lengths = offsets[1:] - offsets[:-1]
         return lengths if self.history_starts is None else lengths + self.history_starts
+
+    def seen_items(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(ids, lengths)``: the jagged items each row's user has interacted with, grouped by
+        row: its ``prior_item_ids`` (when carried), then the row's own items."""
+        offsets = self.offsets()
+        lengths = offsets[1:] - offsets[:-1]
+        if self.prior_item_ids is None:
+            return self.item_ids, lengths
+        if self.history_starts is None:
+            raise ValueError("SequenceBatch.prior_item_ids needs history_starts (its lengths per row)")
+        rows = torch.arange(lengths.numel(), device=lengths.device)
+        owner = torch.cat(
+            [torch.repeat_interleave(rows, self.history_starts), torch.repeat_interleave(rows, lengths)]
+        )
+        order = torch.sort(owner, stable=True).indices
+        return torch.cat([self.prior_item_ids, self.item_ids])[order], lengths + self.history_starts
 
 
 def training_queries(

@@ -22,7 +22,8 @@ is read as consecutive windows, each after the oldest starting with ``overlap`` 
 previous one as context (:class:`ReaderConfig`; the batch's ``context_lengths``), so every event
 but the user's first is predicted exactly once per epoch (``stats.targets`` counts them). An
 evaluation row holds the last ``max_seq_len`` events before its target; that cut is counted in
-:attr:`SequenceReader.stats` and logged once per epoch.
+:attr:`SequenceReader.stats` and logged once per epoch, and the items of the events it cut ride
+in the batch's ``prior_item_ids`` (the seen items a ranking may remove, never model input).
 
 Splits (see :mod:`torchrec_hytrec.data.splits`): training batches hold all but each user's last
 two events (no ``target_item_id``, ``target_timestamps`` ``-1``); evaluation batches hold the
@@ -188,7 +189,8 @@ class _Ranges:
 class _Block:
     """Users of one row group ready for batching: inputs gathered, in batching order.
 
-    ``values`` are the timestamps (seconds), the item ids and the side features, in key order.
+    ``values`` are the timestamps (seconds), the item ids and the side features, in key order;
+    ``prior_items`` (evaluation only) the items before each row, at ``prior_offsets``.
     """
 
     lengths: np.ndarray
@@ -199,6 +201,8 @@ class _Block:
     values: List[np.ndarray]
     targets: np.ndarray
     target_timestamps: np.ndarray
+    prior_items: Optional[np.ndarray] = None
+    prior_offsets: Optional[np.ndarray] = None
 
 
 def _gather_index(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -612,11 +616,14 @@ class SequenceReader(IterableDataset):
             has_target = target >= 0
             target_index = first + np.where(has_target, target, 0)
             stats.skipped_users += seqs.num_users - np.unique(rows).size
+            prior = None
             if self._split is Split.TRAIN:
                 stats.windowed_users += np.unique(rows[r.starts > 0]).size
             else:
                 stats.truncated_users += int((r.starts > 0).sum())
                 stats.truncated_events += int(r.starts.sum())
+                # The events cut from an evaluation row are still the user's seen items.
+                prior = seqs.item_ids[_gather_index(first, r.starts)]
             yield _Block(
                 lengths=r.lengths,
                 contexts=r.contexts,
@@ -627,6 +634,8 @@ class SequenceReader(IterableDataset):
                 + [seqs.features[k][index] for k in self._features],
                 targets=np.where(has_target, seqs.item_ids[target_index], -1),
                 target_timestamps=np.where(has_target, seqs.timestamps[target_index] // scale, -1),
+                prior_items=prior,
+                prior_offsets=None if prior is None else np.r_[0, np.cumsum(r.starts)],
             )
 
     def _candidates(self, index: int) -> np.ndarray:
@@ -654,6 +663,11 @@ class SequenceReader(IterableDataset):
         candidate_lengths = torch.zeros(batch_size, dtype=torch.int32)
         candidate_lengths[-1] = candidates.size
         values = [b.values[k][s] for k in range(len(self._features) + 2) for b, s in zip(blocks, spans)]
+        prior = None
+        if evaluation:
+            prior = torch.from_numpy(
+                np.concatenate([b.prior_items[b.prior_offsets[i] : b.prior_offsets[j]] for b, i, j in parts])
+            )
         return SequenceBatch(
             features=KeyedJaggedTensor(
                 keys=sequence_keys(self._features),
@@ -671,6 +685,7 @@ class SequenceReader(IterableDataset):
             weights=torch.full((batch_size,), weight, dtype=torch.float32),
             context_lengths=torch.from_numpy(per_user("contexts")),
             history_starts=torch.from_numpy(per_user("history_starts")),
+            prior_item_ids=prior,
         )
 
     def _parts(

@@ -243,7 +243,7 @@ class RetrievalEvaluator:
             outputs: ``HyTRecRetrievalTrain``'s outputs on an evaluation batch (evaluation mode).
         """
         shards, sharded = item_table_shards(self._collection)
-        seen_offsets = torch.cat([outputs.lengths.new_zeros(1), outputs.lengths.cumsum(0)])
+        seen_offsets = torch.cat([outputs.seen_lengths.new_zeros(1), outputs.seen_lengths.cumsum(0)])
         ranks = catalogue_ranks(
             query=outputs.query,
             target_ids=outputs.positive_ids,

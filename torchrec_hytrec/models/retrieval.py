@@ -274,7 +274,9 @@ class RetrievalTrainOutput(NamedTuple):
         lengths: ``[B]`` events of every user (row) of the batch.
         history_lengths: ``[B]`` events of each row's user up to the row's end, older events the
             row does not hold included (what history-length buckets count).
-        seen_ids: ``[sum(n)]`` the users' history items (for rankings that remove seen items).
+        seen_ids: the items each user has interacted with, grouped by row, the events an
+            evaluation row was cut to exclude included (for rankings that remove seen items).
+        seen_lengths: ``[B]`` items of each row in ``seen_ids``.
     """
 
     loss: torch.Tensor
@@ -285,6 +287,7 @@ class RetrievalTrainOutput(NamedTuple):
     lengths: torch.Tensor
     history_lengths: torch.Tensor
     seen_ids: torch.Tensor
+    seen_lengths: torch.Tensor
 
 
 class RetrievalLoss(nn.Module):
@@ -382,6 +385,7 @@ class HyTRecRetrievalTrain(nn.Module):
         output = self.model(batch)
         loss = self.loss(output)
         offsets = batch.offsets()
+        seen_ids, seen_lengths = batch.seen_items()
         return loss, RetrievalTrainOutput(
             loss=loss.detach(),
             query=output.query.detach(),
@@ -390,5 +394,6 @@ class HyTRecRetrievalTrain(nn.Module):
             positive_scores=output.positive_scores.detach(),
             lengths=offsets[1:] - offsets[:-1],
             history_lengths=batch.history_lengths(),
-            seen_ids=batch.item_ids,
+            seen_ids=seen_ids,
+            seen_lengths=seen_lengths,
         )
