@@ -269,6 +269,32 @@ def test_batch_of_users_within_the_short_window_skips_the_long_stack_exactly() -
     torch.testing.assert_close(mixed[: short.shape[0]], alone, rtol=1e-5, atol=1e-6)
 
 
+def test_training_form_runs_the_long_stack_on_the_prefixes_it_reads_exactly() -> None:
+    # The long summary of event i is read at i - K: the stack needs each user's first n - K
+    # events only. Against the stack over every event, on outputs and on every gradient (fp64;
+    # the chunk plans differ, so gradients agree to rounding, about 1e-11 here).
+    lengths = [1, K, K + 1, 3 * K, 40, 0, 5]
+    values, offsets, timestamps = _batch(lengths, seed=8)
+    results = []
+    for prefixes in (True, False):
+        encoder = _encoder("hytrec_windowed").double().train()
+        if not prefixes:
+            encoder._long_prefixes = lambda ctx: None
+        calls: List[int] = []
+        encoder.long_layers[0].register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+        x = values.double().requires_grad_(True)
+        out = encoder(x, offsets, timestamps)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        grads = {name: p.grad for name, p in encoder.named_parameters()}
+        results.append((calls, out.detach(), x.grad, grads))
+    (calls, out, dx, grads), (all_calls, want, want_dx, want_grads) = results
+    assert calls == [sum(max(n - K, 0) for n in lengths)] and all_calls == [sum(lengths)]
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(dx, want_dx, rtol=1e-10, atol=1e-12)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, want_grads[name], rtol=1e-8, atol=1e-9, msg=name)
+
+
 def test_presets() -> None:
     assert CONFIGS["hytrec"].long_pattern == "TTTA" and CONFIGS["hytrec"].use_short_branch
     sasrec = HyTRecEncoder(CONFIGS["sasrec_like"])

@@ -84,6 +84,35 @@ class SequenceContext:
         """``[B + 1]`` int64 start of every user's events."""
         return self.layout.offsets
 
+    def prefixes(self, lengths: torch.Tensor) -> Tuple["SequenceContext", torch.Tensor]:
+        """The context of each user's first ``lengths[b]`` events, and the rows they are here.
+
+        Args:
+            lengths: ``[B]`` int64 on the host, each at most its user's length.
+
+        Returns:
+            ``(context, rows)``: the prefixes' context (same positions, times and gaps; its layout
+            holds the host copy, so it reads nothing back) and ``[sum(lengths)]`` their rows in
+            this batch, user by user.
+        """
+        if bool((lengths > self.layout.host_lengths).any()):
+            raise ValueError("prefixes: a prefix is longer than its user's history")
+        host_offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+        total = int(host_offsets[-1])
+        device = self.offsets.device
+        offsets = host_offsets.to(device)
+        starts = self.offsets[:-1] - offsets[:-1]
+        rows = torch.repeat_interleave(starts, lengths.to(device), output_size=total)
+        rows += torch.arange(total, device=device)
+        context = SequenceContext(
+            layout=JaggedLayout(offsets, num_events=total, host_offsets=host_offsets),
+            positions=self.positions[rows],
+            timestamps=self.timestamps[rows],
+            gaps=self.gaps[rows],
+            elapsed=None if self.elapsed is None else self.elapsed[rows],
+        )
+        return context, rows
+
     def gap_buckets(self, num_buckets: int, scale: float) -> torch.Tensor:
         """:func:`~torchrec_hytrec.ops.buckets.gap_buckets` of the batch's gaps, computed once per
         ``(num_buckets, scale)``: the input and every TADN layer embed the same buckets."""

@@ -174,7 +174,16 @@ class HyTRecEncoder(nn.Module):
             # Row of the last event before each short window.
             long_rows = torch.where(has_long, out_rows - ctx.positions[out_rows] + starts - 1, out_rows)
         with record_function("## hytrec_long_branch ##"):
-            if self._reads_no_long_summary(ctx):
+            prefixes = self._long_prefixes(ctx) if rows is None else None
+            if prefixes is not None:
+                # Training form: the long stack runs on the events some output's summary reads.
+                sub, sub_rows = prefixes
+                long = self._long_branch(x[sub_rows], sub, None)
+                # Summary row in the prefix batch; the appended zero row stands for "none".
+                read = sub.offsets[:-1][ctx.layout.users] + starts - 1
+                read = torch.where(has_long, read, sub_rows.shape[0])
+                long = torch.cat([long, long.new_zeros(1, long.shape[1])])[read]
+            elif self._reads_no_long_summary(ctx):
                 # Every event's short window reaches back to its user's first event, so no output
                 # reads the long stack. It runs on no events all the same: every parameter then
                 # still takes part in the backward, as DDP's static graph expects at every step.
@@ -200,6 +209,19 @@ class HyTRecEncoder(nn.Module):
             return self.final_norm(short)
         gaps = (ctx.timestamps[out_rows] - ctx.timestamps[long_rows]).float()
         return self.final_norm(self._fuse(short, long, has_long, gaps))
+
+    def _long_prefixes(self, ctx: SequenceContext) -> Optional[Tuple[SequenceContext, torch.Tensor]]:
+        """The events the training form's long summaries read: each user's first ``n - K``
+        (the summary of event ``i`` is the stack's output at ``i - K``, and the stack is causal),
+        as :meth:`SequenceContext.prefixes`; ``None`` where the windows are not known on the host
+        (time-bounded short windows, compiling) and the stack runs on every event.
+
+        On short histories most events are within ``K`` of their user's end (Beauty: about 60% at
+        ``K = 8``), so the stack runs on a fraction of the batch."""
+        timed_window = self.config.short_window_seconds is not None
+        if self.fusion is None or timed_window or torch.compiler.is_compiling():
+            return None
+        return ctx.prefixes((ctx.layout.host_lengths - self.config.short_window).clamp(min=0))
 
     def _reads_no_long_summary(self, ctx: SequenceContext) -> bool:
         """Whether no event of the batch has history before its short window (batches of short

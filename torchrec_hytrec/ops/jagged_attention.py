@@ -59,6 +59,8 @@ class JaggedLayout:
             the offsets; the longest user's length when ``None``.
         num_events: ``T`` as a tensor's size, for a layout made while exporting (where
             ``offsets[-1]`` cannot be read); ignored otherwise.
+        host_offsets: the offsets' host copy when the caller made the offsets from it (then the
+            layout reads nothing back from the device).
 
     Example::
 
@@ -73,12 +75,18 @@ class JaggedLayout:
     """
 
     def __init__(
-        self, offsets: torch.Tensor, max_len: Optional[int] = None, num_events: Optional[int] = None
+        self,
+        offsets: torch.Tensor,
+        max_len: Optional[int] = None,
+        num_events: Optional[int] = None,
+        host_offsets: Optional[torch.Tensor] = None,
     ) -> None:
         self.offsets = offsets
         self._max_len = max_len
         self._plans: Dict[Hashable, Any] = {}
         self._num_events_hint = num_events
+        if host_offsets is not None:
+            self.__dict__["host_offsets"] = host_offsets  # the cached_property's value
 
     @classmethod
     def of(cls, offsets: torch.Tensor, layout: Optional["JaggedLayout"]) -> "JaggedLayout":
