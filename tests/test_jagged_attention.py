@@ -59,7 +59,12 @@ def _dense_reference(q, k, v, offsets, window: Optional[int], starts: Optional[t
         (64, 16, 150.0),
     ],
 )
-def test_matches_dense_reference_values_and_gradients(window, block_size, seconds) -> None:
+@pytest.mark.parametrize("groups", [False, True])
+def test_matches_dense_reference_values_and_gradients(
+    window, block_size, seconds, groups, monkeypatch
+) -> None:
+    # Both kernels of a sliding window: the block layout and the band-masked length groups.
+    monkeypatch.setattr(jagged_attention, "_groups_cost_less", lambda *args: groups)
     offsets, (q, k, v), timestamps = _batch(LENGTHS)
     starts = None
     if seconds is not None:
@@ -186,8 +191,10 @@ def test_many_users_one_call_per_length_group(window, monkeypatch) -> None:
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
     out = jagged_causal_attention(q=q, k=k, v=v, offsets=offsets, window=window, block_size=16)
-    # Full causal: one call per ceil(log2(n)) group (n < 90: at most 8); windowed: a single call.
-    assert 1 <= len(calls) <= (8 if window is None else 1)
+    # Length groups: one call per ceil(log2(n)) group (n < 90: at most 8); block layout: one call.
+    layout = JaggedLayout(offsets)
+    groups = window is None or jagged_attention._groups_cost_less(layout, window, min(16, window))
+    assert 1 <= len(calls) <= (8 if groups else 1)
     ref = _dense_reference(q, k, v, offsets, window, None)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
     grad = torch.randn_like(out)
@@ -220,6 +227,19 @@ def test_a_shared_layout_plans_once_and_changes_nothing(window, block_size, monk
     )
     assert torch.equal(shared_starts, starts)
     assert torch.equal(layout.positions, jagged_positions(offsets))
+
+
+def test_short_histories_take_the_length_groups_and_long_ones_the_block_layout() -> None:
+    # Beauty-like: many users of about 9 events under a window of 8, where the block layout's
+    # per-slot work dominates; two users of 2048 events under a window of 64, where the groups'
+    # n^2 scores would be 16x the layout's.
+    gen = torch.Generator().manual_seed(0)
+    short = (torch.rand(256, generator=gen).log() / math.log(8 / 9)).ceil().clamp(2, 50).long()
+    layout = JaggedLayout(torch.cat([torch.zeros(1, dtype=torch.long), short.cumsum(0)]))
+    assert layout.max_len > 8 and jagged_attention._groups_cost_less(layout, 8, 8)
+    long = JaggedLayout(torch.tensor([0, 2048, 4096]))
+    assert not jagged_attention._groups_cost_less(long, 64, 64)
+    assert jagged_attention._groups_cost_less(long, 2048, 64)  # no user longer than the window
 
 
 def test_layout_counts_and_checks() -> None:

@@ -236,6 +236,12 @@ def jagged_causal_attention(
 ) -> torch.Tensor:
     """Causal multi-head softmax attention of every user's events over its own past.
 
+    Two kernels, the same result: users grouped by ``ceil(log2(n))``, each group padded to its
+    longest and computed in one SDPA call (a band mask where the group is longer than the
+    window), or, for a window over long histories, a layout of query blocks each reading the
+    blocks its window spans. A sliding window takes whichever the lengths make cheaper
+    (:func:`_groups_cost_less`); a time-bounded one (``window_starts``) the block layout.
+
     Args:
         q: ``[T, H, D]`` queries.
         k: ``[T, H, D]`` keys.
@@ -245,7 +251,7 @@ def jagged_causal_attention(
             ``(i - W, i]`` of its user.
         window_starts: optional ``[T]`` local position of the first key each query may see
             (from :func:`causal_window_starts`); narrows ``window`` further. Needs ``window``.
-        block_size: queries per block of the windowed path.
+        block_size: queries per block of the block layout.
         scale: score scale, ``D ** -0.5`` by default.
         layout: optional :class:`JaggedLayout` of ``offsets``: its length groups or block layout
             are then planned once and reused by every call that shares it.
@@ -286,11 +292,38 @@ def _jagged_causal_attention(
         return _full_causal(q, k, v, layout, scale)
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
-    if window_starts is None and layout.max_len <= window:
-        # No user is longer than the window: it is full causal attention, and the length groups
-        # cost ~n^2 per user where the block layout pads every user to (W / C + 1) blocks of C.
-        return _full_causal(q, k, v, layout, scale)
-    return _windowed_causal(q, k, v, layout, window, window_starts, min(block_size, window), scale)
+    block = min(block_size, window)
+    if window_starts is None and _groups_cost_less(layout, window, block):
+        return _full_causal(q, k, v, layout, scale, window)
+    return _windowed_causal(q, k, v, layout, window, window_starts, block, scale)
+
+
+# What a query slot of the windowed kernel costs besides its scores, in score entries: its slots
+# are SDPA batch items of ``block`` queries each, and on short histories (Beauty's, with a short
+# window) that per-item work, not the scores, is most of the kernel's time.
+_WINDOW_SLOT_OVERHEAD = 512
+# The length groups' extra score entries, masked beyond the window, still cost less than the
+# windowed kernel's up to this ratio of the two estimates.
+_GROUPS_COST_RATIO = 1.5
+
+
+def _groups_cost_less(layout: JaggedLayout, window: int, block: int) -> bool:
+    """Whether the length groups (:func:`_full_causal` with a band mask) are the cheaper kernel
+    for a sliding window of ``window`` over ``layout``, from the host lengths.
+
+    The groups cost ``L^2`` score entries per user of group length ``L`` (half where ``L`` fits
+    in the window: plain causal); the windowed kernel ``block * (before + 1) * block`` per query
+    slot, plus :data:`_WINDOW_SLOT_OVERHEAD`. No user longer than the window always takes the
+    groups: it is then full causal attention."""
+    if layout.max_len <= window:
+        return True
+    lengths = layout.host_lengths[layout.host_lengths > 0]
+    longest = 2 ** _length_group(lengths)
+    groups = torch.where(longest <= window, longest * longest // 2, longest * longest).sum()
+    before = -(-window // block)
+    query_slots = int(((lengths + block - 1) // block + before).sum()) - before
+    windowed = query_slots * (block * (before + 1) * block + _WINDOW_SLOT_OVERHEAD)
+    return int(groups) <= _GROUPS_COST_RATIO * windowed
 
 
 def _window_keys(
@@ -547,8 +580,15 @@ def _empty_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
 
 
 def _full_causal(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: JaggedLayout, scale: Optional[float]
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: JaggedLayout,
+    scale: Optional[float],
+    window: Optional[int] = None,
 ) -> torch.Tensor:
+    """Causal attention by length groups; with ``window``, the groups longer than it take a band
+    mask (keys ``(i - window, i]``)."""
     T, H, D = q.shape
     if T == 0:
         return _empty_attention(q, k, v)
@@ -564,8 +604,14 @@ def _full_causal(
             # [G, H, L, D]; 4-D inputs, as SDPA sends 3-D ones to its quadratic-memory math path on CPU.
             return x.index_select(0, group.rows).view(group.num_users, group.longest, H, D).transpose(1, 2)
 
+        band = None
+        if window is not None and group.longest > window:
+            span = torch.arange(group.longest, device=q.device)
+            behind = span[:, None] - span
+            band = (behind >= 0) & (behind < window)
+        queries, keys, values = gather(flat_q), gather(flat_k), gather(flat_v)
         o = F.scaled_dot_product_attention(
-            gather(flat_q), gather(flat_k), gather(flat_v), is_causal=True, scale=scale
+            queries, keys, values, attn_mask=band, is_causal=band is None, scale=scale
         )
         outputs.append(o.transpose(1, 2).reshape(-1, H, D).index_select(0, group.keep))
     return q.new_empty(q.shape).index_copy(0, plan.rows, torch.cat(outputs))
