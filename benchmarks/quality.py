@@ -441,6 +441,24 @@ def _presets_of(rows: List[Dict[str, Any]]) -> List[str]:
     return [p for p in VARIANTS if any(r["preset"] == p for r in rows)]
 
 
+def _checked_ranks(row: Dict[str, Any], k: int) -> Any:
+    """The per-user ranks of the stored run ``row``, refused when their HR@``k`` is not the
+    row's: the file was then written by another run of the same name (files are named by
+    dataset, preset, seed and recipe) and would pair the wrong ranks."""
+    ranks = np.load(ROOT / row["ranks_file"])
+    for protocol, prefix in PROTOCOLS.items():
+        stored, column = row.get(f"{prefix}hr@{k}"), f"test_{prefix}ranks"
+        if stored is None or column not in ranks.files:
+            continue
+        found = float((ranks[column] < k).mean())
+        if abs(found - stored) > 1e-9:
+            raise ValueError(
+                f"{row['ranks_file']}: HR@{k} ({protocol}) {found:.4f} from its ranks, {stored:.4f} in "
+                f"the stored run (started {row.get('started')}): the ranks are another run's; re-run it"
+            )
+    return ranks
+
+
 def paired_bootstrap(
     ours: List[Dict[str, Any]], theirs: List[Dict[str, Any]], min_length: int, k: int = 10
 ) -> Optional[Dict[str, Any]]:
@@ -466,7 +484,7 @@ def paired_bootstrap(
         return {"missing": missing}
     diffs = []
     for a, b in pairs:
-        files = [np.load(ROOT / r["ranks_file"]) for r in (a, b)]
+        files = [_checked_ranks(r, k) for r in (a, b)]
         for column in ("test_positive_ids", "test_history_lengths"):
             if not np.array_equal(files[0][column], files[1][column]):
                 raise ValueError(

@@ -40,6 +40,14 @@ def test_paired_bootstrap_of_a_known_difference(tmp_path: Path) -> None:
     assert result["users"] == 300 and result["seeds"] == [0, 1]
     assert result["low"] < result["diff"] < result["high"] and result["low"] > 0.1
     assert abs(result["diff"] - 0.2) < 0.06 and result["high"] - result["low"] < 0.15
+    # A ranks file another run of the same name overwrote no longer gives its row's HR@10: refused.
+    first = runs["hytrec"][0]
+    first["hr@10"] = float((np.load(first["ranks_file"])["test_ranks"] < 10).mean())
+    assert quality.paired_bootstrap(runs["hytrec"], runs["sasrec_like"], 5000)["diff"] == result["diff"]
+    first["hr@10"] += 1 / users
+    with pytest.raises(ValueError, match=r"hytrec0.npz: HR@10 \(all\) .* the ranks are another run's"):
+        quality.paired_bootstrap(runs["hytrec"], runs["sasrec_like"], 5000)
+    del first["hr@10"]
     # Runs over different users are refused, not paired.
     np.savez(
         runs["sasrec_like"][0]["ranks_file"],
