@@ -26,6 +26,7 @@ A dataset whose source file is absent is skipped with a message. Results go to `
 """
 
 import argparse
+import fcntl
 import json
 import os
 import statistics
@@ -830,9 +831,13 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
             new = trials + list(pool.map(job_run, jobs))
     # Earlier invocations' runs on other (dataset, preset, seed) stay: datasets can be run one by one.
     store = out_dir / "quality.json"
-    stored = json.loads(store.read_text()) if store.exists() else []
-    results = [keep_ranks(r, out_dir) for r in merge_runs(stored, new)]
-    store.write_text(json.dumps(results, indent=1))
+    # Two invocations finishing together would each merge into the store the other has not yet
+    # written, and the later write would drop the earlier one's runs.
+    with open(out_dir / "quality.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        stored = json.loads(store.read_text()) if store.exists() else []
+        results = [keep_ranks(r, out_dir) for r in merge_runs(stored, new)]
+        store.write_text(json.dumps(results, indent=1))
     table = summarise(results)
     plots = plot(results, out_dir) if results else []
     runs_by_command: Dict[str, List[str]] = {}
