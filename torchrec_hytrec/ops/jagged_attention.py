@@ -289,12 +289,12 @@ def _jagged_causal_attention(
     if window is None:
         if window_starts is not None:
             raise ValueError("window_starts needs a window: full causal attention has no start bound")
-        return _full_causal(q, k, v, layout, scale)
+        return _grouped_causal(q, k, v, layout, scale)
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
     block = min(block_size, window)
     if window_starts is None and _groups_cost_less(layout, window, block):
-        return _full_causal(q, k, v, layout, scale, window)
+        return _grouped_causal(q, k, v, layout, scale, window)
     return _windowed_causal(q, k, v, layout, window, window_starts, block, scale)
 
 
@@ -308,7 +308,7 @@ _GROUPS_COST_RATIO = 1.5
 
 
 def _groups_cost_less(layout: JaggedLayout, window: int, block: int) -> bool:
-    """Whether the length groups (:func:`_full_causal` with a band mask) are the cheaper kernel
+    """Whether the length groups (:func:`_grouped_causal` with a band mask) are the cheaper kernel
     for a sliding window of ``window`` over ``layout``, from the host lengths.
 
     The groups cost ``L^2`` score entries per user of group length ``L`` (half where ``L`` fits
@@ -579,7 +579,7 @@ def _empty_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return q * 0 + (k.sum() + v.sum()) * 0
 
 
-def _full_causal(
+def _grouped_causal(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
