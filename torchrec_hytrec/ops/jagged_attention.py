@@ -293,7 +293,9 @@ def _jagged_causal_attention(
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
     block = min(block_size, window)
-    if window_starts is None and _groups_cost_less(layout, window, block):
+    if window_starts is None and layout.plan(
+        ("groups_cost_less", window, block), lambda: _groups_cost_less(layout, window, block)
+    ):
         return _grouped_causal(q, k, v, layout, scale, window)
     return _windowed_causal(q, k, v, layout, window, window_starts, block, scale)
 
@@ -317,11 +319,11 @@ def _groups_cost_less(layout: JaggedLayout, window: int, block: int) -> bool:
     groups: it is then full causal attention."""
     if layout.max_len <= window:
         return True
-    lengths = layout.host_lengths[layout.host_lengths > 0]
-    longest = 2 ** _length_group(lengths)
+    lengths = layout.host_lengths
+    longest = 2 ** _length_group(lengths[lengths > 0])
     groups = torch.where(longest <= window, longest * longest // 2, longest * longest).sum()
-    before = -(-window // block)
-    query_slots = int(((lengths + block - 1) // block + before).sum()) - before
+    before = _blocks_before(window, block)
+    query_slots = int(_window_slot_counts(lengths, block, before).sum()) - before
     windowed = query_slots * (block * (before + 1) * block + _WINDOW_SLOT_OVERHEAD)
     return int(groups) <= _GROUPS_COST_RATIO * windowed
 
@@ -629,13 +631,20 @@ class _WindowSlots:
     first_key: torch.Tensor
 
 
-def _plan_window_slots(layout: JaggedLayout, before: int, block: int) -> _WindowSlots:
-    def slot_counts(lengths: torch.Tensor) -> torch.Tensor:
-        return (lengths + block - 1) // block + before
+def _blocks_before(window: int, block: int) -> int:
+    """Key blocks of the block layout preceding each query block: those its window can reach."""
+    return -(-window // block)
 
+
+def _window_slot_counts(lengths: torch.Tensor, block: int, before: int) -> torch.Tensor:
+    """Slots of every user in the block layout: its ``before`` zero slots, then its own blocks."""
+    return (lengths + block - 1) // block + before
+
+
+def _plan_window_slots(layout: JaggedLayout, before: int, block: int) -> _WindowSlots:
     device = layout.offsets.device
-    num_slots = int(slot_counts(layout.host_lengths).sum())
-    slots = slot_counts(layout.lengths)
+    num_slots = int(_window_slot_counts(layout.host_lengths, block, before).sum())
+    slots = _window_slot_counts(layout.lengths, block, before)
     slot_base = torch.cumsum(slots, 0) - slots
     rows = (slot_base[layout.users] + before) * block + layout.positions
     # Local block index of each query slot (< 0 for padding slots).
@@ -659,7 +668,7 @@ def _windowed_causal(
     if T == 0:
         return _empty_attention(q, k, v)
     device = q.device
-    before = -(-window // block)  # key blocks preceding each query block
+    before = _blocks_before(window, block)
     # Query slot s finds its keys in slots s - before .. s, so the keys of all query slots are
     # windows of `before + 1` consecutive slots of one tensor (`unfold`): no gather, and a cheap backward.
     plan = layout.plan(("window_slots", before, block), lambda: _plan_window_slots(layout, before, block))
