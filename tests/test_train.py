@@ -78,8 +78,12 @@ def _metrics(out_dir: Path) -> List[dict]:
     return rows
 
 
+# A warm-up and a decay: a resumed run must pick the schedule up at its checkpointed position.
+SCHEDULE = ["--set", "optim.dense_lr_warmup_epochs=0.5", "--set", "optim.dense_lr_decay_epochs=2"]
+
+
 def test_resume_after_an_epoch_equals_training_straight_through(tmp_path: Path) -> None:
-    common = [*TINY, "--set", f"data.cache_dir={tmp_path / 'data'}"]
+    common = [*TINY, *SCHEDULE, "--set", f"data.cache_dir={tmp_path / 'data'}"]
     straight = main([*common, "--epochs", "2", "--out-dir", str(tmp_path / "a")])
     main([*common, "--epochs", "1", "--out-dir", str(tmp_path / "b")])
     resumed = main([*common, "--epochs", "2", "--out-dir", str(tmp_path / "b"), "--resume"])
@@ -94,6 +98,54 @@ def test_resume_after_an_epoch_equals_training_straight_through(tmp_path: Path) 
     # Step checkpoints (every 3) and epoch ends, the last keep_last=3 complete ones kept.
     names = sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir())
     assert len(names) == 3 and all(n.startswith("step_") for n in names)
+
+
+def test_dense_learning_rate_follows_the_schedule_step_by_step(tmp_path: Path, monkeypatch) -> None:
+    from torchrec_hytrec.data.reader import SequenceReader
+    from torchrec_hytrec.training import trainer as trainer_module
+    from torchrec_hytrec.training.optimizer import OptimizerConfig, dense_lr_at, set_dense_lr
+
+    applied: List[float] = []
+    groups: List[List[dict]] = []
+
+    def recording_set_dense_lr(optimizer, lr: float) -> None:
+        set_dense_lr(optimizer, lr)
+        applied.append(lr)
+        groups[:] = [list(opt.param_groups) for _, opt in optimizer.optimizers]
+
+    monkeypatch.setattr(trainer_module, "set_dense_lr", recording_set_dense_lr)
+    # Steps per epoch (shuffled row groups pack into a slightly different count each epoch).
+    counts: List[int] = []
+    num_batches = SequenceReader.num_batches
+
+    def recording_num_batches(reader, *args, **kwargs) -> int:
+        counts.append(num_batches(reader, *args, **kwargs))
+        return counts[-1]
+
+    monkeypatch.setattr(SequenceReader, "num_batches", recording_num_batches)
+    main(
+        [
+            *TINY,
+            *SCHEDULE,
+            "--set",
+            "optim.dense_lr=0.002",
+            "--set",
+            f"data.cache_dir={tmp_path / 'data'}",
+            "--epochs",
+            "2",
+            "--out-dir",
+            str(tmp_path / "o"),
+        ]
+    )
+    config = OptimizerConfig(dense_lr=0.002, dense_lr_warmup_epochs=0.5, dense_lr_decay_epochs=2)
+    # Set before each epoch's first step and after each of its n steps.
+    assert len(counts) == 2 and min(counts) >= 4
+    expected = [dense_lr_at(config, epoch + i / n) for epoch, n in enumerate(counts) for i in range(n + 1)]
+    assert applied == pytest.approx(expected, abs=1e-15)
+    assert applied[0] == 0.0 and max(applied) == pytest.approx(0.002) and applied[-1] == pytest.approx(0.0)
+    fused, dense = groups
+    assert {g["lr"] for g in dense} == {applied[-1]}
+    assert [g["lr"] for g in fused] == pytest.approx([0.05] * len(fused)), "tables keep sparse_lr"
 
 
 def test_resume_with_another_number_of_processes_is_refused(tmp_path: Path) -> None:

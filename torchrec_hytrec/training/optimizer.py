@@ -17,6 +17,7 @@ Adagrad, row-wise Adagrad and Adam(W) updates are invariant to a constant gradie
 ``eps``), so a sharded step matches the single-process step on the whole batch.
 """
 
+import math
 from dataclasses import dataclass
 from typing import Dict, Tuple, Type
 
@@ -50,6 +51,13 @@ class OptimizerConfig:
         dense_lr: AdamW learning rate of every other parameter.
         dense_weight_decay: AdamW weight decay.
         betas: AdamW betas.
+        dense_lr_warmup_epochs: epochs over which the dense learning rate rises linearly from 0
+            to ``dense_lr`` (0: none).
+        dense_lr_decay_epochs: 0 keeps ``dense_lr`` after the warm-up; otherwise it falls along
+            a half cosine to 0 at this epoch (and stays 0 after it). Its own key rather than the
+            run's ``epochs``, so a run resumed with more epochs continues the same schedule. The
+            table optimizers keep ``sparse_lr``: Adagrad's accumulated squares already shrink
+            each row's steps.
 
     Example::
 
@@ -64,12 +72,59 @@ class OptimizerConfig:
     dense_lr: float = 1e-3
     dense_weight_decay: float = 0.01
     betas: Tuple[float, float] = (0.9, 0.999)
+    dense_lr_warmup_epochs: float = 0.0
+    dense_lr_decay_epochs: float = 0.0
 
     def __post_init__(self) -> None:
         if self.sparse_optimizer not in _SPARSE_OPTIMIZERS:
             raise ValueError(
                 f"sparse_optimizer must be one of {sorted(_SPARSE_OPTIMIZERS)}, got {self.sparse_optimizer!r}"
             )
+        if not self.dense_lr_warmup_epochs >= 0:
+            raise ValueError(
+                "config key 'optim.dense_lr_warmup_epochs' must be >= 0, "
+                f"got {self.dense_lr_warmup_epochs!r}"
+            )
+        decay = self.dense_lr_decay_epochs
+        if decay and not decay > self.dense_lr_warmup_epochs:
+            raise ValueError(
+                f"config key 'optim.dense_lr_decay_epochs' ({decay!r}) must be 0 (no decay) or "
+                f"above optim.dense_lr_warmup_epochs ({self.dense_lr_warmup_epochs!r})"
+            )
+
+
+def dense_lr_at(config: OptimizerConfig, epochs_done: float) -> float:
+    """The dense learning rate of the step taken after ``epochs_done`` epochs.
+
+    A pure function of the training position, so a resumed run continues the schedule from its
+    checkpointed global step with no scheduler state of its own.
+
+    Args:
+        config: ``dense_lr`` and the ``dense_lr_*`` schedule fields are used.
+        epochs_done: epochs trained before the step (fractional: the epoch plus its steps done
+            over its step count).
+
+    Example::
+
+        >>> from torchrec_hytrec.training.optimizer import OptimizerConfig, dense_lr_at
+        >>> config = OptimizerConfig(dense_lr=1e-3, dense_lr_warmup_epochs=1, dense_lr_decay_epochs=5)
+        >>> [round(dense_lr_at(config, e), 6) for e in (0.5, 1, 3, 5, 6)]
+        [0.0005, 0.001, 0.0005, 0.0, 0.0]
+    """
+    warmup, decay = config.dense_lr_warmup_epochs, config.dense_lr_decay_epochs
+    if epochs_done < warmup:
+        return config.dense_lr * epochs_done / warmup
+    if not decay:
+        return config.dense_lr
+    done = min((epochs_done - warmup) / (decay - warmup), 1.0)
+    return config.dense_lr * 0.5 * (1.0 + math.cos(math.pi * done))
+
+
+def set_dense_lr(optimizer: CombinedOptimizer, lr: float) -> None:
+    """Sets the learning rate of the dense AdamW part of a :func:`make_optimizer` optimizer."""
+    _, dense = optimizer.optimizers[-1]
+    for group in dense.param_groups:
+        group["lr"] = lr
 
 
 def apply_sparse_optimizer(model: nn.Module, config: OptimizerConfig) -> None:
@@ -143,4 +198,5 @@ def make_optimizer(model: DistributedModelParallel, config: OptimizerConfig) -> 
             "make_optimizer needs the DistributedModelParallel from shard_model() (a world of 1 works); "
             f"got {type(model).__name__}"
         )
+    # The dense part last: set_dense_lr finds it there.
     return CombinedOptimizer([model.fused_optimizer, make_dense_optimizer(model, config)])

@@ -39,7 +39,12 @@ from torchrec_hytrec.training.distributed import DistEnv
 from torchrec_hytrec.training.evaluation import evaluate_retrieval, item_popularity, popularity_ranks
 from torchrec_hytrec.training.loop import batch_weight, make_pipeline, train_epoch
 from torchrec_hytrec.training.metrics_log import MetricsLogger, format_table
-from torchrec_hytrec.training.optimizer import apply_sparse_optimizer, make_optimizer
+from torchrec_hytrec.training.optimizer import (
+    apply_sparse_optimizer,
+    dense_lr_at,
+    make_optimizer,
+    set_dense_lr,
+)
 
 # Config keys a resumed run may change: how long it runs, where it writes, how it checkpoints.
 _RESUMABLE_CHANGES = ("epochs", "out_dir", "fault_at_step", "checkpoint", "eval_save_ranks", "early_stopping")
@@ -308,6 +313,12 @@ class Trainer:
             mininterval=0.5 if sys.stderr.isatty() else 15.0,
         )
 
+        steps_per_epoch = self.train_reader.num_batches()
+
+        def schedule_next_step() -> None:
+            epochs_done = epoch + self.progress["epoch_step"] / steps_per_epoch
+            set_dense_lr(self.optimizer, dense_lr_at(self.cfg.optim, epochs_done))
+
         def on_step(outputs: Any) -> None:
             self._maybe_inject_fault()
             loss = float(outputs.loss)
@@ -320,9 +331,11 @@ class Trainer:
             self.progress["global_step"] += 1
             self.progress["epoch_step"] += 1
             bar.update()
+            schedule_next_step()
             if every and self.progress["global_step"] % every == 0:
                 self.save()
 
+        schedule_next_step()
         train_epoch(self.pipeline, self.model, self.train_reader, on_step)
         bar.close()
         totals = torch.tensor(
