@@ -89,7 +89,10 @@ def test_shipped_default_config_is_the_built_in_default() -> None:
         (["eval_ks=[]"], "eval_ks must be a non-empty list"),
         (["model.preset=hstu"], "model.preset' must be one of"),
         (["model.sharding=diagonal"], "model.sharding must be one of"),
-        (["optim.dense_lr_warmup_epochs=2", "optim.dense_lr_decay_epochs=1"], "'optim.dense_lr_decay_epochs'"),
+        (
+            ["optim.dense_lr_warmup_epochs=2", "optim.dense_lr_decay_epochs=1"],
+            r"'optim.dense_lr_decay_epochs' \(1.0\) must be 0 \(no decay\) or above",
+        ),
         (["optim.dense_lr_warmup_epochs=-1"], "'optim.dense_lr_warmup_epochs' must be >= 0"),
     ],
 )

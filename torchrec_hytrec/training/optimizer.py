@@ -82,8 +82,7 @@ class OptimizerConfig:
             )
         if not self.dense_lr_warmup_epochs >= 0:
             raise ValueError(
-                "config key 'optim.dense_lr_warmup_epochs' must be >= 0, "
-                f"got {self.dense_lr_warmup_epochs!r}"
+                f"config key 'optim.dense_lr_warmup_epochs' must be >= 0, got {self.dense_lr_warmup_epochs!r}"
             )
         decay = self.dense_lr_decay_epochs
         if decay and not decay > self.dense_lr_warmup_epochs:
