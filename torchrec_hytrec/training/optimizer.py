@@ -96,7 +96,7 @@ def dense_lr_at(config: OptimizerConfig, epochs_done: float) -> float:
     """The dense learning rate of the step taken after ``epochs_done`` epochs.
 
     A pure function of the training position, so a resumed run continues the schedule from its
-    checkpointed global step with no scheduler state of its own.
+    checkpointed epoch and step with no scheduler state of its own.
 
     Args:
         config: ``dense_lr`` and the ``dense_lr_*`` schedule fields are used.
