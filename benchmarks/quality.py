@@ -73,6 +73,8 @@ class DatasetSpec:
         convert_format: the converter's ``--format``.
         synthetic_users: users of the long synthetic dataset.
         synthetic_overrides: fields of ``SyntheticConfig.long`` to replace.
+        lr_schedule: train with :data:`SCHEDULE` (its decay ending at the last epoch) instead of
+            a constant dense learning rate and early stopping.
     """
 
     name: str
@@ -82,6 +84,7 @@ class DatasetSpec:
     convert_format: Optional[str] = None
     synthetic_users: int = 0
     synthetic_overrides: Dict[str, Any] = field(default_factory=dict)
+    lr_schedule: bool = False
 
 
 # The paper's ablations of HyTRec: its preset with encoder fields changed (the default is "TTTA", 3:1).
@@ -122,6 +125,9 @@ COMMON = {
     "eval_save_ranks": True,
     "early_stopping.patience": 3,
 }
+# A dataset with ``lr_schedule``: one epoch of warm-up, a cosine to 0 at the last epoch, and every
+# epoch trained (stopping early would cut the decay short); the best-valid epoch is still reported.
+SCHEDULE = {"optim.dense_lr_warmup_epochs": 1, "early_stopping.patience": 0}
 # ``--search``: the recipe points every preset tries on seed 0, the same for every preset; the
 # point with the best valid NDCG@10 trains the other seeds. Ablations take HyTRec's point.
 SEARCH: Dict[str, List[Any]] = {"optim.dense_lr": [0.001, 0.003], "model.encoder.dropout": [0.2, 0.5]}
@@ -177,6 +183,7 @@ DATASETS = {
         source=SHARED_DATA / "ml-100k.inter",
         convert_format="recbole",
         epochs=20,
+        lr_schedule=True,
         overrides={
             "data.train.max_seq_len": 200,
             "data.eval.max_seq_len": 200,
@@ -245,6 +252,13 @@ def prepare(spec: DatasetSpec, data_dir: Path, tiny: bool) -> Optional[Path]:
         flush=True,
     )
     return out
+
+
+def dataset_overrides(spec: DatasetSpec) -> Dict[str, Any]:
+    """The ``--set`` overrides every preset of ``spec`` shares: :data:`COMMON`, the dataset's own,
+    then, with ``spec.lr_schedule``, :data:`SCHEDULE` decaying to 0 at ``spec.epochs``."""
+    schedule = {**SCHEDULE, "optim.dense_lr_decay_epochs": spec.epochs} if spec.lr_schedule else {}
+    return {**COMMON, **spec.overrides, **schedule}
 
 
 def search_points() -> List[Dict[str, Any]]:
@@ -328,7 +342,7 @@ def train_command(
 ) -> List[str]:
     """The ``python -m torchrec_hytrec.train`` command of one run of ``preset`` (a :data:`VARIANTS`
     name) with the search point ``recipe`` (``{}`` for the dataset's own recipe)."""
-    overrides = run_overrides({**COMMON, **spec.overrides}, recipe, preset)
+    overrides = run_overrides(dataset_overrides(spec), recipe, preset)
     cmd = [
         sys.executable,
         "-m",
@@ -401,8 +415,9 @@ def _epochs_done(run_dir: Path, cmd: List[str]) -> Optional[int]:
     """Epochs ``run_dir`` holds of a run of the training config ``cmd`` gives, or ``None`` when it
     holds no run of that config.
 
-    Training has no learning-rate schedule and an epoch's batches depend only on the seed and the
-    epoch, so the first ``e`` epochs of a longer run are exactly an ``e``-epoch run, and a shorter
+    A learning-rate schedule's horizon is its own config key (not the epoch count) and an epoch's
+    batches depend only on the seed and the epoch, so the first ``e`` epochs of a longer run of
+    one config are exactly an ``e``-epoch run of it, and a shorter
     run continued with ``--resume`` is exactly the longer one; a run that stopped early
     (``early_stopped.json``) would have stopped at the same epoch. Where the run writes (output
     directory, checkpoint cadence) does not count.
@@ -553,10 +568,13 @@ def search_table(rows: List[Dict[str, Any]]) -> List[str]:
     if not searched:
         return []
     points = list(dict.fromkeys(recipe_tag(r["recipe"]) for r in searched))
+    patience = {r["overrides"].get("early_stopping.patience") for r in searched}
+    stopping = "every epoch trained"
+    if patience != {0}:
+        stopping = f"early stopping with patience {', '.join(map(str, sorted(patience)))}"
     lines = [
         f"Recipe search (seed {searched[0]['seed']}, valid NDCG@10 of the best-valid epoch; the same "
-        f"{len(points)} points for every preset, the chosen one in bold, early stopping "
-        f"with patience {COMMON['early_stopping.patience']}):",
+        f"{len(points)} points for every preset, the chosen one in bold, {stopping}):",
         "",
         "| model | " + " | ".join(points) + " |",
         "|---|" + "---|" * len(points),
@@ -786,7 +804,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
             "command": command,
             "started": started,
             "epochs": spec.epochs,
-            "overrides": {**COMMON, **spec.overrides},
+            "overrides": dataset_overrides(spec),
         }
 
     new: List[Dict[str, Any]] = []
