@@ -417,9 +417,9 @@ def _epochs_done(run_dir: Path, cmd: List[str]) -> Optional[int]:
 
     A learning-rate schedule's horizon is its own config key (not the epoch count) and an epoch's
     batches depend only on the seed and the epoch, so the first ``e`` epochs of a longer run of
-    one config are exactly an ``e``-epoch run of it, and a shorter
-    run continued with ``--resume`` is exactly the longer one; a run that stopped early
-    (``early_stopped.json``) would have stopped at the same epoch. Where the run writes (output
+    one config are exactly an ``e``-epoch run of it, and a shorter run continued with
+    ``--resume`` is exactly the longer one; a run that stopped early (``early_stopped.json``)
+    would have stopped at the same epoch. Where the run writes (output
     directory, checkpoint cadence) does not count.
     """
     from torchrec_hytrec.training.config import config_to_dict, load_config

@@ -153,22 +153,18 @@ def test_a_scheduled_dataset_decays_to_its_last_epoch() -> None:
 
     spec = quality.DatasetSpec(name="x", overrides={"optim.dense_lr": 0.01}, epochs=7, lr_schedule=True)
     cmd = quality.train_command(spec, Path("x.parquet"), "sasrec_like", 0, Path("run"), {})
-    config = load_config(None, [cmd[i + 1] for i, arg in enumerate(cmd) if arg == "--set"])
+    sets = [cmd[i + 1] for i, arg in enumerate(cmd) if arg == "--set"]
+    config = load_config(None, sets)
     assert config.early_stopping.patience == 0  # every epoch: stopping early would cut the decay short
     assert [dense_lr_at(config.optim, e) for e in (0.5, 1.0, 7.0)] == [0.005, 0.01, 0.0]
-    assert quality.dataset_overrides(spec) == _set_overrides(cmd, exclude="model.preset")
+    pairs = (item.split("=", 1) for item in sets)
+    assert quality.dataset_overrides(spec) == {k: json.loads(v) for k, v in pairs if k != "model.preset"}
     # --epochs replaces the spec's epochs; the decay follows them.
     shorter = dataclasses.replace(spec, epochs=3)
     assert quality.dataset_overrides(shorter)["optim.dense_lr_decay_epochs"] == 3
     constant = quality.dataset_overrides(dataclasses.replace(spec, lr_schedule=False))
     assert not any(key.startswith("optim.dense_lr_") for key in constant)
     assert constant["early_stopping.patience"] == quality.COMMON["early_stopping.patience"]
-
-
-def _set_overrides(cmd: list, exclude: str) -> dict:
-    """The ``--set key=value`` pairs of a train command, values decoded, ``exclude`` left out."""
-    pairs = [cmd[i + 1].split("=", 1) for i, arg in enumerate(cmd) if arg == "--set"]
-    return {key: json.loads(value) for key, value in pairs if key != exclude}
 
 
 @pytest.mark.slow
