@@ -11,6 +11,11 @@ total number of events.
     python benchmarks/bench_tadn.py                 # the full table
     python benchmarks/bench_tadn.py --quick         # n in {1k, 2k}, fewer repeats
     python benchmarks/bench_tadn.py --lengths 8192 16384 --chunk-size 128
+    python benchmarks/bench_tadn.py --busy 2 --lengths 4096 16384   # on cores other processes use
+
+``--busy N`` measures something else: with N other processes spinning (one core each), the
+fwd+bwd of ``chunk_tadn`` on 1 thread and on ``--threads`` threads in turns, and whether the
+threaded kernel is still no slower than the single-threaded one.
 """
 
 import argparse
@@ -19,7 +24,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from timing import checked_gflops, load_average, time_in_turns
+from timing import busy_loops, checked_gflops, load_average, time_in_turns
 
 from torchrec_hytrec.modules.config import HyTRecConfig
 from torchrec_hytrec.ops.tadn import chunk_tadn, naive_recurrent_tadn
@@ -102,6 +107,36 @@ def sdpa_step_fn(n: int, heads: int, dim: int, device: torch.device, backward: b
     return run
 
 
+def shared_cores(args: argparse.Namespace, device: torch.device) -> None:
+    """fwd+bwd on 1 and on ``args.threads`` threads, in turns, beside ``args.busy`` busy loops."""
+
+    def on_threads(threads: int, step: Callable[[], object]) -> Callable[[], object]:
+        def run() -> object:
+            torch.set_num_threads(threads)
+            return step()
+
+        return run
+
+    print(
+        f"beside {args.busy} busy loops (a process each): chunk_tadn fwd+bwd on 1 and {args.threads} threads"
+    )
+    with busy_loops(args.busy):
+        for n in args.lengths:
+            step = tadn_step_fn(
+                chunk_tadn, tadn_inputs([n], args.heads, args.dim, device), True, chunk_size=args.chunk_size
+            )
+            fns = {threads: on_threads(threads, step) for threads in (1, args.threads)}
+            times = time_in_turns(fns, {threads: args.repeats for threads in fns}, device)
+            one, many = times[1], times[args.threads]
+            verdict = "no slower" if many.median <= one.median else "SLOWER"
+            print(
+                f"{n:>6} events: 1 thread {one} ms, {args.threads} threads {many} ms, "
+                f"ratio of medians {many.median / one.median:.2f} ({args.threads} threads {verdict})"
+            )
+    torch.set_num_threads(args.threads)
+    print(f"load average at the end: {load_average()}")
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
@@ -114,6 +149,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--max-ref-len", type=int, default=4096)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--busy", type=int, default=0, help="time 1 against --threads threads beside N busy loops"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.lengths, args.repeats, args.ref_repeats, args.max_ref_len = [1024, 2048], 3, 1, 1024
@@ -127,6 +165,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')} load average={load_average()}"
     )
     print("times: min/median/max ms over the repeats; ratios and GFLOP/s from the medians")
+    if args.busy:
+        shared_cores(args, device)
+        return
 
     a = torch.randn(2048, 2048, device=device)
     mm = time_in_turns({"mm": lambda: a @ a}, {"mm": args.repeats}, device)["mm"]

@@ -8,11 +8,14 @@ do is a bug in the measurement (an asynchronous call not waited for, a cached re
 refused rather than printed.
 """
 
+import contextlib
 import os
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 
@@ -131,3 +134,18 @@ def checked_gflops(flops: float, ms: float, threads: int, device: torch.device) 
             f"{peak:.0f}: the measurement is wrong"
         )
     return gflops
+
+
+@contextlib.contextmanager
+def busy_loops(count: int) -> Iterator[None]:
+    """``count`` other processes, each spinning on one core, while the body runs: the load of a
+    machine whose cores are shared (they are separate processes, so the scheduler treats them as
+    it would another job)."""
+    loops = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        time.sleep(0.5)  # let them start spinning
+        yield
+    finally:
+        for loop in loops:
+            loop.kill()
+            loop.wait()

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -294,10 +295,39 @@ def test_quality_speed_and_report_tiny(tmp_path: Path) -> None:
             r"hytrec_windowed: stream [\d.]+ ms, recompute [\d.]+ ms",
         ),
         ("benchmarks/bench_reader.py", ["--num-users", "200", "--repeats", "1"], r"median [\d.]+ M events/s"),
+        (
+            "benchmarks/bench_tadn.py",
+            ["--busy", "1", "--lengths", "256", "--repeats", "2"],
+            r"beside 1 busy loops .*\n +256 events: 1 thread [\d./]+ ms, 2 threads [\d./]+ ms, "
+            r"ratio of medians [\d.]+ \(2 threads (no slower|SLOWER)\)\nload average at the end",
+        ),
     ],
 )
 def test_op_encoder_and_reader_benchmarks_quick(script: str, args: list, pattern: str) -> None:
     assert re.search(pattern, _run(script, *args)), f"{script} printed no line matching {pattern!r}"
+
+
+def test_busy_loops_spin_while_the_body_runs_and_are_gone_after() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from timing import busy_loops
+
+    def loop_states() -> list:
+        """The states of this process's children that run the busy loop."""
+        states = []
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                status = (proc / "status").read_text().splitlines()
+                command = (proc / "cmdline").read_bytes()
+            except OSError:  # ended while being read
+                continue
+            fields = {key: value.strip() for key, _, value in (line.partition(":") for line in status)}
+            if fields.get("PPid") == str(os.getpid()) and b"while True" in command:
+                states.append(fields["State"][:1])
+        return states
+
+    with busy_loops(2):
+        assert loop_states() == ["R", "R"]
+    assert loop_states() == []
 
 
 @pytest.mark.slow
