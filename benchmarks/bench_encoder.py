@@ -101,7 +101,7 @@ def peak_memory_mib(fn: Callable[[], object]) -> float:
     return (memory_kib()["VmHWM"] - before) / 1024
 
 
-def _step_fns(
+def step_fns(
     configs: Dict[str, HyTRecConfig], batch: Batch
 ) -> Tuple[Dict[str, Callable[[], None]], Dict[str, Callable[[], None]]]:
     """Per encoder, an inference call and a training step on ``batch``."""
@@ -130,7 +130,7 @@ def _step_fns(
 def measure(configs: Dict[str, HyTRecConfig], batch: Batch, repeats: int) -> Dict[str, Dict[str, Spread]]:
     """Milliseconds (min/median/max) of every encoder's inference (``"infer"``) and training step
     (``"train"``) on ``batch``, the encoders taking turns."""
-    infer, train = _step_fns(configs, batch)
+    infer, train = step_fns(configs, batch)
     cpu = torch.device("cpu")
     infer_ms = time_in_turns(infer, {name: repeats for name in infer}, cpu)
     train_ms = time_in_turns(train, {name: repeats for name in train}, cpu)
@@ -183,7 +183,7 @@ def measure_memory(args: argparse.Namespace, n: int, kind: str) -> Dict[str, Dic
 
 
 def _memory_child(args: argparse.Namespace, n: int, kind: str) -> None:
-    infer, train = _step_fns(encoder_configs(args.dim, args.heads, args.window), _batch(args, n, kind))
+    infer, train = step_fns(encoder_configs(args.dim, args.heads, args.window), _batch(args, n, kind))
     for fn in (*infer.values(), *train.values()):
         fn()  # one-time allocations (optimizer state) are not the step's
     print(

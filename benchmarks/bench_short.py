@@ -14,8 +14,13 @@ timed in turns by the functions of ``bench_encoder.py``:
 
 Times are min/median/max over ``--repeats``; the load average is printed before and after.
 
+``--busy N`` measures something else: HyTRec's training step on the same inputs on 1 thread and on
+``--threads`` threads in turns, with N other processes spinning (one core each; 0: none), so
+users on shared cores can see which thread count to give a training process.
+
     python benchmarks/bench_short.py             # about two minutes on 2 cores
     python benchmarks/bench_short.py --quick     # seconds
+    python benchmarks/bench_short.py --busy 2 --lengths 2048
 """
 
 import argparse
@@ -24,8 +29,8 @@ from typing import List, Optional
 
 import numpy as np
 import torch
-from bench_encoder import make_batch, measure, parameter_count
-from timing import load_average
+from bench_encoder import make_batch, measure, parameter_count, step_fns
+from timing import busy_loops, load_average, threads_against_one
 
 from torchrec_hytrec.modules import HyTRecConfig
 from torchrec_hytrec.training import configure_cpu_allocator
@@ -35,6 +40,20 @@ def beauty_like_lengths(users: int, mean_length: float, seed: int) -> List[int]:
     """Geometric lengths of mean ``mean_length``, clipped to ``[2, 50]``."""
     rng = np.random.default_rng(seed)
     return np.clip(rng.geometric(1.0 / mean_length, size=users), 2, 50).tolist()
+
+
+def shared_cores(args: argparse.Namespace, config: HyTRecConfig, lengths: List[int]) -> None:
+    """HyTRec's training step on 1 and on ``args.threads`` threads beside ``args.busy`` busy loops,
+    on the Beauty-like batch and on one user of each of ``args.lengths``."""
+    print(f"beside {args.busy} busy loops (a process each): HyTRec training step, K={config.short_window}")
+    batches = {f"beauty-like batch ({len(lengths)} users)": lengths}
+    batches.update({f"one user of {n:>5} events": [n] for n in args.lengths})
+    with busy_loops(args.busy):
+        for name, batch_lengths in batches.items():
+            _, train = step_fns({"hytrec": config}, make_batch(batch_lengths, args.dim, seed=0))
+            compared = threads_against_one(train["hytrec"], args.threads, args.repeats, torch.device("cpu"))
+            print(f"{name}: {compared}")
+    print(f"load average at the end: {load_average()}")
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -49,6 +68,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, a smoke run")
+    parser.add_argument("--busy", type=int, help="HyTRec on 1 against --threads threads beside N busy loops")
     args = parser.parse_args(argv)
     if args.quick:
         args.users, args.lengths, args.repeats = 32, [64, 256], 2
@@ -63,6 +83,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     print("training step ms, min/median/max; ratio = hytrec median / sasrec_like median")
 
     lengths = beauty_like_lengths(args.users, args.mean_length, seed=0)
+    if args.busy is not None:
+        shared_cores(args, dataclasses.replace(configs["hytrec"], short_window=8), lengths)
+        return
     # The default K = 64 covers every Beauty-like history, so nothing reads HyTRec's long stack;
     # the Beauty recipe of quality.py (K = 8) gives it work.
     recipe = {**configs, "hytrec_k8": dataclasses.replace(configs["hytrec"], short_window=8)}

@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from timing import busy_loops, checked_gflops, load_average, time_in_turns
+from timing import busy_loops, checked_gflops, load_average, threads_against_one, time_in_turns
 
 from torchrec_hytrec.modules.config import HyTRecConfig
 from torchrec_hytrec.ops.tadn import chunk_tadn, naive_recurrent_tadn
@@ -109,31 +109,14 @@ def sdpa_step_fn(n: int, heads: int, dim: int, device: torch.device, backward: b
 
 def shared_cores(args: argparse.Namespace, device: torch.device) -> None:
     """fwd+bwd on 1 and on ``args.threads`` threads, in turns, beside ``args.busy`` busy loops."""
-
-    def on_threads(threads: int, step: Callable[[], object]) -> Callable[[], object]:
-        def run() -> object:
-            torch.set_num_threads(threads)
-            return step()
-
-        return run
-
     print(
         f"beside {args.busy} busy loops (a process each): chunk_tadn fwd+bwd on 1 and {args.threads} threads"
     )
     with busy_loops(args.busy):
         for n in args.lengths:
-            step = tadn_step_fn(
-                chunk_tadn, tadn_inputs([n], args.heads, args.dim, device), True, chunk_size=args.chunk_size
-            )
-            fns = {threads: on_threads(threads, step) for threads in (1, args.threads)}
-            times = time_in_turns(fns, {threads: args.repeats for threads in fns}, device)
-            one, many = times[1], times[args.threads]
-            verdict = "no slower" if many.median <= one.median else "SLOWER"
-            print(
-                f"{n:>6} events: 1 thread {one} ms, {args.threads} threads {many} ms, "
-                f"ratio of medians {many.median / one.median:.2f} ({args.threads} threads {verdict})"
-            )
-    torch.set_num_threads(args.threads)
+            inputs = tadn_inputs([n], args.heads, args.dim, device)
+            step = tadn_step_fn(chunk_tadn, inputs, True, chunk_size=args.chunk_size)
+            print(f"{n:>6} events: {threads_against_one(step, args.threads, args.repeats, device)}")
     print(f"load average at the end: {load_average()}")
 
 

@@ -68,6 +68,27 @@ def time_in_turns(
     return {name: Spread.of(t) for name, t in times.items()}
 
 
+def threads_against_one(step: Callable[[], object], threads: int, repeats: int, device: torch.device) -> str:
+    """``step`` on 1 and on ``threads`` intra-op threads, in turns: both spreads, the ratio of the
+    medians and whether the threaded one is no slower. Leaves ``threads`` set."""
+
+    def on(count: int) -> Callable[[], object]:
+        def run() -> object:
+            torch.set_num_threads(count)
+            return step()
+
+        return run
+
+    times = time_in_turns({1: on(1), threads: on(threads)}, {1: repeats, threads: repeats}, device)
+    torch.set_num_threads(threads)
+    one, many = times[1], times[threads]
+    verdict = "no slower" if many.median <= one.median else "SLOWER"
+    return (
+        f"1 thread {one} ms, {threads} threads {many} ms, ratio of medians {many.median / one.median:.2f} "
+        f"({threads} threads {verdict})"
+    )
+
+
 def memory_kib() -> Dict[str, int]:
     """``VmHWM`` (peak resident set) and ``VmRSS`` of this process, in KiB (Linux)."""
     out = {}

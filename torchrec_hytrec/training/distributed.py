@@ -3,12 +3,15 @@
 import logging
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 import torch.fx
 
 from torchrec_hytrec.training.cpu_allocator import configure_cpu_allocator
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -90,12 +93,52 @@ def init_distributed() -> DistEnv:
 
 def configure_threads() -> int:
     """Shares the machine's cores out between the local processes of the job (``OMP_NUM_THREADS``
-    wins when set); returns this process's intra-op thread count."""
-    threads = int(os.environ.get("OMP_NUM_THREADS", "0")) or (os.cpu_count() or 1) // int(
-        os.environ.get("LOCAL_WORLD_SIZE", "1")
-    )
+    wins when set); returns this process's intra-op thread count.
+
+    Logs :func:`shared_cores_warning` when other processes already keep the cores busy.
+    """
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    threads = int(os.environ.get("OMP_NUM_THREADS", "0")) or (os.cpu_count() or 1) // local_processes
     torch.set_num_threads(max(1, threads))
+    warning = shared_cores_warning(torch.get_num_threads(), local_processes)
+    if warning is not None:
+        logger.warning(warning)
     return torch.get_num_threads()
+
+
+def shared_cores_warning(threads: int, local_processes: int) -> Optional[str]:
+    """Why this job's threads are too many for the cores other processes leave it, or ``None``.
+
+    Under OpenMP's default wait policy a thread spins at every barrier of a parallel op; when
+    another process holds one of the cores, the partner a spinning thread waits for is
+    descheduled, and a threaded training step can run many times slower than a single-threaded
+    one (``benchmarks/bench_short.py --busy 1`` measures it). The 1-minute load average is what
+    other processes kept busy before this job started.
+
+    Args:
+        threads: intra-op threads of each of this job's processes on the machine.
+        local_processes: the job's processes on the machine.
+
+    Returns:
+        The warning to log, naming the load, the cores and the threads, or ``None`` when the
+        threads are single or fit the idle cores.
+
+    Example::
+
+        >>> shared_cores_warning(threads=1, local_processes=2) is None
+        True
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    busy = os.getloadavg()[0]
+    if threads <= 1 or busy < 0.5 or threads * local_processes <= cores - busy:
+        return None
+    return (
+        f"other processes kept {busy:.1f} of this machine's {cores} cores busy over the last minute "
+        f"(load average) and this job runs {local_processes} process(es) x {threads} intra-op threads: "
+        "on shared cores a threaded step can run many times slower than a single-threaded one "
+        "(OpenMP threads spin-wait for descheduled partners); give the job dedicated cores or "
+        "set OMP_NUM_THREADS=1"
+    )
 
 
 def mute_fx_tracing_notice() -> None:
