@@ -13,7 +13,7 @@ total number of events.
     python benchmarks/bench_tadn.py --lengths 8192 16384 --chunk-size 128
     python benchmarks/bench_tadn.py --busy 2 --lengths 4096 16384   # on cores other processes use
 
-``--busy N`` measures something else: with N other processes spinning (one core each), the
+``--busy N`` measures something else: with N other processes spinning (one core each; 0: none), the
 fwd+bwd of ``chunk_tadn`` on 1 thread and on ``--threads`` threads in turns, and whether the
 threaded kernel is still no slower than the single-threaded one.
 """
@@ -133,7 +133,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
-        "--busy", type=int, default=0, help="time 1 against --threads threads beside N busy loops"
+        "--busy", type=int, default=None, help="time 1 against --threads threads beside N busy loops"
     )
     args = parser.parse_args(argv)
     if args.quick:
@@ -148,7 +148,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')} load average={load_average()}"
     )
     print("times: min/median/max ms over the repeats; ratios and GFLOP/s from the medians")
-    if args.busy:
+    if args.busy is not None:
         shared_cores(args, device)
         return
 

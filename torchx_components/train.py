@@ -95,8 +95,8 @@ def hytrec(
         max_retries: scheduler retries of the whole job
         env: environment variables for the workers (e.g. ENV1=v1,ENV2=v2); ``OMP_NUM_THREADS``
             defaults to the replica's CPUs shared out between its processes; on hosts whose
-            cores other processes share, add ``OMP_WAIT_POLICY=PASSIVE`` (the README's
-            "CPU processes" gives the measured trade-off)
+            cores other processes share, set ``OMP_NUM_THREADS=1`` (the README's "CPU
+            processes" gives the measured trade-off; training warns when it starts on busy cores)
         rdzv_port: port on rank 0's host for the c10d rendezvous store (multi-node only)
         name: job name
     """
