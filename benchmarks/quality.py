@@ -563,7 +563,8 @@ def final_runs(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
 
 
 def search_table(rows: List[Dict[str, Any]]) -> List[str]:
-    """Valid NDCG@10 of every search point of every preset (seed 0), the chosen one in bold."""
+    """Valid NDCG@10 of every search point of every preset (seed 0) on one dataset's ``rows``, the
+    chosen one in bold."""
     searched = [r for r in rows if r.get("search_point")]
     if not searched:
         return []
@@ -573,8 +574,9 @@ def search_table(rows: List[Dict[str, Any]]) -> List[str]:
     if patience != {0}:
         stopping = f"early stopping with patience {', '.join(map(str, sorted(patience)))}"
     lines = [
-        f"Recipe search (seed {searched[0]['seed']}, valid NDCG@10 of the best-valid epoch; the same "
-        f"{len(points)} points for every preset, the chosen one in bold, {stopping}):",
+        f"Recipe search on {searched[0]['dataset']} (seed {searched[0]['seed']}, valid NDCG@10 of the "
+        f"best-valid epoch; the same {len(points)} points for every preset, the chosen one in bold, "
+        f"{stopping}):",
         "",
         "| model | " + " | ".join(points) + " |",
         "|---|" + "---|" * len(points),
@@ -639,11 +641,10 @@ def bootstrap_table(rows: List[Dict[str, Any]], bucket: Optional[Tuple[str, int]
 
 
 def summarise(results: List[Dict[str, Any]]) -> str:
-    """Markdown tables: the recipe search, overall figures, HR@10 by history length, and the long
-    bucket's paired differences."""
+    """Markdown tables of each dataset: overall figures, HR@10 by history length, the paired
+    differences, then the recipe search that chose the reported runs."""
     lines: List[str] = []
     for dataset in dict.fromkeys(r["dataset"] for r in results):
-        lines += search_table([r for r in results if r["dataset"] == dataset])
         rows = [r for r in final_runs(results) if r["dataset"] == dataset]
         params = {p: encoder_parameters(next(r for r in rows if r["preset"] == p)) for p in _presets_of(rows)}
         for protocol, prefix in PROTOCOLS.items():
@@ -683,6 +684,8 @@ def summarise(results: List[Dict[str, Any]]) -> str:
             lines.append(f"| {preset} | " + " | ".join(cells) + " |")
         lines.append("")
         lines += bootstrap_table(rows) + bootstrap_table(rows, LONG_BUCKET)
+        # After the dataset's own tables, so the search cannot be read as the previous dataset's.
+        lines += search_table([r for r in results if r["dataset"] == dataset])
     return "\n".join(lines)
 
 
