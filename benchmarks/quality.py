@@ -167,6 +167,7 @@ DATASETS = {
         source=SHARED_DATA / "amazon_beauty.txt",
         convert_format="s3rec",
         epochs=40,
+        lr_schedule=True,
         # Histories average 9 events: a window of 8 leaves the long branch something to read.
         # Sparse data (8 interactions per item): heavy dropout, small batches, many steps.
         overrides={
@@ -175,7 +176,6 @@ DATASETS = {
             "data.eval.max_seq_len": 50,
             "model.encoder.short_window": 8,
             "model.encoder.dropout": 0.5,
-            "optim.dense_lr": 0.001,
         },
     ),
     "ml100k": DatasetSpec(
